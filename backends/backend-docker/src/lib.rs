@@ -1,0 +1,666 @@
+//! Docker Engine and Colima backend for colima-e2b, built on bollard.
+//!
+//! # Connecting
+//! [`DockerBackend::connect`] tries, in order: the configured host, `DOCKER_HOST`, the
+//! Colima profile's socket (`~/.colima/<profile>/docker.sock`) and `/var/run/docker.sock`,
+//! and negotiates the API version with the first that answers.
+//!
+//! # Container profile
+//! Every sandbox container gets the baseline profile: never privileged, every capability
+//! dropped but the few the in-sandbox agent needs to act as other users,
+//! `no-new-privileges`, the default seccomp profile, pids/memory(+swap)/CPU limits,
+//! nofile/fsize ulimits, a size-capped log, no mounts, no host namespaces, and a
+//! dedicated network with inter-container traffic off (an `internal` one when the
+//! sandbox has no internet).
+
+mod convert;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest, PortBinding,
+    ResourcesUlimits,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
+    ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use sandbox_core::{
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, EngineInfo, Error, Result,
+    SandboxBackend,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+const NAME: &str = "docker";
+/// Seconds bollard waits for one engine call.
+const CALL_TIMEOUT_SECS: u64 = 120;
+/// Capabilities the agent (root, PID 1) needs to run commands and write files as the
+/// sandbox's users; everything else is dropped.
+const CAPS_KEPT: [&str; 6] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
+/// How the server reaches the agent inside a container.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentRoute {
+    /// Container IP on Linux with a local engine; a published port otherwise.
+    #[default]
+    Auto,
+    /// The container's IP on the sandbox network (Linux, rootful engines).
+    ContainerIp,
+    /// A port published on 127.0.0.1 (Colima on macOS, remote VMs).
+    Published,
+}
+
+/// Settings of the Docker backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DockerConfig {
+    /// Engine address (`unix:///path` or `tcp://host:port`); `None` discovers it.
+    pub host: Option<String>,
+    /// Colima profile whose socket is tried (`~/.colima/<profile>/docker.sock`).
+    pub colima_profile: String,
+    /// Prefer the Colima socket and give Colima advice when it is down.
+    pub colima: bool,
+    /// Network for sandboxes with internet.
+    pub network: String,
+    /// Network without a route out, for sandboxes without internet.
+    pub offline_network: String,
+    /// How the server reaches the agent.
+    pub agent_route: AgentRoute,
+    /// Open files per sandbox process.
+    pub nofile: i64,
+    /// Largest file a sandbox process may write, in MiB.
+    pub max_file_size_mb: i64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            host: None,
+            colima_profile: "default".into(),
+            colima: false,
+            network: "colima-e2b".into(),
+            offline_network: "colima-e2b-offline".into(),
+            agent_route: AgentRoute::Auto,
+            nofile: 8192,
+            max_file_size_mb: 8192,
+        }
+    }
+}
+
+/// A [`SandboxBackend`] on Docker Engine (Colima included).
+pub struct DockerBackend {
+    docker: Docker,
+    endpoint: String,
+    config: DockerConfig,
+    networks: OnceCell<()>,
+    published: bool,
+}
+
+impl fmt::Debug for DockerBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DockerBackend")
+            .field("endpoint", &self.endpoint)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for DockerBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "docker ({})", self.endpoint)
+    }
+}
+
+fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from)
+}
+
+/// The engine addresses to try, in order, with where each came from.
+///
+/// An explicit address (configuration, then `DOCKER_HOST`) is used alone: silently
+/// falling back to another engine would surprise whoever set it. Otherwise the Colima
+/// socket comes first, then the system socket (Colima mode: the Colima socket only).
+pub fn candidate_endpoints(config: &DockerConfig) -> Vec<(String, &'static str)> {
+    if let Some(h) = config.host.as_ref().filter(|h| !h.is_empty()) {
+        return vec![(h.clone(), "configuration")];
+    }
+    if let Ok(h) = std::env::var("DOCKER_HOST") {
+        if !h.is_empty() {
+            return vec![(h, "DOCKER_HOST")];
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(h) = home() {
+        let sock = h
+            .join(".colima")
+            .join(&config.colima_profile)
+            .join("docker.sock");
+        out.push((format!("unix://{}", sock.display()), "Colima"));
+    }
+    if !config.colima {
+        out.push(("unix:///var/run/docker.sock".to_string(), "system socket"));
+    }
+    out
+}
+
+fn open(endpoint: &str) -> std::result::Result<Docker, BollardError> {
+    let version = bollard::API_DEFAULT_VERSION;
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        Docker::connect_with_socket(path, CALL_TIMEOUT_SECS, version)
+    } else if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
+        Docker::connect_with_http(endpoint, CALL_TIMEOUT_SECS, version)
+    } else if endpoint.starts_with('/') {
+        Docker::connect_with_socket(endpoint, CALL_TIMEOUT_SECS, version)
+    } else {
+        Err(BollardError::UnsupportedURISchemeError {
+            uri: endpoint.to_string(),
+        })
+    }
+}
+
+impl DockerBackend {
+    /// Connects to the first engine that answers (see the crate docs for the order).
+    ///
+    /// Fails with [`Error::EngineUnavailable`] saying what was tried and how to fix it.
+    pub async fn connect(config: DockerConfig) -> Result<Self> {
+        let mut tried = Vec::new();
+        for (endpoint, source) in candidate_endpoints(&config) {
+            let attempt = match open(&endpoint) {
+                Ok(docker) => docker.negotiate_version().await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(docker) => {
+                    tracing::debug!(%endpoint, source, "connected to Docker");
+                    let published = match config.agent_route {
+                        AgentRoute::Published => true,
+                        AgentRoute::ContainerIp => false,
+                        // Container IPs are routable from the host only when the engine
+                        // runs on this Linux kernel (not in a VM such as Colima's).
+                        AgentRoute::Auto => {
+                            !cfg!(target_os = "linux") || endpoint.contains(".colima")
+                        }
+                    };
+                    return Ok(Self {
+                        docker,
+                        endpoint,
+                        config,
+                        networks: OnceCell::new(),
+                        published,
+                    });
+                }
+                Err(e) => tried.push(format!("{endpoint} ({source}): {}", short_error(&e))),
+            }
+        }
+        let advice = if config.colima {
+            format!(
+                "start Colima with `colima start --profile {}` and check `colima status`",
+                config.colima_profile
+            )
+        } else {
+            "start Docker (`sudo systemctl start docker`, `colima start` on macOS, or \
+             deploy/engines.sh here) or set DOCKER_HOST"
+                .to_string()
+        };
+        Err(Error::EngineUnavailable(format!(
+            "cannot reach Docker; tried {}; {advice}",
+            tried.join("; ")
+        )))
+    }
+
+    /// The engine address in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The bollard client, for benchmarks and tests that compare against raw calls.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    fn map_err(&self, what: &str, e: BollardError) -> Error {
+        map_error(what, e)
+    }
+
+    async fn ensure_networks(&self) -> Result<()> {
+        self.networks
+            .get_or_try_init(|| async {
+                self.ensure_network(&self.config.network, false).await?;
+                self.ensure_network(&self.config.offline_network, true)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn ensure_network(&self, name: &str, internal: bool) -> Result<()> {
+        match self
+            .docker
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if status(&e) == Some(404) => {}
+            Err(e) => return Err(self.map_err(&format!("network {name}"), e)),
+        }
+        let mut options = HashMap::new();
+        // Sandboxes must not reach each other.
+        options.insert(
+            "com.docker.network.bridge.enable_icc".to_string(),
+            "false".to_string(),
+        );
+        let mut labels = HashMap::new();
+        labels.insert("dev.colima-e2b.managed".to_string(), "true".to_string());
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            internal: Some(internal),
+            options: Some(options),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => {
+                tracing::info!(network = name, internal, "created sandbox network");
+                Ok(())
+            }
+            // Another create won the race.
+            Err(e) if status(&e) == Some(409) => Ok(()),
+            Err(e) => Err(self.map_err(&format!("network {name}"), e)),
+        }
+    }
+
+    fn container_body(&self, spec: &ContainerSpec) -> ContainerCreateBody {
+        let mib = 1024 * 1024;
+        let memory = spec.limits.memory_mb as i64 * mib;
+        let network = if spec.internet {
+            &self.config.network
+        } else {
+            &self.config.offline_network
+        };
+        let mut log_opts = HashMap::new();
+        log_opts.insert("max-size".to_string(), "1m".to_string());
+        log_opts.insert("max-file".to_string(), "1".to_string());
+        let port_key = spec.agent_port.map(|p| format!("{p}/tcp"));
+        let port_bindings = match (&port_key, self.published) {
+            (Some(key), true) => {
+                let mut map = HashMap::new();
+                map.insert(
+                    key.clone(),
+                    Some(vec![PortBinding {
+                        host_ip: Some("127.0.0.1".into()),
+                        host_port: Some(String::new()),
+                    }]),
+                );
+                Some(map)
+            }
+            _ => None,
+        };
+        let host_config = HostConfig {
+            privileged: Some(false),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(CAPS_KEPT.iter().map(|c| c.to_string()).collect()),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some((spec.limits.cpus * 1e9).round() as i64),
+            pids_limit: Some(spec.limits.pids),
+            ulimits: Some(vec![
+                ResourcesUlimits {
+                    name: Some("nofile".into()),
+                    soft: Some(self.config.nofile),
+                    hard: Some(self.config.nofile),
+                },
+                ResourcesUlimits {
+                    name: Some("fsize".into()),
+                    soft: Some(self.config.max_file_size_mb * mib),
+                    hard: Some(self.config.max_file_size_mb * mib),
+                },
+            ]),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(log_opts),
+            }),
+            network_mode: Some(network.clone()),
+            port_bindings,
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: Some(spec.command.clone()),
+            // The command is the whole main process: an image entrypoint must not wrap it.
+            entrypoint: Some(Vec::new()),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            user: spec.user.clone(),
+            hostname: Some("sandbox".into()),
+            exposed_ports: port_key.map(|k| vec![k]),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    async fn pull(&self, image: &str) -> std::result::Result<(), BollardError> {
+        let (repo, tag) = convert::split_image(image);
+        let options = CreateImageOptions {
+            from_image: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let mut stream = self.docker.create_image(Some(options), None, None);
+        let mut last_log = Instant::now();
+        tracing::info!(image, "pulling image");
+        while let Some(item) = stream.next().await {
+            let info = item?;
+            if let Some(detail) = info.error_detail {
+                return Err(BollardError::DockerStreamError {
+                    error: detail.message.unwrap_or_else(|| "pull failed".into()),
+                });
+            }
+            if last_log.elapsed() >= Duration::from_secs(2) {
+                last_log = Instant::now();
+                let progress = info
+                    .progress_detail
+                    .and_then(|p| Some((p.current?, p.total?)))
+                    .map(|(c, t)| format!(" {}/{} MiB", c >> 20, t >> 20))
+                    .unwrap_or_default();
+                tracing::info!(
+                    image,
+                    status = info.status.as_deref().unwrap_or(""),
+                    "pull progress{progress}"
+                );
+            }
+        }
+        tracing::info!(image, "pulled image");
+        Ok(())
+    }
+}
+
+/// The HTTP status of an engine error response, if it is one.
+fn status(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn short_error(e: &BollardError) -> String {
+    match e {
+        BollardError::SocketNotFoundError(path) => format!("socket {path} does not exist"),
+        BollardError::DockerResponseServerError { message, .. } => message.clone(),
+        other => {
+            let mut s = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(inner) = source {
+                s = format!("{s}: {inner}");
+                source = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Maps a bollard error to the core error; `what` names the object of the call.
+fn map_error(what: &str, e: BollardError) -> Error {
+    match &e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match status_code {
+            404 => Error::not_found(what),
+            409 => Error::Conflict(format!("{what}: {message}")),
+            _ => Error::backend(NAME, format!("{what}: {message}")),
+        },
+        BollardError::SocketNotFoundError(_)
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::IOError { .. }
+        | BollardError::RequestTimeoutError => Error::EngineUnavailable(short_error(&e)),
+        _ => Error::backend(NAME, e),
+    }
+}
+
+#[async_trait]
+impl SandboxBackend for DockerBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn check(&self) -> Result<EngineInfo> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| self.map_err("engine", e))?;
+        Ok(EngineInfo {
+            engine: v
+                .platform
+                .map(|p| p.name)
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "Docker Engine".into()),
+            version: v.version.unwrap_or_default(),
+            api_version: self.docker.client_version().to_string(),
+            endpoint: self.endpoint.clone(),
+        })
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<()> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status(&e) == Some(404) => {}
+            Err(e) => return Err(self.map_err(&format!("image {image}"), e)),
+        }
+        match self.pull(image).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = short_error(&e);
+                match map_error("engine", e) {
+                    unavailable @ Error::EngineUnavailable(_) => Err(unavailable),
+                    _ => Err(Error::not_found(format!(
+                        "image {image} (not present locally, and pulling it failed: {why}; \
+                         build the default templates offline with deploy/images.sh)"
+                    ))),
+                }
+            }
+        }
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
+        self.ensure_networks().await?;
+        let options = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(Some(options), self.container_body(spec))
+            .await
+            .map_err(|e| match status(&e) {
+                Some(404) => Error::not_found(format!("image {}", spec.image)),
+                _ => self.map_err(&format!("container {}", spec.name), e),
+            })?;
+        if let Err(e) = self
+            .docker
+            .start_container(&spec.name, None::<StartContainerOptions>)
+            .await
+        {
+            // A failed create leaves nothing behind.
+            let _ = self.remove(&spec.name).await;
+            return Err(self.map_err(&format!("container {}", spec.name), e));
+        }
+        match self.inspect(&spec.name).await {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                let _ = self.remove(&spec.name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
+        let c = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))?;
+        Ok(convert::from_inspect(c))
+    }
+
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.map_err("containers", e))?;
+        Ok(containers.into_iter().map(convert::from_summary).collect())
+    }
+
+    async fn pause(&self, name: &str) -> Result<()> {
+        self.docker
+            .pause_container(name)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    async fn resume(&self, name: &str) -> Result<()> {
+        self.docker
+            .unpause_container(name)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        // force kills with SIGKILL: no graceful stop that waits for the stop timeout.
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        self.docker
+            .remove_container(name, Some(options))
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
+        let c = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))?;
+        let settings = c.network_settings.unwrap_or_default();
+        if self.published {
+            let host_port = settings
+                .ports
+                .as_ref()
+                .and_then(|p| p.get(&format!("{port}/tcp")))
+                .and_then(|b| b.as_ref())
+                .and_then(|b| {
+                    b.iter()
+                        .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
+                });
+            return host_port
+                .map(|p| AgentAddress {
+                    addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p),
+                })
+                .ok_or_else(|| Error::not_found(format!("published port {port} of {name}")));
+        }
+        let ip = settings
+            .networks
+            .unwrap_or_default()
+            .into_values()
+            .find_map(|n| {
+                n.ip_address
+                    .filter(|ip| !ip.is_empty())?
+                    .parse::<IpAddr>()
+                    .ok()
+            });
+        ip.map(|ip| AgentAddress {
+            addr: SocketAddr::new(ip, port),
+        })
+        .ok_or_else(|| Error::not_found(format!("IP address of {name}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_explicit_host_is_used_alone() {
+        let config = DockerConfig {
+            host: Some("unix:///tmp/x.sock".into()),
+            ..Default::default()
+        };
+        let c = candidate_endpoints(&config);
+        assert_eq!(c, vec![("unix:///tmp/x.sock".to_string(), "configuration")]);
+    }
+
+    #[test]
+    fn discovery_tries_colima_then_the_system_socket() {
+        if std::env::var_os("DOCKER_HOST").is_some() {
+            return; // DOCKER_HOST wins; covered by the server suite.
+        }
+        let c = candidate_endpoints(&DockerConfig::default());
+        assert!(c[0].0.ends_with(".colima/default/docker.sock"), "{c:?}");
+        assert_eq!(
+            c.last().map(|c| c.0.as_str()),
+            Some("unix:///var/run/docker.sock")
+        );
+        let colima = candidate_endpoints(&DockerConfig {
+            colima: true,
+            colima_profile: "work".into(),
+            ..Default::default()
+        });
+        assert_eq!(colima.len(), 1);
+        assert!(colima[0].0.ends_with(".colima/work/docker.sock"));
+    }
+
+    #[test]
+    fn engine_errors_map_to_core_errors() {
+        let e = BollardError::DockerResponseServerError {
+            status_code: 404,
+            message: "no such container".into(),
+        };
+        assert!(matches!(
+            map_error("container x", e),
+            Error::NotFound { .. }
+        ));
+        let e = BollardError::DockerResponseServerError {
+            status_code: 409,
+            message: "is paused".into(),
+        };
+        assert!(matches!(map_error("container x", e), Error::Conflict(_)));
+        let e = BollardError::SocketNotFoundError("/nope".into());
+        assert!(matches!(map_error("x", e), Error::EngineUnavailable(_)));
+    }
+}

@@ -1,0 +1,24 @@
+//! The shared backend conformance suite against the real Docker engine.
+
+use backend_docker::{DockerBackend, DockerConfig};
+use sandbox_core::conformance::{self, Fixture};
+
+fn image() -> String {
+    std::env::var("COLIMA_E2B_TEST_IMAGE").unwrap_or_else(|_| "colima-e2b/base:latest".into())
+}
+
+async fn backend() -> DockerBackend {
+    DockerBackend::connect(DockerConfig::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the Docker conformance suite needs a running engine ({e}); run deploy/engines.sh"
+            )
+        })
+}
+
+#[tokio::test]
+async fn docker_passes_the_conformance_suite() {
+    let backend = backend().await;
+    conformance::run_all(&backend, &Fixture::new(image())).await;
+}

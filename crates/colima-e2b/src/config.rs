@@ -1,0 +1,350 @@
+//! Layered configuration: built-in defaults < TOML file < environment < CLI flags.
+//!
+//! Environment: `COLIMA_E2B_<KEY>` for any key (`__` separates nested keys, e.g.
+//! `COLIMA_E2B_DOCKER__COLIMA_PROFILE`), plus the seed's `HOST`, `PORT` and `DOCKER_HOST`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use sandbox_core::Limits;
+use serde::{Deserialize, Serialize};
+
+/// Which container engine to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Docker Engine (DOCKER_HOST, the Colima socket, /var/run/docker.sock).
+    #[default]
+    Docker,
+    /// Docker on the Colima profile's socket, with Colima advice when it is down.
+    Colima,
+    /// Podman's libpod API.
+    Podman,
+    /// The first engine that answers: Docker, then Podman.
+    Auto,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Docker => "docker",
+            BackendKind::Colima => "colima",
+            BackendKind::Podman => "podman",
+            BackendKind::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true)
+    }
+}
+
+/// The whole server configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Sandboxes can reach the host's bridge addresses, so the
+    /// default is loopback only.
+    pub host: String,
+    /// Port to listen on.
+    pub port: u16,
+    /// Container engine backend.
+    pub backend: BackendKind,
+    /// Log filter, e.g. `info` or `colima_e2b=debug,info`.
+    pub log_level: String,
+    /// Identifies this server's sandboxes on a shared engine.
+    pub owner: String,
+    /// Where state that must survive a restart is kept (deadline changes).
+    pub state_dir: Option<PathBuf>,
+    /// Creates allowed at once; more get 429.
+    pub max_concurrent_creates: usize,
+    /// Sandboxes allowed at once; more get 429.
+    pub max_sandboxes: usize,
+    /// Template used when a request names none.
+    pub default_template: String,
+    /// Seconds a sandbox lives when a request gives no timeout.
+    pub default_timeout: u64,
+    /// Longest timeout a client may ask for, seconds.
+    pub max_timeout: u64,
+    /// Default resource limits per sandbox.
+    pub limits: Limits,
+    /// Template name to image reference.
+    pub templates: BTreeMap<String, String>,
+    /// Docker backend settings.
+    #[cfg(feature = "docker")]
+    pub docker: backend_docker::DockerConfig,
+    /// Podman backend settings.
+    #[cfg(feature = "podman")]
+    pub podman: backend_podman::PodmanConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut templates = BTreeMap::new();
+        templates.insert("base".into(), "colima-e2b/base:latest".into());
+        templates.insert("python".into(), "colima-e2b/python:latest".into());
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            backend: BackendKind::Docker,
+            log_level: "info".into(),
+            owner: "default".into(),
+            state_dir: None,
+            max_concurrent_creates: 8,
+            max_sandboxes: 100,
+            default_template: "base".into(),
+            default_timeout: 300,
+            max_timeout: 24 * 3600,
+            limits: Limits::default(),
+            templates,
+            #[cfg(feature = "docker")]
+            docker: Default::default(),
+            #[cfg(feature = "podman")]
+            podman: Default::default(),
+        }
+    }
+}
+
+/// Top-level configuration keys, for telling config variables from other `COLIMA_E2B_*`.
+const KEYS: &[&str] = &[
+    "host",
+    "port",
+    "backend",
+    "log_level",
+    "owner",
+    "state_dir",
+    "max_concurrent_creates",
+    "max_sandboxes",
+    "default_template",
+    "default_timeout",
+    "max_timeout",
+    "limits",
+    "templates",
+    "docker",
+    "podman",
+];
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CliOverrides {
+    /// `--host`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `--port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `--backend`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+    /// `--log-level`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// The config file used when none is named: `$XDG_CONFIG_HOME/colima-e2b/config.toml`.
+pub fn default_config_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("colima-e2b").join("config.toml"))
+}
+
+/// Merges every layer. A named file must exist; the default file is optional.
+pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Config, String> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    match file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(format!("config file {} does not exist", path.display()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        None => {
+            if let Some(path) = default_config_file().filter(|p| p.is_file()) {
+                figment = figment.merge(Toml::file(path));
+            }
+        }
+    }
+    figment = figment
+        .merge(Env::raw().only(&["HOST", "PORT"]))
+        .merge(
+            Env::raw()
+                .only(&["DOCKER_HOST"])
+                .map(|_| "docker.host".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["CONTAINER_HOST"])
+                .map(|_| "podman.socket".into()),
+        )
+        .merge(
+            Env::prefixed("COLIMA_E2B_")
+                // Other COLIMA_E2B_* variables (used by scripts and tests) are not config.
+                .filter(|key| {
+                    let top = key.as_str().split("__").next().unwrap_or_default();
+                    KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+                })
+                .split("__"),
+        )
+        .merge(Serialized::defaults(cli));
+    let config: Config = figment.extract().map_err(|e| {
+        e.into_iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+impl Config {
+    /// Checks values no type can: ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), String> {
+        self.limits.validate().map_err(|e| format!("limits: {e}"))?;
+        if !self.templates.contains_key(&self.default_template) {
+            return Err(format!(
+                "default_template {:?} is not in [templates]",
+                self.default_template
+            ));
+        }
+        if self.default_timeout == 0 || self.default_timeout > self.max_timeout {
+            return Err("default_timeout must be between 1 and max_timeout".into());
+        }
+        if self.owner.is_empty()
+            || !self
+                .owner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err("owner must be letters, digits, '-', '_' or '.'".into());
+        }
+        Ok(())
+    }
+
+    /// The state directory: configured, else `$XDG_STATE_HOME/colima-e2b`, else
+    /// `~/.local/state/colima-e2b`; one subdirectory per owner.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        let base = self.state_dir.clone().or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state"))
+                })
+                .map(|d| d.join("colima-e2b"))
+        })?;
+        Some(base.join(&self.owner))
+    }
+}
+
+#[cfg(test)]
+// figment's Jail API returns its large error type by value.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn write(jail: &mut Jail, body: &str) -> PathBuf {
+        jail.create_file("c.toml", body).expect("write config");
+        jail.directory().join("c.toml")
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_cli() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let file = write(jail, "port = 9001\nhost = \"127.0.0.2\"\nmax_sandboxes = 7\n[docker]\ncolima_profile = \"work\"\n");
+            let c = load(Some(&file), &CliOverrides::default()).expect("load");
+            assert_eq!(
+                (c.port, c.host.as_str(), c.max_sandboxes),
+                (9001, "127.0.0.2", 7)
+            );
+            assert_eq!(c.docker.colima_profile, "work");
+            assert_eq!(c.default_timeout, 300, "default kept");
+
+            jail.set_env("PORT", "9002");
+            jail.set_env("COLIMA_E2B_MAX_SANDBOXES", "9");
+            jail.set_env("COLIMA_E2B_DOCKER__COLIMA_PROFILE", "envprof");
+            jail.set_env("DOCKER_HOST", "unix:///tmp/d.sock");
+            let c = load(Some(&file), &CliOverrides::default()).expect("load");
+            assert_eq!((c.port, c.max_sandboxes), (9002, 9));
+            assert_eq!(c.docker.colima_profile, "envprof");
+            assert_eq!(c.docker.host.as_deref(), Some("unix:///tmp/d.sock"));
+
+            jail.set_env("COLIMA_E2B_PORT", "9003");
+            let c = load(Some(&file), &CliOverrides::default()).expect("load");
+            assert_eq!(c.port, 9003, "COLIMA_E2B_PORT beats PORT");
+
+            let cli = CliOverrides {
+                port: Some(9004),
+                backend: Some(BackendKind::Podman),
+                ..Default::default()
+            };
+            let c = load(Some(&file), &cli).expect("load");
+            assert_eq!((c.port, c.backend), (9004, BackendKind::Podman));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_key() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let file = write(jail, "port = \"eighty\"\n");
+            let err = load(Some(&file), &CliOverrides::default()).expect_err("bad port");
+            assert!(err.contains("port"), "{err}");
+            let file = write(jail, "no_such_key = 1\n");
+            let err = load(Some(&file), &CliOverrides::default()).expect_err("unknown key");
+            assert!(err.contains("no_such_key"), "{err}");
+            let file = write(jail, "default_template = \"nope\"\n");
+            assert!(load(Some(&file), &CliOverrides::default()).is_err());
+            jail.set_env("COLIMA_E2B_BACKEND", "kubernetes");
+            let file = write(jail, "");
+            assert!(load(Some(&file), &CliOverrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_config_key_can_come_from_the_environment() {
+        let mut config = Config {
+            state_dir: Some("/x".into()),
+            ..Config::default()
+        };
+        config.owner = "o".into();
+        let toml = toml::to_string(&config).expect("serialize");
+        let table: toml::Table = toml.parse().expect("parse");
+        for key in table.keys() {
+            assert!(KEYS.contains(&key.as_str()), "{key} is missing from KEYS");
+        }
+    }
+
+    #[test]
+    fn unrelated_colima_e2b_variables_are_ignored() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("COLIMA_E2B_TEST_BACKEND", "podman");
+            jail.set_env("COLIMA_E2B_BIN", "/x");
+            jail.set_env("COLIMA_E2B_BACKEND", "podman");
+            let c = load(None, &CliOverrides::default()).expect("load");
+            assert_eq!(c.backend, BackendKind::Podman);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_missing_file_is_an_error() {
+        let err = load(
+            Some(Path::new("/nonexistent/colima-e2b.toml")),
+            &CliOverrides::default(),
+        )
+        .expect_err("missing file");
+        assert!(err.contains("does not exist"));
+    }
+}

@@ -1,0 +1,99 @@
+//! `colima-e2b`: the server and its helper commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use colima_e2b::config::{self, BackendKind, CliOverrides};
+
+/// Self-hosted E2B-compatible code sandboxes on Docker, Colima and Podman.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by the commands that read the configuration.
+#[derive(clap::Args, Debug)]
+struct ConfigArgs {
+    /// TOML configuration file (default: $XDG_CONFIG_HOME/colima-e2b/config.toml if present).
+    #[arg(long, env = "COLIMA_E2B_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1; sandboxes can reach 0.0.0.0 listeners).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (default 8000).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Container engine backend.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Log filter, e.g. `debug` or `colima_e2b=debug,info`.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<config::Config, String> {
+        config::load(
+            self.config.as_deref(),
+            &CliOverrides {
+                host: self.host.clone(),
+                port: self.port,
+                backend: self.backend,
+                log_level: self.log_level.clone(),
+            },
+        )
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the API server.
+    Server(ConfigArgs),
+    /// Print the effective configuration (all layers merged) as TOML.
+    Config(ConfigArgs),
+    /// Print the OpenAPI document (YAML).
+    Openapi,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Openapi => {
+            print!("{}", sandbox_api::spec_yaml());
+            Ok(())
+        }
+        Command::Config(args) => args.load().and_then(|c| {
+            toml::to_string_pretty(&c)
+                .map(|s| print!("{s}"))
+                .map_err(|e| e.to_string())
+        }),
+        Command::Server(args) => args.load().and_then(|config| {
+            init_logging(&config.log_level);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?
+                .block_on(colima_e2b::server::run(config))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("colima-e2b: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Running the HTTP server until SIGINT or SIGTERM.
+
+use std::time::Duration;
+
+use poem::listener::TcpListener;
+use poem::Server;
+use sandbox_api::AppState;
+use sandbox_core::{ManagerConfig, SandboxManager};
+
+use crate::config::Config;
+
+/// Starts everything and serves until a shutdown signal. Sandboxes are left running
+/// for the next start to re-adopt.
+pub async fn run(config: Config) -> Result<(), String> {
+    let backend = crate::engine::connect(&config).await?;
+    let engine = backend.check().await.map_err(|e| e.to_string())?;
+    tracing::info!(
+        backend = backend.name(),
+        engine = %engine.engine,
+        version = %engine.version,
+        api = %engine.api_version,
+        endpoint = %engine.endpoint,
+        "connected to the container engine"
+    );
+    let metrics = sandbox_api::metrics::install_recorder()?;
+    metrics::gauge!("colima_e2b_info", "backend" => backend.name(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let manager = SandboxManager::new(
+        backend,
+        ManagerConfig {
+            owner: config.owner.clone(),
+            templates: config.templates.clone(),
+            default_template: config.default_template.clone(),
+            default_timeout: Duration::from_secs(config.default_timeout),
+            default_limits: config.limits,
+            max_concurrent_creates: config.max_concurrent_creates,
+            max_sandboxes: config.max_sandboxes,
+            max_timeout: Duration::from_secs(config.max_timeout),
+            state_dir: config.state_dir().map(|d| d.join("deadlines")),
+            ..ManagerConfig::default()
+        },
+    );
+    let report = manager
+        .start()
+        .await
+        .map_err(|e| format!("re-adopting sandboxes failed: {e}"))?;
+    tracing::info!(
+        adopted = report.adopted,
+        expired = report.expired,
+        broken = report.broken,
+        "re-adopted this server's sandboxes"
+    );
+
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(addr.clone());
+    let acceptor = poem::listener::Listener::into_acceptor(listener)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e} (use --port to pick another port)"))?;
+    tracing::info!("listening on http://{addr} (docs at http://{addr}/docs)");
+    let app = sandbox_api::app(AppState { manager, metrics });
+    Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(5)))
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("shut down; sandboxes keep running and are re-adopted on the next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

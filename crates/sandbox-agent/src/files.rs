@@ -1,0 +1,835 @@
+//! filesystem.Filesystem (Stat, ListDir, MakeDir, Move, Remove) and the REST `/files`
+//! endpoints. Every filesystem access runs on a blocking thread whose filesystem
+//! identity is the acting user's, so permissions are the user's and new files are theirs.
+
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use crate::connect::{AgentBody, Code, RpcError};
+use crate::proto::{EntryInfo, FileType, WriteInfo};
+use crate::sys::FsIdentity;
+use crate::users::{Names, User, UserDb};
+
+/// Most entries ListDir returns (bounded memory).
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// Read/write chunk of /files.
+const IO_CHUNK: usize = 64 << 10;
+
+/// Runs `f` on a blocking thread with the user's filesystem identity.
+pub async fn run_as<T, F>(user: &User, f: F) -> Result<T, RpcError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, RpcError> + Send + 'static,
+{
+    let (uid, gid, switch) = (user.uid, user.gid, user.switch);
+    tokio::task::spawn_blocking(move || {
+        let _id = switch.then(|| FsIdentity::enter(uid, gid));
+        f()
+    })
+    .await
+    .map_err(|e| RpcError::new(Code::Internal, format!("worker failed: {e}")))?
+}
+
+/// Resolves a client path: `~` and relative paths against the user's home, then `.`/`..`
+/// removed lexically. NUL bytes are refused.
+pub fn resolve(user: &User, raw: &str) -> Result<PathBuf, RpcError> {
+    if raw.contains('\0') {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "path contains a NUL byte",
+        ));
+    }
+    if raw.is_empty() {
+        return Err(RpcError::new(Code::InvalidArgument, "path is empty"));
+    }
+    let joined = if raw == "~" {
+        user.home.clone()
+    } else if let Some(rest) = raw.strip_prefix("~/") {
+        user.home.join(rest)
+    } else if raw.starts_with('/') {
+        PathBuf::from(raw)
+    } else {
+        user.home.join(raw)
+    };
+    let mut out = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// RFC 3339 UTC with nanoseconds when present (proto3 JSON Timestamp).
+pub fn rfc3339(t: SystemTime) -> String {
+    let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => (-(e.duration().as_secs() as i64), 0),
+    };
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (hh, mm, ss) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    if nanos == 0 {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    } else {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{nanos:09}Z")
+    }
+}
+
+/// `ls -l` permission string.
+pub fn permissions_string(md: &Metadata) -> String {
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else if ft.is_fifo() {
+        'p'
+    } else if ft.is_socket() {
+        's'
+    } else {
+        '-'
+    };
+    let m = md.mode();
+    let mut s = String::with_capacity(10);
+    s.push(kind);
+    let bit = |b: u32, c: char| if m & b != 0 { c } else { '-' };
+    let exec = |x: u32, special: u32, on: char, off: char| match (m & x != 0, m & special != 0) {
+        (true, true) => on,
+        (false, true) => off,
+        (true, false) => 'x',
+        (false, false) => '-',
+    };
+    s.push(bit(0o400, 'r'));
+    s.push(bit(0o200, 'w'));
+    s.push(exec(0o100, 0o4000, 's', 'S'));
+    s.push(bit(0o040, 'r'));
+    s.push(bit(0o020, 'w'));
+    s.push(exec(0o010, 0o2000, 's', 'S'));
+    s.push(bit(0o004, 'r'));
+    s.push(bit(0o002, 'w'));
+    s.push(exec(0o001, 0o1000, 't', 'T'));
+    s
+}
+
+/// EntryInfo of `path` (not following a final symlink).
+pub fn entry_info(path: &Path, names: &Names) -> io::Result<EntryInfo> {
+    let md = std::fs::symlink_metadata(path)?;
+    Ok(entry_from_metadata(path, &md, names))
+}
+
+fn entry_from_metadata(path: &Path, md: &Metadata, names: &Names) -> EntryInfo {
+    let ft = md.file_type();
+    let is_symlink = ft.is_symlink();
+    let file_type = if is_symlink {
+        FileType::Symlink
+    } else if ft.is_dir() {
+        FileType::Directory
+    } else {
+        FileType::File
+    };
+    let symlink_target = if is_symlink {
+        std::fs::read_link(path)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    EntryInfo {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into()),
+        file_type,
+        path: path.to_string_lossy().into_owned(),
+        size: i64::try_from(md.len()).unwrap_or(i64::MAX),
+        mode: md.mode() & 0o7777,
+        permissions: permissions_string(md),
+        owner: names.user(md.uid()),
+        group: names.group(md.gid()),
+        modified_time: rfc3339(md.modified().unwrap_or(UNIX_EPOCH)),
+        symlink_target,
+        is_symlink,
+    }
+}
+
+fn not_found_or(e: &io::Error, path: &Path) -> RpcError {
+    if e.kind() == io::ErrorKind::NotFound {
+        RpcError::new(Code::NotFound, format!("{} not found", path.display()))
+    } else {
+        RpcError::io(e, &path.display().to_string())
+    }
+}
+
+/// Stat.
+pub fn stat(path: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+    entry_info(path, names).map_err(|e| not_found_or(&e, path))
+}
+
+/// ListDir: entries below `path` down to `depth` levels (0 counts as 1), not following
+/// symlinks into other directories.
+pub fn list_dir(path: &Path, depth: u32, names: &Names) -> Result<Vec<EntryInfo>, RpcError> {
+    let md = std::fs::metadata(path).map_err(|e| not_found_or(&e, path))?;
+    if !md.is_dir() {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            format!("{} is not a directory", path.display()),
+        ));
+    }
+    let depth = depth.max(1);
+    let mut out = Vec::new();
+    let mut stack = vec![(path.to_path_buf(), 1u32)];
+    while let Some((dir, level)) = stack.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if dir == path => return Err(RpcError::io(&e, &dir.display().to_string())),
+            Err(_) => continue,
+        };
+        let mut children: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        children.sort();
+        for child in children {
+            let Ok(md) = std::fs::symlink_metadata(&child) else {
+                continue;
+            };
+            if out.len() >= MAX_LIST_ENTRIES {
+                return Err(RpcError::new(
+                    Code::ResourceExhausted,
+                    format!("more than {MAX_LIST_ENTRIES} entries; use a smaller depth"),
+                ));
+            }
+            if md.is_dir() && level < depth {
+                stack.push((child.clone(), level + 1));
+            }
+            out.push(entry_from_metadata(&child, &md, names));
+        }
+    }
+    Ok(out)
+}
+
+/// MakeDir with parents.
+pub fn make_dir(path: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+    match std::fs::metadata(path) {
+        Ok(md) if md.is_dir() => {
+            return Err(RpcError::new(
+                Code::AlreadyExists,
+                format!("directory {} already exists", path.display()),
+            ))
+        }
+        Ok(_) => {
+            return Err(RpcError::new(
+                Code::InvalidArgument,
+                format!("{} exists and is not a directory", path.display()),
+            ))
+        }
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(path).map_err(|e| RpcError::io(&e, &path.display().to_string()))?;
+    stat(path, names)
+}
+
+/// Move (rename), creating the destination's parent directories.
+pub fn rename(src: &Path, dst: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+    std::fs::symlink_metadata(src).map_err(|e| not_found_or(&e, src))?;
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| RpcError::io(&e, &parent.display().to_string()))?;
+    }
+    std::fs::rename(src, dst)
+        .map_err(|e| RpcError::io(&e, &format!("moving {}", src.display())))?;
+    stat(dst, names)
+}
+
+/// Remove, recursively; a missing path is fine.
+pub fn remove(path: &Path) -> Result<(), RpcError> {
+    if path == Path::new("/") {
+        return Err(RpcError::new(Code::InvalidArgument, "refusing to remove /"));
+    }
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(RpcError::io(&e, &path.display().to_string())),
+    };
+    let r = if md.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(RpcError::io(&e, &path.display().to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------- REST /files
+
+/// Error of a REST call: status + message, sent as `{"code": <status>, "message"}`.
+#[derive(Debug)]
+pub struct HttpError {
+    /// Status.
+    pub status: StatusCode,
+    /// Message.
+    pub message: String,
+}
+
+impl HttpError {
+    /// Builds one.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
+    }
+
+    fn io(e: &io::Error, what: &str) -> Self {
+        let status = match e.kind() {
+            io::ErrorKind::NotFound => 404,
+            io::ErrorKind::PermissionDenied => 403,
+            _ => match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => 507,
+                Some(libc::EISDIR)
+                | Some(libc::ENOTDIR)
+                | Some(libc::ENAMETOOLONG)
+                | Some(libc::ELOOP)
+                | Some(libc::ENXIO)
+                | Some(libc::EINVAL) => 400,
+                Some(libc::EPERM) | Some(libc::EROFS) => 403,
+                Some(libc::EFBIG) => 413,
+                _ => 500,
+            },
+        };
+        Self::new(status, format!("{what}: {e}"))
+    }
+
+    fn from_rpc(e: RpcError) -> Self {
+        let status = match e.code {
+            Code::NotFound => 404,
+            Code::PermissionDenied => 403,
+            Code::InvalidArgument | Code::FailedPrecondition => 400,
+            Code::ResourceExhausted => 507,
+            Code::Unauthenticated => 401,
+            _ => 500,
+        };
+        Self::new(status, e.message)
+    }
+
+    /// As a response.
+    pub fn response(&self) -> Response<AgentBody> {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "code": self.status.as_u16(),
+            "message": self.message,
+        }))
+        .unwrap_or_default();
+        crate::connect::json_response(self.status, body)
+    }
+}
+
+/// Query parameters, percent-decoded.
+pub fn parse_query(q: Option<&str>) -> Result<Vec<(String, String)>, HttpError> {
+    fn dec(s: &str) -> Result<String, HttpError> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let h = b
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| HttpError::new(400, "bad percent-encoding in query"))?;
+                    out.push(h);
+                    i += 2;
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).map_err(|_| HttpError::new(400, "query is not UTF-8"))
+    }
+    let mut v = Vec::new();
+    for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+        v.push((dec(k)?, dec(val)?));
+    }
+    Ok(v)
+}
+
+/// Which response encoding the client accepts: Ok(true) for gzip, Err when only
+/// unsupported encodings are acceptable (406).
+pub fn wants_gzip(headers: &HeaderMap) -> Result<bool, HttpError> {
+    let Some(v) = headers.get(hyper::header::ACCEPT_ENCODING) else {
+        return Ok(false);
+    };
+    let v = v.to_str().unwrap_or_default();
+    let mut identity_ok = v.trim().is_empty();
+    let mut gzip = false;
+    for part in v.split(',') {
+        let mut it = part.split(';');
+        let name = it.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let refused = it.any(|p| {
+            let p = p.trim().replace(' ', "");
+            p == "q=0" || p == "q=0.0" || p == "q=0.00" || p == "q=0.000"
+        });
+        if refused {
+            continue;
+        }
+        match name.as_str() {
+            "gzip" | "x-gzip" => gzip = true,
+            "identity" | "*" | "" => identity_ok = true,
+            _ => {}
+        }
+    }
+    if gzip {
+        Ok(true)
+    } else if identity_ok {
+        Ok(false)
+    } else {
+        Err(HttpError::new(
+            406,
+            format!("unsupported Accept-Encoding {v:?}"),
+        ))
+    }
+}
+
+/// Opens a regular file for reading (FIFOs and devices are refused: reading them
+/// could block forever or never end).
+fn open_regular(path: &Path) -> Result<File, HttpError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+    let md = f
+        .metadata()
+        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+    if md.is_dir() {
+        return Err(HttpError::new(
+            400,
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    if !md.is_file() {
+        return Err(HttpError::new(
+            400,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// GET /files: streams the file (gzip when asked), never holding it in memory.
+pub async fn download(user: &User, path: PathBuf, headers: &HeaderMap) -> Response<AgentBody> {
+    let gzip = match wants_gzip(headers) {
+        Ok(g) => g,
+        Err(e) => return e.response(),
+    };
+    let p = path.clone();
+    let opened = run_as(user, move || Ok(open_regular(&p))).await;
+    let mut file = match opened {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => return e.response(),
+        Err(e) => return HttpError::from_rpc(e).response(),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; IO_CHUNK];
+        let mut enc =
+            gzip.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return, // truncated body: the client sees an incomplete transfer
+            };
+            let chunk = match &mut enc {
+                None => Bytes::copy_from_slice(&buf[..n]),
+                Some(enc) => {
+                    if enc.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    if enc.get_ref().len() < IO_CHUNK {
+                        continue;
+                    }
+                    Bytes::from(std::mem::take(enc.get_mut()))
+                }
+            };
+            if tx.blocking_send(chunk).is_err() {
+                return; // client went away
+            }
+        }
+        if let Some(enc) = enc {
+            if let Ok(rest) = enc.finish() {
+                let _ = tx.blocking_send(Bytes::from(rest));
+            }
+        }
+    });
+    let mut r = Response::new(AgentBody::Chan(rx));
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if gzip {
+        h.insert(
+            hyper::header::CONTENT_ENCODING,
+            hyper::header::HeaderValue::from_static("gzip"),
+        );
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], "_"))
+        .unwrap_or_default();
+    if let Ok(v) = format!("attachment; filename=\"{name}\"").parse() {
+        h.insert(hyper::header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+/// Counts bytes written and refuses past the cap.
+struct Capped<W> {
+    inner: W,
+    written: u64,
+    cap: Option<u64>,
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(cap) = self.cap {
+            if self.written + buf.len() as u64 > cap {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            }
+        }
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One file being written by a blocking thread fed through a small channel.
+struct Upload {
+    tx: mpsc::Sender<Bytes>,
+    done: tokio::task::JoinHandle<Result<WriteInfo, HttpError>>,
+}
+
+fn open_for_write(path: &Path) -> Result<File, HttpError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| HttpError::io(&e, &parent.display().to_string()))?;
+    }
+    // O_NONBLOCK: opening a FIFO without a reader fails instead of hanging.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+    let md = f
+        .metadata()
+        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+    if !md.is_file() {
+        return Err(HttpError::new(
+            400,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    f.set_len(0)
+        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+    Ok(f)
+}
+
+fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upload {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let (uid, gid, switch) = (user.uid, user.gid, user.switch);
+    let done = tokio::task::spawn_blocking(move || {
+        let _id = switch.then(|| FsIdentity::enter(uid, gid));
+        let file = open_for_write(&path)?;
+        let sink = Capped {
+            inner: file,
+            written: 0,
+            cap,
+        };
+        let result = (|| -> io::Result<()> {
+            if gzip {
+                let mut dec = flate2::write::MultiGzDecoder::new(sink);
+                while let Some(b) = rx.blocking_recv() {
+                    dec.write_all(&b)?;
+                }
+                dec.try_finish()?;
+                dec.get_mut().flush()
+            } else {
+                let mut sink = sink;
+                while let Some(b) = rx.blocking_recv() {
+                    sink.write_all(&b)?;
+                }
+                sink.flush()
+            }
+        })();
+        if let Err(e) = result {
+            // Do not leave a partial file behind (it may be what filled the disk).
+            let _ = std::fs::remove_file(&path);
+            return Err(if e.raw_os_error() == Some(libc::EFBIG) && cap.is_some() {
+                HttpError::new(
+                    413,
+                    format!("upload larger than {} bytes", cap.unwrap_or(0)),
+                )
+            } else if e.kind() == io::ErrorKind::InvalidInput
+                || e.kind() == io::ErrorKind::InvalidData
+            {
+                HttpError::new(400, format!("invalid gzip body: {e}"))
+            } else {
+                HttpError::io(&e, &path.display().to_string())
+            });
+        }
+        Ok(WriteInfo {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.to_string_lossy().into_owned(),
+            file_type: "file".into(),
+        })
+    });
+    Upload { tx, done }
+}
+
+impl Upload {
+    /// Feeds a chunk; false when the writer already stopped (its error comes from finish).
+    async fn feed(&self, b: Bytes) -> bool {
+        self.tx.send(b).await.is_ok()
+    }
+
+    async fn finish(self) -> Result<WriteInfo, HttpError> {
+        drop(self.tx);
+        self.done
+            .await
+            .map_err(|e| HttpError::new(500, format!("writer failed: {e}")))?
+    }
+}
+
+/// POST /files: multipart (each part's filename is its destination, the first may be
+/// named by `?path=`) or a raw body with `?path=` (optionally gzip-encoded).
+pub async fn upload(
+    user: &User,
+    query_path: Option<String>,
+    headers: &HeaderMap,
+    body: Incoming,
+    cap: Option<u64>,
+) -> Response<AgentBody> {
+    match upload_inner(user, query_path, headers, body, cap).await {
+        Ok(infos) => crate::connect::json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&infos).unwrap_or_default(),
+        ),
+        Err(e) => e.response(),
+    }
+}
+
+async fn upload_inner(
+    user: &User,
+    query_path: Option<String>,
+    headers: &HeaderMap,
+    body: Incoming,
+    cap: Option<u64>,
+) -> Result<Vec<WriteInfo>, HttpError> {
+    let ctype = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let encoding = headers
+        .get(hyper::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let gzip = match encoding.as_str() {
+        "" | "identity" => false,
+        "gzip" | "x-gzip" => true,
+        other => {
+            return Err(HttpError::new(
+                415,
+                format!("unsupported Content-Encoding {other:?}"),
+            ))
+        }
+    };
+    let resolve_path = |raw: &str| resolve(user, raw).map_err(HttpError::from_rpc);
+
+    if ctype
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        let boundary = multer::parse_boundary(&ctype)
+            .map_err(|e| HttpError::new(400, format!("bad multipart Content-Type: {e}")))?;
+        let stream = http_body_util::BodyDataStream::new(body);
+        let mut mp = multer::Multipart::new(stream, boundary);
+        let mut out = Vec::new();
+        let mut first_query = query_path;
+        loop {
+            let field = match mp.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(HttpError::new(400, format!("bad multipart body: {e}"))),
+            };
+            let target = match (first_query.take(), field.file_name()) {
+                (Some(q), _) if !q.is_empty() => q,
+                (_, Some(f)) if !f.is_empty() => f.to_string(),
+                _ => {
+                    return Err(HttpError::new(
+                        400,
+                        "multipart part without a file name or ?path=",
+                    ))
+                }
+            };
+            let path = resolve_path(&target)?;
+            let up = begin_upload(user, path, gzip, cap);
+            let mut field = field;
+            loop {
+                match field.chunk().await {
+                    Ok(Some(b)) => {
+                        if !up.feed(b).await {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = up.finish().await;
+                        return Err(HttpError::new(400, format!("bad multipart body: {e}")));
+                    }
+                }
+            }
+            out.push(up.finish().await?);
+        }
+        if out.is_empty() {
+            return Err(HttpError::new(400, "no file in multipart body"));
+        }
+        Ok(out)
+    } else {
+        let Some(raw) = query_path.filter(|p| !p.is_empty()) else {
+            return Err(HttpError::new(400, "missing ?path= for a raw upload"));
+        };
+        let path = resolve_path(&raw)?;
+        let up = begin_upload(user, path, gzip, cap);
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        if !up.feed(data).await {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = up.finish().await;
+                    return Err(HttpError::new(400, format!("reading upload: {e}")));
+                }
+            }
+        }
+        Ok(vec![up.finish().await?])
+    }
+}
+
+/// Names for EntryInfo, read on a blocking thread.
+pub async fn names(db: &UserDb) -> Names {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.names())
+        .await
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(home: &str) -> User {
+        User {
+            name: "user".into(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+            home: home.into(),
+            shell: "/bin/sh".into(),
+            switch: false,
+        }
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_home_and_dotdot_is_lexical() {
+        let u = user("/home/user");
+        assert_eq!(
+            resolve(&u, "a/b").ok(),
+            Some(PathBuf::from("/home/user/a/b"))
+        );
+        assert_eq!(resolve(&u, "~/x").ok(), Some(PathBuf::from("/home/user/x")));
+        assert_eq!(
+            resolve(&u, "../../../etc/./passwd").ok(),
+            Some(PathBuf::from("/etc/passwd"))
+        );
+        assert_eq!(resolve(&u, "/a/../../b").ok(), Some(PathBuf::from("/b")));
+        assert!(resolve(&u, "a\0b").is_err());
+        assert!(resolve(&u, "").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + std::time::Duration::new(1_709_251_199, 5);
+        assert_eq!(rfc3339(t), "2024-02-29T23:59:59.000000005Z");
+    }
+
+    #[test]
+    fn query_is_percent_decoded() {
+        let q = parse_query(Some("path=%2Ftmp%2Fa+b&username=user")).unwrap_or_default();
+        assert_eq!(q[0], ("path".into(), "/tmp/a b".into()));
+        assert!(parse_query(Some("path=%zz")).is_err());
+        assert!(parse_query(Some("path=%2")).is_err());
+    }
+
+    #[test]
+    fn accept_encoding_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(wants_gzip(&h), Ok(false)));
+        h.insert("accept-encoding", "gzip, deflate".parse().expect("hv"));
+        assert!(matches!(wants_gzip(&h), Ok(true)));
+        h.insert("accept-encoding", "br".parse().expect("hv"));
+        assert!(wants_gzip(&h).is_err());
+        h.insert("accept-encoding", "br, identity".parse().expect("hv"));
+        assert!(matches!(wants_gzip(&h), Ok(false)));
+    }
+}

@@ -1,0 +1,41 @@
+//! `sandbox-agent`: see the library docs and `--help`.
+
+use sandbox_agent::config::{Config, SECRET_ENV, SECRET_FILE_ENV, USAGE};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return;
+    }
+    if args.iter().any(|a| a == "--version") {
+        println!("{}", sandbox_agent::ENVD_VERSION);
+        return;
+    }
+    let cfg = match Config::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sandbox-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Commands must not inherit the secret; still single-threaded here, so this is safe.
+    std::env::remove_var(SECRET_ENV);
+    std::env::remove_var(SECRET_FILE_ENV);
+    let agent = sandbox_agent::server::Agent::new(cfg);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandbox-agent: runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(sandbox_agent::server::run(agent)) {
+        eprintln!("sandbox-agent: {e}");
+        std::process::exit(1);
+    }
+}

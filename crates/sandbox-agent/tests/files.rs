@@ -1,0 +1,563 @@
+//! filesystem.Filesystem, REST /files, auth and /init against the real agent binary
+//! (threat rows C1-C3).
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "XtestBoundary123";
+    let mut body = Vec::new();
+    for (name, data) in parts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn health_needs_no_token_but_everything_else_does() {
+    let a = Agent::start();
+    assert_eq!(a.request_no_auth("GET", "/health", &[], b"").status, 204);
+    let r = a.request_no_auth("GET", "/files?path=x", &[], b"");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["code"], 401);
+    let r = a.request_no_auth("GET", "/envs", &[], b"");
+    assert_eq!(r.status, 401);
+    let r = a.request_no_auth(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Access-Token", "wrong-secret-0123456789"),
+        ],
+        br#"{"path":"."}"#,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["code"], "unauthenticated");
+    // Streaming call without token: refused before any process starts.
+    let marker = a.home.join("should-not-exist");
+    let mut env = vec![0u8];
+    let payload = json!({"process": {"cmd": "/usr/bin/touch", "args": [marker.to_str().unwrap()]}})
+        .to_string();
+    env.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    env.extend_from_slice(payload.as_bytes());
+    let r = a.request_no_auth(
+        "POST",
+        "/process.Process/Start",
+        &[("Content-Type", "application/connect+json")],
+        &env,
+    );
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("unauthenticated"));
+    assert!(!marker.exists());
+    // With the token it works.
+    let (s, _) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "."}));
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn init_sets_token_only_once_or_with_current_token_and_envs_reach_commands() {
+    let mut a = Agent::start_with(None, &[]);
+    // No secret yet: /init may set one.
+    let r = a.request(
+        "POST",
+        "/init",
+        &[("Content-Type", "application/json")],
+        json!({"accessToken": "first-token-abcdef", "envVars": {"INIT_VAR": "v1"}})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 204);
+    // Now the old way (no token) is refused, and so is replacing the token without it.
+    let r = a.request(
+        "POST",
+        "/init",
+        &[("Content-Type", "application/json")],
+        json!({"accessToken": "attacker"}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 401);
+    a.token = Some("first-token-abcdef".into());
+    let r = a.request("GET", "/envs", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["INIT_VAR"], "v1");
+    let c = a.start_sh("echo $INIT_VAR", json!({}), &[]).collect();
+    assert_eq!(c.stdout, b"v1\n");
+    // Rotating with the current token works.
+    let r = a.request(
+        "POST",
+        "/init",
+        &[("Content-Type", "application/json")],
+        json!({"accessToken": "second-token-abcdef"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(a.request("GET", "/envs", &[], b"").status, 401);
+    a.token = Some("second-token-abcdef".into());
+    assert_eq!(a.request("GET", "/envs", &[], b"").status, 200);
+}
+
+#[test]
+fn multipart_upload_then_download_roundtrip_with_gzip() {
+    let a = Agent::start();
+    let abs = a.home.join("abs/b.bin");
+    let (ct, body) = multipart(&[
+        ("dir/a.txt", b"alpha"),
+        (abs.to_str().unwrap(), b"\x00\xffbeta"),
+    ]);
+    let r = a.request("POST", "/files", &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v[0]["path"], a.home.join("dir/a.txt").to_str().unwrap());
+    assert_eq!(v[0]["name"], "a.txt");
+    assert_eq!(v[0]["type"], "file");
+    assert_eq!(v[1]["path"], abs.to_str().unwrap());
+    assert_eq!(std::fs::read(a.home.join("dir/a.txt")).unwrap(), b"alpha");
+    assert_eq!(std::fs::read(&abs).unwrap(), b"\x00\xffbeta");
+    let r = a.request("GET", "/files?path=dir%2Fa.txt", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"alpha");
+    let r = a.request(
+        "GET",
+        "/files?path=dir/a.txt",
+        &[("Accept-Encoding", "gzip")],
+        b"",
+    );
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    let mut d = flate2::read::GzDecoder::new(&r.body[..]);
+    let mut out = Vec::new();
+    d.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"alpha");
+    let r = a.request(
+        "GET",
+        "/files?path=dir/a.txt",
+        &[("Accept-Encoding", "br")],
+        b"",
+    );
+    assert_eq!(r.status, 406);
+}
+
+#[test]
+fn octet_stream_upload_with_gzip_overwrites_and_creates_parents() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("x")).unwrap();
+    std::fs::write(a.home.join("x/f"), b"old content that is longer").unwrap();
+    let r = a.request(
+        "POST",
+        "/files?path=x/f",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Encoding", "gzip"),
+        ],
+        &gzip(b"new"),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(a.home.join("x/f")).unwrap(), b"new");
+    let r = a.request(
+        "POST",
+        "/files?path=deep/er/g",
+        &[("Content-Type", "application/octet-stream")],
+        b"g",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(std::fs::read(a.home.join("deep/er/g")).unwrap(), b"g");
+    let r = a.request(
+        "POST",
+        "/files?path=x/bad",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Encoding", "gzip"),
+        ],
+        b"not gzip at all",
+    );
+    assert_eq!(r.status, 400);
+    assert!(!a.home.join("x/bad").exists(), "partial file left behind");
+}
+
+#[test]
+fn download_errors_missing_404_directory_400_device_400_c1() {
+    let a = Agent::start();
+    assert_eq!(a.request("GET", "/files?path=nope", &[], b"").status, 404);
+    std::fs::create_dir_all(a.home.join("d")).unwrap();
+    assert_eq!(a.request("GET", "/files?path=d", &[], b"").status, 400);
+    // Device files would never end (/dev/zero) or block: refused.
+    assert_eq!(
+        a.request("GET", "/files?path=/dev/zero", &[], b"").status,
+        400
+    );
+    assert_eq!(a.request("GET", "/files?path=a%00b", &[], b"").status, 400);
+    let r = a.request(
+        "POST",
+        "/files?path=/dev/null",
+        &[("Content-Type", "application/octet-stream")],
+        b"x",
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn relative_and_dotdot_paths_resolve_against_home_c1() {
+    let a = Agent::start();
+    let r = a.request(
+        "POST",
+        "/files?path=a/../../HOMENAME/b.txt"
+            .replace("HOMENAME", a.home.file_name().unwrap().to_str().unwrap())
+            .as_str(),
+        &[("Content-Type", "application/octet-stream")],
+        b"ok",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(a.home.join("b.txt")).unwrap(), b"ok");
+    let (s, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "./b.txt"}));
+    assert_eq!(s, 200);
+    assert_eq!(v["entry"]["path"], a.home.join("b.txt").to_str().unwrap());
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/Stat",
+        json!({"path": "bad\u{0}path"}),
+    );
+    assert_eq!(s, 400);
+    assert_eq!(v["code"], "invalid_argument");
+}
+
+#[test]
+fn big_upload_and_download_stream_with_bounded_memory_c3() {
+    let a = Agent::start();
+    let total: usize = 256 << 20;
+    let s = a.connect();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(
+        format!(
+            "POST /files?path=big.bin HTTP/1.1\r\nHost: a\r\nX-Access-Token: {SECRET}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let mut max_rss = 0;
+    for i in 0..(total >> 20) {
+        w.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .unwrap();
+        w.write_all(&chunk).unwrap();
+        w.write_all(b"\r\n").unwrap();
+        if i % 16 == 0 {
+            max_rss = max_rss.max(a.rss_bytes());
+        }
+    }
+    w.write_all(b"0\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let body = read_body(&mut r, &headers);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        std::fs::metadata(a.home.join("big.bin")).unwrap().len(),
+        total as u64
+    );
+
+    // Download, reading slowly at first: the agent must not buffer the file.
+    let s = a.connect();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(format!("GET /files?path=big.bin HTTP/1.1\r\nHost: a\r\nX-Access-Token: {SECRET}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    assert_eq!(status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    max_rss = max_rss.max(a.rss_bytes());
+    let body = read_body(&mut r, &headers);
+    assert_eq!(body.len(), total);
+    assert!(body[..1 << 20] == chunk[..]);
+    assert!(max_rss < 48 << 20, "agent RSS grew to {max_rss}");
+}
+
+#[test]
+fn upload_past_the_cap_is_413_and_leaves_nothing_c3() {
+    let a = Agent::start_with(Some(SECRET), &["--max-upload-bytes", "1000"]);
+    let r = a.request(
+        "POST",
+        "/files?path=cap.bin",
+        &[("Content-Type", "application/octet-stream")],
+        &vec![7u8; 5000],
+    );
+    assert_eq!(r.status, 413);
+    assert!(!a.home.join("cap.bin").exists());
+    // A gzip bomb counts decompressed bytes.
+    let r = a.request(
+        "POST",
+        "/files?path=bomb.bin",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Encoding", "gzip"),
+        ],
+        &gzip(&vec![0u8; 1 << 20]),
+    );
+    assert_eq!(r.status, 413);
+    let r = a.request(
+        "POST",
+        "/files?path=ok.bin",
+        &[("Content-Type", "application/octet-stream")],
+        &[1u8; 1000],
+    );
+    assert_eq!(r.status, 200);
+}
+
+fn entry(v: &Value) -> &Value {
+    &v["entry"]
+}
+
+#[test]
+fn stat_reports_complete_entry_info() {
+    let a = Agent::start();
+    let f = a.home.join("f.txt");
+    std::fs::write(&f, b"12345").unwrap();
+    std::process::Command::new("chmod")
+        .args(["640", f.to_str().unwrap()])
+        .status()
+        .unwrap();
+    std::os::unix::fs::symlink("f.txt", a.home.join("link")).unwrap();
+    let (s, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "f.txt"}));
+    assert_eq!(s, 200, "{v}");
+    let e = entry(&v);
+    assert_eq!(e["name"], "f.txt");
+    assert_eq!(e["type"], "FILE_TYPE_FILE");
+    assert_eq!(e["path"], f.to_str().unwrap());
+    assert_eq!(e["size"], "5");
+    assert_eq!(e["mode"], 0o640);
+    assert_eq!(e["permissions"], "-rw-r-----");
+    assert!(!e["owner"].as_str().unwrap().is_empty());
+    assert!(!e["group"].as_str().unwrap().is_empty());
+    let t = e["modifiedTime"].as_str().unwrap();
+    assert!(
+        t.len() >= 20 && t.ends_with('Z') && &t[4..5] == "-" && &t[10..11] == "T",
+        "{t}"
+    );
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "link"}));
+    assert_eq!(entry(&v)["type"], "FILE_TYPE_SYMLINK");
+    assert_eq!(entry(&v)["symlinkTarget"], "f.txt");
+    assert_eq!(entry(&v)["isSymlink"], true);
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "."}));
+    assert_eq!(entry(&v)["type"], "FILE_TYPE_DIRECTORY");
+    assert!(entry(&v)["permissions"].as_str().unwrap().starts_with('d'));
+    let (s, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "missing"}));
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn list_dir_respects_depth_and_does_not_follow_symlinked_dirs_c2() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("l/a/b")).unwrap();
+    std::fs::write(a.home.join("l/top"), b"").unwrap();
+    std::fs::write(a.home.join("l/a/mid"), b"").unwrap();
+    std::fs::write(a.home.join("l/a/b/deep"), b"").unwrap();
+    std::os::unix::fs::symlink("/", a.home.join("l/rootlink")).unwrap();
+    let names = |depth: u32| -> Vec<String> {
+        let (s, v) = a.rpc(
+            "filesystem.Filesystem/ListDir",
+            json!({"path": "l", "depth": depth}),
+        );
+        assert_eq!(s, 200, "{v}");
+        let mut n: Vec<String> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e["path"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches(a.home.join("l/").to_str().unwrap())
+                    .to_string()
+            })
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(1), vec!["a", "rootlink", "top"]);
+    assert_eq!(names(2), vec!["a", "a/b", "a/mid", "rootlink", "top"]);
+    assert_eq!(
+        names(5),
+        vec!["a", "a/b", "a/b/deep", "a/mid", "rootlink", "top"]
+    );
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/ListDir",
+        json!({"path": "l/top", "depth": 1}),
+    );
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_argument")));
+}
+
+#[test]
+fn make_dir_creates_parents_and_reports_conflicts() {
+    let a = Agent::start();
+    let (s, v) = a.rpc("filesystem.Filesystem/MakeDir", json!({"path": "m/n/o"}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(entry(&v)["type"], "FILE_TYPE_DIRECTORY");
+    assert!(a.home.join("m/n/o").is_dir());
+    let (s, v) = a.rpc("filesystem.Filesystem/MakeDir", json!({"path": "m/n/o"}));
+    assert_eq!((s, v["code"].as_str()), (409, Some("already_exists")));
+    std::fs::write(a.home.join("file"), b"").unwrap();
+    let (s, v) = a.rpc("filesystem.Filesystem/MakeDir", json!({"path": "file"}));
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_argument")));
+}
+
+#[test]
+fn move_and_recursive_remove() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("src/inner")).unwrap();
+    std::fs::write(a.home.join("src/inner/f"), b"x").unwrap();
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/Move",
+        json!({"source": "src", "destination": "new/place"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        entry(&v)["path"],
+        a.home.join("new/place").to_str().unwrap()
+    );
+    assert!(a.home.join("new/place/inner/f").exists());
+    assert!(!a.home.join("src").exists());
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/Move",
+        json!({"source": "nope", "destination": "x"}),
+    );
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+    let (s, _) = a.rpc("filesystem.Filesystem/Remove", json!({"path": "new"}));
+    assert_eq!(s, 200);
+    assert!(!a.home.join("new").exists());
+    let (s, _) = a.rpc("filesystem.Filesystem/Remove", json!({"path": "new"}));
+    assert_eq!(s, 200, "removing a missing path is fine");
+}
+
+#[test]
+fn watch_dir_streams_recursive_events() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("w/sub")).unwrap();
+    let mut s = a.stream(
+        "filesystem.Filesystem/WatchDir",
+        json!({"path": "w", "recursive": true, "includeEntry": true}),
+        &[],
+    );
+    let (_, first) = s.next().unwrap();
+    assert!(first.get("start").is_some(), "{first}");
+    std::fs::write(a.home.join("w/top.txt"), b"1").unwrap();
+    std::fs::write(a.home.join("w/sub/inner.txt"), b"2").unwrap();
+    std::fs::remove_file(a.home.join("w/top.txt")).unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|(n, t): &(String, String)| n == "top.txt" && t == "EVENT_TYPE_REMOVE")
+    {
+        let (flags, v) = s.next().expect("event");
+        assert_eq!(flags, 0, "{v}");
+        if let Some(fs) = v.get("filesystem") {
+            if fs["name"] == "sub/inner.txt" && fs["type"] == "EVENT_TYPE_CREATE" {
+                assert_eq!(fs["entry"]["name"], "inner.txt");
+            }
+            seen.push((
+                fs["name"].as_str().unwrap().to_string(),
+                fs["type"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    assert!(
+        seen.contains(&("top.txt".into(), "EVENT_TYPE_CREATE".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("top.txt".into(), "EVENT_TYPE_WRITE".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("sub/inner.txt".into(), "EVENT_TYPE_CREATE".into())),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn polling_watcher_collects_and_removes() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("pw")).unwrap();
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/CreateWatcher",
+        json!({"path": "pw", "recursive": false}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let id = v["watcherId"].as_str().unwrap().to_string();
+    std::fs::write(a.home.join("pw/x"), b"1").unwrap();
+    let mut events = Vec::new();
+    assert!(eventually(|| {
+        let (_, v) = a.rpc(
+            "filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": id}),
+        );
+        events.extend(v["events"].as_array().cloned().unwrap_or_default());
+        events
+            .iter()
+            .any(|e| e["name"] == "x" && e["type"] == "EVENT_TYPE_CREATE")
+    }));
+    let (s, _) = a.rpc(
+        "filesystem.Filesystem/RemoveWatcher",
+        json!({"watcher_id": id}),
+    );
+    assert_eq!(s, 200);
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/GetWatcherEvents",
+        json!({"watcherId": id}),
+    );
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn watch_on_missing_dir_is_not_found() {
+    let a = Agent::start();
+    let c = a
+        .stream(
+            "filesystem.Filesystem/WatchDir",
+            json!({"path": "nowhere"}),
+            &[],
+        )
+        .collect();
+    assert_eq!(c.trailer["error"]["code"], "not_found");
+}
+
+#[test]
+fn malformed_json_is_invalid_argument_not_a_crash() {
+    let a = Agent::start();
+    let r = a.request(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        &[("Content-Type", "application/json")],
+        b"{\"path\": [[[[",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "invalid_argument");
+    let r = a.request(
+        "POST",
+        "/filesystem.Filesystem/ListDir",
+        &[("Content-Type", "application/json")],
+        br#"{"path": ".", "depth": 99999999999999999999}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(a.request("GET", "/health", &[], b"").status, 204);
+}
+
+#[test]
+fn metrics_report_cpu_and_memory() {
+    let a = Agent::start();
+    let m = a.metrics();
+    assert!(m["cpu_count"].as_u64().unwrap() >= 1);
+    assert!(m["mem_total"].as_u64().unwrap() > 0);
+    assert!(m["mem_used"].as_u64().unwrap() > 0);
+    assert!(m["agent_rss"].as_u64().unwrap() > 0);
+}

@@ -1,0 +1,172 @@
+//! JSON error responses: every error a client sees is `{code, message}`.
+
+use poem::http::StatusCode;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+use sandbox_core::Error;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_argument`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl poem_openapi::types::Example for ErrorBody {
+    fn example() -> Self {
+        ErrorBody {
+            code: "not_found".into(),
+            message: "sandbox clm0123456789abcdef not found".into(),
+        }
+    }
+}
+
+impl ErrorBody {
+    /// A body with `code` and `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Error responses of the native API.
+#[derive(Debug, ApiResponse)]
+#[oai(bad_request_handler = "request_error")]
+pub enum ApiError {
+    /// The request is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The sandbox, file or process does not exist.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The command ran past its timeout.
+    #[oai(status = 408)]
+    Timeout(Json<ErrorBody>),
+    /// The sandbox is in the wrong state for this operation.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// The request body is larger than the server accepts.
+    #[oai(status = 413)]
+    TooLarge(Json<ErrorBody>),
+    /// The request data is invalid (wrong types, out-of-range values, unknown template).
+    #[oai(status = 422)]
+    Validation(Json<ErrorBody>),
+    /// A limit is reached (concurrent creates, sandbox count); retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] Option<u64>),
+    /// The container engine failed.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// The backend in use cannot do this.
+    #[oai(status = 501)]
+    Unsupported(Json<ErrorBody>),
+    /// The container engine cannot be reached.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+impl ApiError {
+    /// The HTTP status of this response.
+    pub fn status(&self) -> StatusCode {
+        let code = match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Timeout(_) => 408,
+            ApiError::Conflict(_) => 409,
+            ApiError::TooLarge(_) => 413,
+            ApiError::Validation(_) => 422,
+            ApiError::TooManyRequests(..) => 429,
+            ApiError::Internal(_) => 500,
+            ApiError::Unsupported(_) => 501,
+            ApiError::Unavailable(_) => 503,
+        };
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// A response for `status` with `code` and `message`.
+    pub fn from_status(status: u16, code: &str, message: String) -> Self {
+        let body = Json(ErrorBody::new(code, message));
+        match status {
+            404 => ApiError::NotFound(body),
+            408 => ApiError::Timeout(body),
+            409 => ApiError::Conflict(body),
+            413 => ApiError::TooLarge(body),
+            422 => ApiError::Validation(body),
+            429 => ApiError::TooManyRequests(body, None),
+            501 => ApiError::Unsupported(body),
+            503 => ApiError::Unavailable(body),
+            400..=499 => ApiError::BadRequest(body),
+            _ => ApiError::Internal(body),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = e.http_status();
+        if status >= 500 {
+            tracing::warn!(error = %e, "request failed");
+        }
+        match &e {
+            Error::ResourceExhausted { retry_after, .. } => ApiError::TooManyRequests(
+                Json(ErrorBody::new(e.code(), e.to_string())),
+                retry_after.map(|d| d.as_secs().max(1)),
+            ),
+            _ => ApiError::from_status(status, e.code(), e.to_string()),
+        }
+    }
+}
+
+/// Turns request parsing failures (bad JSON, wrong types, missing fields) into JSON errors.
+fn request_error(err: poem::Error) -> ApiError {
+    let status = err.status().as_u16();
+    let message = err.to_string();
+    match status {
+        413 => ApiError::from_status(413, "payload_too_large", message),
+        // As in the seed's API: a body that does not match the schema is a validation error.
+        400 | 415 | 422 => ApiError::from_status(422, "validation_error", message),
+        _ => ApiError::from_status(status, "bad_request", message),
+    }
+}
+
+/// Renders any poem error (unknown route, wrong method, body too large) as `{code, message}`;
+/// errors that already are JSON API responses pass through unchanged.
+pub async fn any_error_to_json(err: poem::Error) -> poem::Response {
+    let resp = err.into_response();
+    let is_json = resp
+        .content_type()
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    // As in the seed's API, a request that does not parse is a validation error.
+    let status = match resp.status() {
+        StatusCode::BAD_REQUEST => StatusCode::UNPROCESSABLE_ENTITY,
+        other => other,
+    };
+    let code = match status.as_u16() {
+        422 => "validation_error",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        431 => "headers_too_large",
+        400..=499 => "bad_request",
+        _ => "internal",
+    };
+    let text = resp.into_body().into_string().await.unwrap_or_default();
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let body = serde_json::json!({ "code": code, "message": message });
+    poem::Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(body.to_string())
+}

@@ -1,0 +1,123 @@
+//! `GET /health`: is the server up, and does its engine answer?
+
+use poem::web::Data;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+
+use crate::AppState;
+
+#[derive(Tags)]
+enum HealthTags {
+    /// Server and engine health.
+    Health,
+}
+
+/// The container engine as the server sees it.
+#[derive(Debug, Object)]
+pub struct EngineHealth {
+    /// Whether the engine answered.
+    pub reachable: bool,
+    /// Engine product, e.g. `Docker Engine`.
+    pub engine: Option<String>,
+    /// Engine version.
+    pub version: Option<String>,
+    /// Negotiated API version.
+    pub api_version: Option<String>,
+    /// Where the backend connects.
+    pub endpoint: Option<String>,
+    /// Why the engine is unreachable.
+    pub error: Option<String>,
+}
+
+/// Health of the server and its engine.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct Health {
+    /// `ok` when the engine answers, `unavailable` otherwise.
+    pub status: String,
+    /// Server version.
+    pub version: String,
+    /// Backend in use (`docker`, `podman`).
+    pub backend: String,
+    /// Sandboxes this server manages.
+    pub sandboxes: u64,
+    /// The engine.
+    pub engine: EngineHealth,
+}
+
+impl poem_openapi::types::Example for Health {
+    fn example() -> Self {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: "docker".into(),
+            sandboxes: 2,
+            engine: EngineHealth {
+                reachable: true,
+                engine: Some("Docker Engine".into()),
+                version: Some("20.10.24".into()),
+                api_version: Some("1.41".into()),
+                endpoint: Some("unix:///var/run/docker.sock".into()),
+                error: None,
+            },
+        }
+    }
+}
+
+/// Health responses.
+#[derive(ApiResponse)]
+pub enum HealthResponse {
+    /// The server and its engine are healthy.
+    #[oai(status = 200)]
+    Ok(Json<Health>),
+    /// The engine cannot be reached.
+    #[oai(status = 503)]
+    Unavailable(Json<Health>),
+}
+
+/// The health endpoint.
+pub struct HealthApi;
+
+#[OpenApi(tag = "HealthTags::Health")]
+impl HealthApi {
+    /// Server health check
+    ///
+    /// Reports the server version, the backend in use and whether its container engine
+    /// answers. Answers 503 when the engine is unreachable, so it works as a readiness probe.
+    #[oai(path = "/health", method = "get", operation_id = "health")]
+    async fn health(&self, state: Data<&AppState>) -> HealthResponse {
+        let manager = &state.manager;
+        let sandboxes = manager.list(&Default::default()).len() as u64;
+        let backend = manager.backend().name().to_string();
+        match manager.engine_info().await {
+            Ok(info) => HealthResponse::Ok(Json(Health {
+                status: "ok".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                backend,
+                sandboxes,
+                engine: EngineHealth {
+                    reachable: true,
+                    engine: Some(info.engine),
+                    version: Some(info.version),
+                    api_version: Some(info.api_version),
+                    endpoint: Some(info.endpoint),
+                    error: None,
+                },
+            })),
+            Err(e) => HealthResponse::Unavailable(Json(Health {
+                status: "unavailable".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                backend,
+                sandboxes,
+                engine: EngineHealth {
+                    reachable: false,
+                    engine: None,
+                    version: None,
+                    api_version: None,
+                    endpoint: None,
+                    error: Some(e.to_string()),
+                },
+            })),
+        }
+    }
+}

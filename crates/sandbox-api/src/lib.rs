@@ -1,0 +1,142 @@
+//! The HTTP API of colima-e2b, on poem and poem-openapi.
+//!
+//! - Native REST API (the seed's): `/sandboxes/...`, `/health`.
+//! - Docs: Swagger UI at `/docs`, ReDoc at `/redoc`, the spec at `/openapi.json` and
+//!   `/openapi.yaml`.
+//! - Prometheus metrics at `/metrics`.
+//!
+//! Handlers parse and map; every decision is [`sandbox_core::SandboxManager`]'s.
+
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod sandboxes;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use poem::endpoint::make_sync;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+
+use poem::http::StatusCode;
+use poem::middleware::{NormalizePath, TrailingSlash};
+use poem::{Body, Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route};
+use poem_openapi::OpenApiService;
+use sandbox_core::SandboxManager;
+
+/// Largest JSON request body the API accepts, in bytes.
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The sandbox manager.
+    pub manager: SandboxManager,
+    /// Renders the Prometheus registry.
+    pub metrics: PrometheusHandle,
+}
+
+type Apis = (health::HealthApi, sandboxes::SandboxApi);
+
+fn service() -> OpenApiService<Apis, ()> {
+    OpenApiService::new(
+        (health::HealthApi, sandboxes::SandboxApi),
+        "colima-e2b",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .summary("Self-hosted E2B-compatible code sandboxes on Docker and Podman")
+    .description(
+        "Create sandboxes from templates, run commands, read and write files, and expire \
+         them after a timeout. Every error is a JSON body `{code, message}`.",
+    )
+    .license(poem_openapi::LicenseObject::new("MIT"))
+}
+
+/// The OpenAPI document as YAML, exactly as the server serves it at `/openapi.yaml`.
+///
+/// Building it needs no engine or configuration.
+pub fn spec_yaml() -> String {
+    service().spec_yaml()
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+    let metrics = state.metrics.clone();
+    let api = service();
+    let docs = api.swagger_ui();
+    let redoc = api.redoc();
+    let json = api.spec_endpoint();
+    let yaml = api.spec_endpoint_yaml();
+    Route::new()
+        .nest("/", api)
+        .nest("/docs", docs)
+        .nest("/redoc", redoc)
+        .at("/openapi.json", json)
+        .at("/openapi.yaml", yaml)
+        .at(
+            "/metrics",
+            make_sync(move |_| {
+                Response::builder()
+                    .content_type("text/plain; version=0.0.4")
+                    .body(metrics.render())
+            }),
+        )
+        .around(limit_body)
+        .data(state)
+        .around(metrics::track)
+        // The seed's paths end in `/` (`/sandboxes/`); poem-openapi routes them without.
+        .with(NormalizePath::new(TrailingSlash::Trim))
+        .catch_all_error(error::any_error_to_json)
+        .into_endpoint()
+        .map_to_response()
+}
+
+/// Bytes of an oversized body read and discarded before answering 413, so that ordinary
+/// clients see the answer instead of a reset connection. Larger bodies are cut off.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Refuses request bodies over [`MAX_JSON_BODY`] with 413, whether they come with a
+/// Content-Length or chunked (a chunked body is read up to the cap, never beyond).
+async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result<Response> {
+    let too_large =
+        || poem::Error::from_string("request body too large", StatusCode::PAYLOAD_TOO_LARGE);
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_JSON_BODY as u64 => {
+            drain(req.take_body()).await;
+            return Err(too_large());
+        }
+        Some(_) => {}
+        None => {
+            let mut stream = Box::pin(req.take_body().into_bytes_stream());
+            let mut buf = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    poem::Error::from_string(e.to_string(), StatusCode::BAD_REQUEST)
+                })?;
+                if buf.len() + chunk.len() > MAX_JSON_BODY {
+                    drain(Body::from_bytes_stream(stream)).await;
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            req.set_body(Body::from_vec(buf));
+        }
+    }
+    next.call(req).await.map(IntoResponse::into_response)
+}
+
+/// Reads and discards up to [`DRAIN_LIMIT`] bytes of `body`.
+async fn drain(body: Body) {
+    let mut stream = Box::pin(body.into_bytes_stream());
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+}

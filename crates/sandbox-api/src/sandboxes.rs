@@ -1,0 +1,301 @@
+//! The seed's sandbox lifecycle API: `/sandboxes/...`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, Tags};
+use sandbox_core::{Limits, SandboxId, SandboxInfo, SandboxSpec};
+use time::format_description::well_known::Rfc3339;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+#[derive(Tags)]
+enum SandboxTags {
+    /// Create, list, inspect and kill sandboxes.
+    Sandboxes,
+}
+
+/// A request to create a sandbox.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct CreateSandboxRequest {
+    /// Template name (`base`, `python`, or one from the server's configuration).
+    /// Defaults to the server's default template.
+    pub template: Option<String>,
+    /// Seconds until the sandbox is removed. Defaults to the server's default (300).
+    pub timeout: Option<u64>,
+    /// Environment variables for every command in the sandbox.
+    #[oai(default)]
+    pub envs: BTreeMap<String, String>,
+    /// Free-form metadata, returned by list and get and usable as a list filter.
+    #[oai(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Whether the sandbox may reach the internet (default true).
+    pub internet: Option<bool>,
+    /// CPU cores (fractions allowed); defaults to the server's limit.
+    pub cpus: Option<f64>,
+    /// Memory limit in MiB; defaults to the server's limit.
+    pub memory_mb: Option<u64>,
+}
+
+impl poem_openapi::types::Example for CreateSandboxRequest {
+    fn example() -> Self {
+        let mut envs = BTreeMap::new();
+        envs.insert("DEBUG".into(), "1".into());
+        let mut metadata = BTreeMap::new();
+        metadata.insert("purpose".into(), "test".into());
+        CreateSandboxRequest {
+            template: Some("python".into()),
+            timeout: Some(600),
+            envs,
+            metadata,
+            internet: None,
+            cpus: None,
+            memory_mb: None,
+        }
+    }
+}
+
+/// A sandbox as the API reports it.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct Sandbox {
+    /// Sandbox id (lowercase letters and digits).
+    pub sandbox_id: String,
+    /// Template it was created from.
+    pub template_id: String,
+    /// `running` or `paused`.
+    pub state: String,
+    /// Creation time, RFC 3339 UTC.
+    pub started_at: String,
+    /// When the sandbox expires, RFC 3339 UTC.
+    pub end_at: String,
+    /// Client metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// CPU cores applied.
+    pub cpus: f64,
+    /// Memory limit applied, MiB.
+    pub memory_mb: u64,
+    /// Whether the sandbox may reach the internet.
+    pub internet: bool,
+}
+
+impl poem_openapi::types::Example for Sandbox {
+    fn example() -> Self {
+        let mut metadata = BTreeMap::new();
+        metadata.insert("purpose".into(), "test".into());
+        Sandbox {
+            sandbox_id: "clm3k9x0a1b2c3d4e5f6".into(),
+            template_id: "python".into(),
+            state: "running".into(),
+            started_at: "2024-12-02T10:30:00Z".into(),
+            end_at: "2024-12-02T10:40:00Z".into(),
+            metadata,
+            cpus: 1.0,
+            memory_mb: 512,
+            internet: true,
+        }
+    }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl From<SandboxInfo> for Sandbox {
+    fn from(s: SandboxInfo) -> Self {
+        Sandbox {
+            sandbox_id: s.id.to_string(),
+            template_id: s.template,
+            state: s.state.to_string(),
+            started_at: rfc3339(s.started_at),
+            end_at: rfc3339(s.expires_at),
+            metadata: s.metadata,
+            cpus: s.limits.cpus,
+            memory_mb: s.limits.memory_mb,
+            internet: s.internet,
+        }
+    }
+}
+
+/// A request to change a sandbox's timeout.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct TimeoutRequest {
+    /// Seconds from now until the sandbox is removed (may shorten it).
+    pub timeout: u64,
+}
+
+impl poem_openapi::types::Example for TimeoutRequest {
+    fn example() -> Self {
+        TimeoutRequest { timeout: 900 }
+    }
+}
+
+/// Confirmation that a sandbox was killed.
+#[derive(Debug, Object)]
+pub struct Killed {
+    /// The killed sandbox.
+    pub sandbox_id: String,
+    /// Always `killed`.
+    pub status: String,
+}
+
+fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
+    // An id that cannot exist is simply not found.
+    id.parse()
+        .map_err(|_| ApiError::from(sandbox_core::Error::not_found(format!("sandbox {id}"))))
+}
+
+/// Parses an E2B-style metadata filter: `k1=v1&k2=v2` (URL-encoded as one parameter).
+fn parse_metadata_filter(raw: Option<&str>) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError::from(sandbox_core::Error::InvalidArgument(format!(
+                "metadata filter {pair:?} is not key=value"
+            )))
+        })?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// The sandbox lifecycle endpoints.
+pub struct SandboxApi;
+
+#[OpenApi(tag = "SandboxTags::Sandboxes")]
+impl SandboxApi {
+    /// Create sandbox
+    ///
+    /// Creates and starts a sandbox from a template. Answers 422 for an unknown template or
+    /// an invalid timeout, 429 (with Retry-After) when too many creates run at once or the
+    /// sandbox limit is reached, 503 when the engine is unreachable.
+    #[oai(path = "/sandboxes/", method = "post", operation_id = "create_sandbox")]
+    async fn create(
+        &self,
+        state: Data<&AppState>,
+        body: Json<CreateSandboxRequest>,
+    ) -> Result<Json<Sandbox>, ApiError> {
+        let body = body.0;
+        let config = state.manager.config();
+        let mut spec = SandboxSpec::new(
+            body.template
+                .unwrap_or_else(|| config.default_template.clone()),
+            body.timeout
+                .map(Duration::from_secs)
+                .unwrap_or(config.default_timeout),
+        );
+        spec.envs = body.envs;
+        spec.metadata = body.metadata;
+        spec.internet = body.internet.unwrap_or(true);
+        if body.cpus.is_some() || body.memory_mb.is_some() {
+            spec.limits = Some(Limits {
+                cpus: body.cpus.unwrap_or(config.default_limits.cpus),
+                memory_mb: body.memory_mb.unwrap_or(config.default_limits.memory_mb),
+                ..config.default_limits
+            });
+        }
+        let info = state.manager.create(spec).await?;
+        Ok(Json(info.into()))
+    }
+
+    /// List sandboxes
+    ///
+    /// Lists this server's sandboxes, oldest first. `metadata` filters by metadata, written
+    /// `key1=value1&key2=value2` and URL-encoded as one parameter.
+    #[oai(path = "/sandboxes/", method = "get", operation_id = "list_sandboxes")]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        metadata: Query<Option<String>>,
+    ) -> Result<Json<Vec<Sandbox>>, ApiError> {
+        let filter = parse_metadata_filter(metadata.0.as_deref())?;
+        Ok(Json(
+            state
+                .manager
+                .list(&filter)
+                .into_iter()
+                .map(Sandbox::from)
+                .collect(),
+        ))
+    }
+
+    /// Get sandbox info
+    ///
+    /// One sandbox, with its state refreshed from the engine. 404 when it does not exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id",
+        method = "get",
+        operation_id = "get_sandbox"
+    )]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+    ) -> Result<Json<Sandbox>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        Ok(Json(state.manager.get(&id).await?.into()))
+    }
+
+    /// Kill sandbox
+    ///
+    /// Kills the sandbox's processes at once and removes it. 404 when it does not exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id",
+        method = "delete",
+        operation_id = "kill_sandbox"
+    )]
+    async fn kill(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+    ) -> Result<Json<Killed>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        state.manager.kill(&id).await?;
+        Ok(Json(Killed {
+            sandbox_id: id.to_string(),
+            status: "killed".into(),
+        }))
+    }
+
+    /// Update timeout
+    ///
+    /// Sets the sandbox to expire `timeout` seconds from now; this may shorten its life.
+    /// The new deadline survives a server restart.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/timeout",
+        method = "post",
+        operation_id = "set_sandbox_timeout"
+    )]
+    async fn set_timeout(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        body: Json<TimeoutRequest>,
+    ) -> Result<Json<Sandbox>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let info = state
+            .manager
+            .set_timeout(&id, Duration::from_secs(body.0.timeout))?;
+        Ok(Json(info.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_metadata_filter;
+
+    #[test]
+    fn metadata_filters_parse_pairs_and_reject_garbage() {
+        let f = parse_metadata_filter(Some("a=1&b=x=y")).expect("parses");
+        assert_eq!(f.get("a").map(String::as_str), Some("1"));
+        assert_eq!(f.get("b").map(String::as_str), Some("x=y"));
+        assert!(parse_metadata_filter(None).expect("empty").is_empty());
+        assert!(parse_metadata_filter(Some("novalue")).is_err());
+    }
+}

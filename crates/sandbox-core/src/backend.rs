@@ -1,0 +1,154 @@
+//! The lifecycle contract every container engine backend implements.
+
+use std::collections::BTreeMap;
+use std::fmt::{Debug, Display};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::error::Result;
+use crate::types::{Limits, SandboxState};
+
+/// What a backend supports. Conformance checks and the API choose by capability,
+/// never by backend name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Containers can be frozen and thawed.
+    pub pause: bool,
+    /// Resource usage statistics can be read.
+    pub stats: bool,
+    /// Networks without a route out (internet off) can be created.
+    pub internal_networks: bool,
+    /// Container ports can be published on 127.0.0.1.
+    pub published_ports: bool,
+}
+
+impl Capabilities {
+    /// A backend that supports everything.
+    pub const ALL: Self = Self {
+        pause: true,
+        stats: true,
+        internal_networks: true,
+        published_ports: true,
+    };
+}
+
+/// Facts about the engine a backend talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineInfo {
+    /// Engine product, e.g. `Docker Engine` or `Podman Engine`.
+    pub engine: String,
+    /// Engine version string.
+    pub version: String,
+    /// Negotiated API version.
+    pub api_version: String,
+    /// Where the backend connected (socket path or URL).
+    pub endpoint: String,
+}
+
+/// A fully resolved container to create: the core decides everything here, the backend
+/// adds its baseline security profile and translates it to engine calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerSpec {
+    /// Container name (unique per engine).
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Main process and its arguments.
+    pub command: Vec<String>,
+    /// Environment of the main process, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Labels that identify the sandbox and carry the state that must survive a restart.
+    pub labels: BTreeMap<String, String>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Whether the container may reach the internet.
+    pub internet: bool,
+    /// User of the main process (`None`: the image's default).
+    pub user: Option<String>,
+    /// Container port of the in-sandbox agent, to be reachable from the server.
+    pub agent_port: Option<u16>,
+}
+
+/// What the engine reports about one container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerInfo {
+    /// Engine container id.
+    pub id: String,
+    /// Container name without a leading slash.
+    pub name: String,
+    /// Image reference it was created from.
+    pub image: String,
+    /// Labels as stored by the engine.
+    pub labels: BTreeMap<String, String>,
+    /// Current state.
+    pub state: SandboxState,
+    /// Creation time as the engine reports it.
+    pub created_at: Option<OffsetDateTime>,
+    /// Limits read back from the engine (what is really applied).
+    pub limits: Option<Limits>,
+}
+
+/// How the server reaches a sandbox's agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentAddress {
+    /// Socket address to connect to.
+    pub addr: SocketAddr,
+}
+
+/// A container engine seen through the lifecycle operations colima-e2b needs.
+///
+/// # Contract
+/// - A backend only manages containers: it never runs commands in them or touches
+///   their files (that is the agent's job).
+/// - `create` creates *and* starts the container. If any step fails, the backend
+///   removes what it created before returning the error.
+/// - `remove` kills (never a graceful stop that waits) and deletes; removing a container
+///   that does not exist returns [`crate::Error::NotFound`].
+/// - `list` returns only containers carrying every given label.
+/// - Unsupported operations return [`crate::Error::Unsupported`] and are declared in
+///   [`Capabilities`].
+/// - An unreachable engine is [`crate::Error::EngineUnavailable`].
+#[async_trait]
+pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
+    /// Short backend name (`docker`, `podman`).
+    fn name(&self) -> &'static str;
+
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Checks that the engine answers and reports its version.
+    async fn check(&self) -> Result<EngineInfo>;
+
+    /// Makes sure `image` is available locally: a local image is used as is; a missing one
+    /// is pulled (with progress in the logs) where a registry is reachable; otherwise the
+    /// error names the image.
+    async fn ensure_image(&self, image: &str) -> Result<()>;
+
+    /// Creates and starts a container from `spec`.
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo>;
+
+    /// Reports one container by name.
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo>;
+
+    /// Lists containers (running or not) that carry every label in `labels`.
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>>;
+
+    /// Freezes a running container.
+    async fn pause(&self, name: &str) -> Result<()>;
+
+    /// Thaws a paused container.
+    async fn resume(&self, name: &str) -> Result<()>;
+
+    /// Kills and deletes a container.
+    async fn remove(&self, name: &str) -> Result<()>;
+
+    /// How the server reaches the agent listening on `port` inside the container.
+    async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress>;
+}
+
+/// A shareable, type-erased backend.
+pub type DynBackend = Arc<dyn SandboxBackend>;

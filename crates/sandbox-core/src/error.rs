@@ -1,0 +1,133 @@
+//! The one error type every layer of colima-e2b speaks.
+
+use std::time::Duration;
+
+/// Boxed source error from a backend or transport.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used throughout the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the core, a backend or the agent client.
+///
+/// Each variant maps to exactly one HTTP status in the API layer (see [`Error::http_status`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The sandbox, file, process or image does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for, e.g. `sandbox clm123`.
+        what: String,
+    },
+    /// The operation conflicts with the current state (e.g. already paused).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The caller supplied something invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An operation ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The container engine could not be reached.
+    #[error("container engine unavailable: {0}")]
+    EngineUnavailable(String),
+    /// A configured limit was reached; retry later.
+    #[error("resource exhausted: {message}")]
+    ResourceExhausted {
+        /// What limit was hit.
+        message: String,
+        /// When the caller may try again.
+        retry_after: Option<Duration>,
+    },
+    /// The backend cannot do this (see [`crate::Capabilities`]).
+    #[error("unsupported by the {backend} backend: {operation}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// Anything else a backend reported.
+    #[error("{backend} backend error: {source}")]
+    Backend {
+        /// Backend name.
+        backend: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::NotFound { what: what.into() }
+    }
+
+    /// Shorthand for [`Error::Backend`].
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// The HTTP status this error maps to.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::NotFound { .. } => 404,
+            Error::Conflict(_) => 409,
+            // The native API follows the seed: invalid request data is a validation error.
+            Error::InvalidArgument(_) => 422,
+            Error::Timeout(_) => 408,
+            Error::EngineUnavailable(_) => 503,
+            Error::ResourceExhausted { .. } => 429,
+            Error::Unsupported { .. } => 501,
+            Error::Backend { .. } => 500,
+        }
+    }
+
+    /// A stable machine-readable code for JSON error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. } => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Timeout(_) => "timeout",
+            Error::EngineUnavailable(_) => "engine_unavailable",
+            Error::ResourceExhausted { .. } => "resource_exhausted",
+            Error::Unsupported { .. } => "unsupported",
+            Error::Backend { .. } => "backend_error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_has_a_distinct_status() {
+        let errors = [
+            Error::not_found("x"),
+            Error::Conflict("x".into()),
+            Error::InvalidArgument("x".into()),
+            Error::Timeout(Duration::from_secs(1)),
+            Error::EngineUnavailable("x".into()),
+            Error::ResourceExhausted {
+                message: "x".into(),
+                retry_after: None,
+            },
+            Error::Unsupported {
+                backend: "b",
+                operation: "o",
+            },
+            Error::backend("b", "boom"),
+        ];
+        let mut statuses: Vec<u16> = errors.iter().map(Error::http_status).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        assert_eq!(statuses.len(), errors.len());
+    }
+}

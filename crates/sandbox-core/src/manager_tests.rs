@@ -1,0 +1,389 @@
+//! Manager unit tests over an in-memory backend (the engine suites use real engines).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::backend::{AgentAddress, Capabilities, ContainerInfo, ContainerSpec, EngineInfo};
+use crate::error::{Error, Result};
+use crate::labels;
+use crate::manager::{ManagerConfig, SandboxManager};
+use crate::types::{SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use crate::SandboxBackend;
+
+#[derive(Debug, Default)]
+struct MemoryBackend {
+    containers: Mutex<HashMap<String, ContainerInfo>>,
+    fail_start: AtomicBool,
+    create_delay_ms: AtomicUsize,
+    creates: AtomicUsize,
+}
+
+impl std::fmt::Display for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("memory")
+    }
+}
+
+impl MemoryBackend {
+    fn names(&self) -> Vec<String> {
+        self.containers
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+    fn insert(&self, info: ContainerInfo) {
+        self.containers
+            .lock()
+            .expect("lock")
+            .insert(info.name.clone(), info);
+    }
+}
+
+#[async_trait]
+impl SandboxBackend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+    async fn check(&self) -> Result<EngineInfo> {
+        Ok(EngineInfo {
+            engine: "memory".into(),
+            version: "1".into(),
+            api_version: "1".into(),
+            endpoint: "memory".into(),
+        })
+    }
+    async fn ensure_image(&self, _image: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
+        self.creates.fetch_add(1, Ordering::SeqCst);
+        let delay = self.create_delay_ms.load(Ordering::SeqCst) as u64;
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.fail_start.load(Ordering::SeqCst) {
+            // Like a real engine: the container exists, then start fails.
+            self.insert(ContainerInfo {
+                id: spec.name.clone(),
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                labels: spec.labels.clone(),
+                state: SandboxState::Created,
+                created_at: None,
+                limits: Some(spec.limits),
+            });
+            return Err(Error::backend("memory", "start failed"));
+        }
+        let info = ContainerInfo {
+            id: spec.name.clone(),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            labels: spec.labels.clone(),
+            state: SandboxState::Running,
+            created_at: None,
+            limits: Some(spec.limits),
+        };
+        self.insert(info.clone());
+        Ok(info)
+    }
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
+        self.containers
+            .lock()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(name))
+    }
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
+        Ok(self
+            .containers
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|c| {
+                labels
+                    .iter()
+                    .all(|(k, v)| c.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .cloned()
+            .collect())
+    }
+    async fn pause(&self, name: &str) -> Result<()> {
+        let mut c = self.containers.lock().expect("lock");
+        c.get_mut(name).ok_or_else(|| Error::not_found(name))?.state = SandboxState::Paused;
+        Ok(())
+    }
+    async fn resume(&self, name: &str) -> Result<()> {
+        let mut c = self.containers.lock().expect("lock");
+        c.get_mut(name).ok_or_else(|| Error::not_found(name))?.state = SandboxState::Running;
+        Ok(())
+    }
+    async fn remove(&self, name: &str) -> Result<()> {
+        self.containers
+            .lock()
+            .expect("lock")
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::not_found(name))
+    }
+    async fn agent_address(&self, _name: &str, _port: u16) -> Result<AgentAddress> {
+        Err(Error::Unsupported {
+            backend: "memory",
+            operation: "agent",
+        })
+    }
+}
+
+fn config(state_dir: Option<std::path::PathBuf>) -> ManagerConfig {
+    let mut templates = BTreeMap::new();
+    templates.insert("base".to_string(), "img/base".to_string());
+    ManagerConfig {
+        templates,
+        max_concurrent_creates: 2,
+        max_sandboxes: 5,
+        state_dir,
+        ..ManagerConfig::default()
+    }
+}
+
+fn manager(state_dir: Option<std::path::PathBuf>) -> (Arc<MemoryBackend>, SandboxManager) {
+    let backend = Arc::new(MemoryBackend::default());
+    let m = SandboxManager::new(backend.clone(), config(state_dir));
+    (backend, m)
+}
+
+fn spec(secs: u64) -> SandboxSpec {
+    SandboxSpec::new("base", Duration::from_secs(secs))
+}
+
+#[tokio::test]
+async fn create_get_list_kill_round_trip() {
+    let (backend, m) = manager(None);
+    let mut s = spec(60);
+    s.metadata.insert("purpose".into(), "test".into());
+    let info = m.create(s).await.expect("create");
+    assert_eq!(info.state, SandboxState::Running);
+    assert_eq!(backend.names(), vec![labels::container_name(&info.id)]);
+    assert_eq!(m.get(&info.id).await.expect("get").id, info.id);
+
+    let mut filter = BTreeMap::new();
+    filter.insert("purpose".to_string(), "test".to_string());
+    assert_eq!(m.list(&filter).len(), 1);
+    filter.insert("purpose".to_string(), "other".to_string());
+    assert!(m.list(&filter).is_empty());
+
+    m.kill(&info.id).await.expect("kill");
+    assert!(backend.names().is_empty());
+    assert!(matches!(m.get(&info.id).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        m.kill(&info.id).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn unknown_template_and_bad_timeout_are_invalid() {
+    let (backend, m) = manager(None);
+    let err = m
+        .create(SandboxSpec::new("nope", Duration::from_secs(5)))
+        .await
+        .expect_err("unknown template");
+    assert!(matches!(err, Error::InvalidArgument(_)));
+    assert!(
+        err.to_string().contains("base"),
+        "error lists known templates"
+    );
+    assert!(matches!(
+        m.create(spec(0)).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        m.create(spec(10 * 24 * 3600)).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(backend.creates.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn failed_create_leaves_nothing_behind() {
+    let (backend, m) = manager(None);
+    backend.fail_start.store(true, Ordering::SeqCst);
+    assert!(m.create(spec(60)).await.is_err());
+    assert!(backend.names().is_empty(), "half-created container left");
+    assert!(m.list(&BTreeMap::new()).is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_creates_beyond_the_limit_are_refused() {
+    let (backend, m) = manager(None);
+    backend.create_delay_ms.store(300, Ordering::SeqCst);
+    let results = futures_util::future::join_all((0..4).map(|_| m.create(spec(60)))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(Error::ResourceExhausted {
+                    retry_after: Some(_),
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!((ok, refused), (2, 2));
+    assert_eq!(backend.names().len(), 2);
+}
+
+#[tokio::test]
+async fn sandbox_count_limit_is_enforced() {
+    let (_backend, m) = manager(None);
+    for _ in 0..5 {
+        m.create(spec(60)).await.expect("create");
+    }
+    assert!(matches!(
+        m.create(spec(60)).await,
+        Err(Error::ResourceExhausted { .. })
+    ));
+}
+
+#[tokio::test]
+async fn reaper_removes_an_expired_sandbox() {
+    let (backend, m) = manager(None);
+    m.start().await.expect("start");
+    let info = m.create(spec(1)).await.expect("create");
+    let keep = m.create(spec(600)).await.expect("create");
+    // Bounded wait for the behaviour, not a timing assertion.
+    for _ in 0..100 {
+        if m.list(&BTreeMap::new()).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = m.list(&BTreeMap::new());
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, keep.id);
+    assert_eq!(backend.names(), vec![labels::container_name(&keep.id)]);
+    assert!(matches!(m.get(&info.id).await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn set_timeout_can_shorten_and_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("colima-e2b-test-{}", SandboxId::generate()));
+    let (backend, m) = manager(Some(dir.clone()));
+    let info = m.create(spec(600)).await.expect("create");
+    let updated = m
+        .set_timeout(&info.id, Duration::from_secs(3000))
+        .expect("set timeout");
+    assert!(updated.expires_at > info.expires_at);
+    drop(m);
+
+    // A new manager over the same engine and state dir keeps the updated deadline.
+    let m2 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
+    let report = m2.start().await.expect("start");
+    assert_eq!(report.adopted, 1);
+    let adopted = m2.get(&info.id).await.expect("adopted");
+    assert_eq!(
+        adopted.expires_at.unix_timestamp(),
+        updated.expires_at.unix_timestamp()
+    );
+    assert!(matches!(
+        m2.set_timeout(&info.id, Duration::ZERO),
+        Err(Error::InvalidArgument(_))
+    ));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn foreign_container(owner: &str, state: SandboxState, expires_in: i64) -> ContainerInfo {
+    let now = OffsetDateTime::now_utc();
+    let info = SandboxInfo {
+        id: SandboxId::generate(),
+        template: "base".into(),
+        image: "img/base".into(),
+        state,
+        metadata: BTreeMap::new(),
+        started_at: now,
+        expires_at: now + time::Duration::seconds(expires_in),
+        limits: Default::default(),
+        internet: true,
+    };
+    ContainerInfo {
+        id: info.id.to_string(),
+        name: labels::container_name(&info.id),
+        image: "img/base".into(),
+        labels: labels::for_sandbox(owner, &info),
+        state,
+        created_at: None,
+        limits: None,
+    }
+}
+
+#[tokio::test]
+async fn restart_adopts_live_and_removes_expired_and_half_created() {
+    let (backend, m) = manager(None);
+    let live = foreign_container("default", SandboxState::Running, 600);
+    let paused = foreign_container("default", SandboxState::Paused, 600);
+    let expired = foreign_container("default", SandboxState::Running, -5);
+    let half = foreign_container("default", SandboxState::Created, 600);
+    let other_owner = foreign_container("someone-else", SandboxState::Running, -5);
+    let mut broken = foreign_container("default", SandboxState::Running, 600);
+    broken.labels.remove(labels::SANDBOX_ID);
+    for c in [&live, &paused, &expired, &half, &other_owner, &broken] {
+        backend.insert(c.clone());
+    }
+    let report = m.start().await.expect("start");
+    assert_eq!((report.adopted, report.expired, report.broken), (2, 1, 2));
+    let mut names = backend.names();
+    names.sort();
+    let mut want = vec![live.name, paused.name, other_owner.name];
+    want.sort();
+    assert_eq!(
+        names, want,
+        "only live sandboxes and other owners' containers remain"
+    );
+}
+
+#[tokio::test]
+async fn pause_and_resume_track_state_and_conflicts() {
+    let (_backend, m) = manager(None);
+    let info = m.create(spec(60)).await.expect("create");
+    assert!(matches!(m.resume(&info.id).await, Err(Error::Conflict(_))));
+    assert_eq!(
+        m.pause(&info.id).await.expect("pause").state,
+        SandboxState::Paused
+    );
+    assert!(matches!(m.pause(&info.id).await, Err(Error::Conflict(_))));
+    assert_eq!(
+        m.get(&info.id).await.expect("get").state,
+        SandboxState::Paused
+    );
+    assert_eq!(
+        m.resume(&info.id).await.expect("resume").state,
+        SandboxState::Running
+    );
+}
+
+#[tokio::test]
+async fn bad_envs_metadata_and_users_are_rejected_before_the_engine() {
+    let (backend, m) = manager(None);
+    let mut s = spec(60);
+    s.envs.insert("BAD-NAME".into(), "x".into());
+    assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
+    let mut s = spec(60);
+    s.user = Some("root;rm".into());
+    assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
+    let mut s = spec(60);
+    s.metadata.insert("k".into(), "\u{0}".into());
+    assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
+    assert_eq!(backend.creates.load(Ordering::SeqCst), 0);
+}

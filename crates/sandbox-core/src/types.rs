@@ -1,0 +1,308 @@
+//! Domain types: sandbox ids, specs, states and what the core knows about a sandbox.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+
+/// Prefix of every sandbox id (`clm` + random lowercase alphanumerics).
+pub const SANDBOX_ID_PREFIX: &str = "clm";
+const SANDBOX_ID_RANDOM_LEN: usize = 16;
+const MAX_SANDBOX_ID_LEN: usize = 63;
+
+/// A sandbox id: a DNS-label-safe string of lowercase ASCII letters and digits.
+///
+/// Ids appear in host names such as `49983-<id>.localhost`, so they are checked on parse.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// A new random id with the project prefix.
+    pub fn generate() -> Self {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut raw = [0u8; SANDBOX_ID_RANDOM_LEN];
+        // getrandom only fails when the OS has no entropy source at all.
+        getrandom::fill(&mut raw).expect("the OS random source is available");
+        let mut id = String::with_capacity(SANDBOX_ID_PREFIX.len() + SANDBOX_ID_RANDOM_LEN);
+        id.push_str(SANDBOX_ID_PREFIX);
+        // 256 % 36 != 0, so reject the top bytes to keep the distribution uniform.
+        for b in raw {
+            let b = if b >= 252 { b - 252 } else { b };
+            id.push(ALPHABET[(b % 36) as usize] as char);
+        }
+        Self(id)
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SandboxId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let valid = !s.is_empty()
+            && s.len() <= MAX_SANDBOX_ID_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "sandbox id must be 1-{MAX_SANDBOX_ID_LEN} lowercase letters or digits"
+            )))
+        }
+    }
+}
+
+impl TryFrom<String> for SandboxId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<SandboxId> for String {
+    fn from(id: SandboxId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The lifecycle state of a sandbox as the engine reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Created in the engine but not started (a half-created sandbox).
+    Created,
+    /// Running.
+    Running,
+    /// Frozen by the engine.
+    Paused,
+    /// The main process exited or the container is being removed.
+    Exited,
+}
+
+impl SandboxState {
+    /// The lowercase name used in APIs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Created => "created",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Exited => "exited",
+        }
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Resource limits applied to a sandbox container.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// CPU quota in whole or fractional cores.
+    pub cpus: f64,
+    /// Memory limit in MiB (swap is limited to the same value, so no extra swap).
+    pub memory_mb: u64,
+    /// Maximum number of processes and threads.
+    pub pids: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            cpus: 1.0,
+            memory_mb: 512,
+            pids: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// Rejects limits that are zero, negative or absurd.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.cpus.is_finite() && self.cpus > 0.0 && self.cpus <= 256.0) {
+            return Err(Error::InvalidArgument("cpus must be in (0, 256]".into()));
+        }
+        if !(6..=1 << 20).contains(&self.memory_mb) {
+            return Err(Error::InvalidArgument(
+                "memory_mb must be between 6 and 1048576".into(),
+            ));
+        }
+        if !(1..=1 << 22).contains(&self.pids) {
+            return Err(Error::InvalidArgument(
+                "pids must be between 1 and 4194304".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a client asks for when creating a sandbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SandboxSpec {
+    /// Template name (e.g. `base`, `python`), resolved to an image by configuration.
+    pub template: String,
+    /// Time to live from creation; the sandbox is removed when it runs out.
+    pub timeout: Duration,
+    /// Environment variables for every command in the sandbox.
+    pub envs: BTreeMap<String, String>,
+    /// Free-form client metadata, returned by list/get and usable as a list filter.
+    pub metadata: BTreeMap<String, String>,
+    /// Resource limits; `None` takes the server's defaults.
+    pub limits: Option<Limits>,
+    /// Whether the sandbox may reach the internet.
+    pub internet: bool,
+    /// Default user inside the sandbox; `None` takes the template's (`user`).
+    pub user: Option<String>,
+}
+
+impl SandboxSpec {
+    /// A spec for `template` with `timeout` and everything else default.
+    pub fn new(template: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            template: template.into(),
+            timeout,
+            envs: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            limits: None,
+            internet: true,
+            user: None,
+        }
+    }
+}
+
+/// What the core knows about one sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SandboxInfo {
+    /// The sandbox id.
+    pub id: SandboxId,
+    /// The template it was created from.
+    pub template: String,
+    /// The image the container runs.
+    pub image: String,
+    /// Current state.
+    pub state: SandboxState,
+    /// Client metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// When it was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// When it expires.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Limits applied to it.
+    pub limits: Limits,
+    /// Whether it may reach the internet.
+    pub internet: bool,
+}
+
+/// Validates a map of environment variables (names and values) from a client.
+pub fn validate_envs(envs: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in envs {
+        let name_ok = !k.is_empty()
+            && k.len() <= 256
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(Error::InvalidArgument(format!(
+                "environment variable name {k:?} must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "environment variable {k} contains a NUL byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_dns_label_safe_and_parse_back() {
+        for _ in 0..200 {
+            let id = SandboxId::generate();
+            assert!(id.as_str().starts_with(SANDBOX_ID_PREFIX));
+            assert_eq!(id.as_str().len(), 3 + SANDBOX_ID_RANDOM_LEN);
+            let parsed: SandboxId = id.as_str().parse().expect("valid id");
+            assert_eq!(parsed, id);
+        }
+    }
+
+    #[test]
+    fn ids_with_unsafe_characters_are_rejected() {
+        for bad in [
+            "",
+            "CLM1",
+            "clm_abc",
+            "clm-abc",
+            "a/b",
+            "a\0b",
+            &"a".repeat(64),
+        ] {
+            assert!(bad.parse::<SandboxId>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn limits_reject_nonsense() {
+        assert!(Limits::default().validate().is_ok());
+        for l in [
+            Limits {
+                cpus: 0.0,
+                ..Limits::default()
+            },
+            Limits {
+                cpus: f64::NAN,
+                ..Limits::default()
+            },
+            Limits {
+                memory_mb: 1,
+                ..Limits::default()
+            },
+            Limits {
+                pids: 0,
+                ..Limits::default()
+            },
+        ] {
+            assert!(l.validate().is_err(), "{l:?} accepted");
+        }
+    }
+
+    #[test]
+    fn env_names_are_checked() {
+        let mut envs = BTreeMap::new();
+        envs.insert("GOOD_1".to_string(), "v".to_string());
+        assert!(validate_envs(&envs).is_ok());
+        for bad in ["", "1A", "A-B", "A B", "A=B"] {
+            let mut envs = BTreeMap::new();
+            envs.insert(bad.to_string(), "v".to_string());
+            assert!(validate_envs(&envs).is_err(), "{bad:?} accepted");
+        }
+        let mut envs = BTreeMap::new();
+        envs.insert("A".to_string(), "a\0b".to_string());
+        assert!(validate_envs(&envs).is_err());
+    }
+}

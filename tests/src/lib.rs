@@ -1,0 +1,293 @@
+//! Harness for the end-to-end suites: starts the real `colima-e2b` binary on a free
+//! port against a real engine, and cleans up what a test leaves behind.
+//!
+//! Each server gets its own owner name and state directory, so suites running in
+//! parallel never adopt or reap each other's sandboxes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// Path of the server binary: `COLIMA_E2B_BIN`, else the workspace's debug build.
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("COLIMA_E2B_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug").join("colima-e2b");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p colima-e2b` first or set COLIMA_E2B_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn random_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{}{:x}", std::process::id(), nanos)
+}
+
+/// How to start a server.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Owner label of its sandboxes.
+    pub owner: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Extra arguments after `server`.
+    pub args: Vec<String>,
+    /// Backend name.
+    pub backend: String,
+}
+
+impl ServerOptions {
+    /// Fresh owner and state directory; backend from `COLIMA_E2B_TEST_BACKEND` (docker).
+    pub fn new() -> Self {
+        let owner = format!("e2e-{}", random_suffix());
+        let state_dir = std::env::temp_dir().join(format!("colima-e2b-{owner}"));
+        Self {
+            owner,
+            state_dir,
+            env: Vec::new(),
+            args: Vec::new(),
+            backend: std::env::var("COLIMA_E2B_TEST_BACKEND").unwrap_or_else(|_| "docker".into()),
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    fn command(&self, port: u16) -> Command {
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("server")
+            .args(["--port", &port.to_string(), "--backend", &self.backend])
+            .args(&self.args)
+            .env("COLIMA_E2B_OWNER", &self.owner)
+            .env("COLIMA_E2B_STATE_DIR", &self.state_dir)
+            .env("COLIMA_E2B_LOG_LEVEL", "info")
+            .env_remove("COLIMA_E2B_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the server to completion (for startup failures); returns status and stderr.
+    pub fn run_to_exit(&self, timeout: Duration) -> (ExitStatus, String) {
+        let mut child = self
+            .command(free_port())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn colima-e2b");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("colima-e2b did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running server process; killed (SIGKILL) when dropped.
+pub struct Server {
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// How it was started (reuse to restart with the same owner and state).
+    pub options: ServerOptions,
+    child: Option<Child>,
+    log: PathBuf,
+    /// HTTP client for the tests.
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// Starts a server and waits until `/health` answers.
+    pub async fn start(options: ServerOptions) -> Self {
+        let port = free_port();
+        let log = options.state_dir.with_extension(format!("{port}.log"));
+        std::fs::create_dir_all(&options.state_dir).expect("state dir");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = options
+            .command(port)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn colima-e2b");
+        let mut server = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            options,
+            child: Some(child),
+            log,
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..300 {
+            if server.http.get(server.url("/health")).send().await.is_ok() {
+                return server;
+            }
+            if let Some(child) = server.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("server exited with {status}: {}", server.log());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("server did not answer within 30 s: {}", server.log());
+    }
+
+    /// Full URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("server is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        for _ in 0..200 {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        panic!("server did not exit within 10 s of SIGTERM: {}", self.log());
+    }
+
+    /// POSTs JSON.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// GETs a path.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.expect("request")
+    }
+
+    /// DELETEs a path.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The container engine's CLI for checks from outside the server (`docker` or `podman`).
+pub fn engine_cli() -> String {
+    std::env::var("COLIMA_E2B_TEST_BACKEND").unwrap_or_else(|_| "docker".into())
+}
+
+/// Whether the engine has a container for sandbox `id`, and its state.
+pub fn container_state(id: &str) -> Option<String> {
+    let out = Command::new(engine_cli())
+        .args([
+            "inspect",
+            "--format",
+            "{{.State.Status}}",
+            &format!("colima-e2b-{id}"),
+        ])
+        .output()
+        .expect("engine CLI");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Removes every container of `owner` (test cleanup); returns how many there were.
+pub fn remove_owner_containers(owner: &str) -> usize {
+    let out = Command::new(engine_cli())
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.colima-e2b.owner={owner}"),
+        ])
+        .output()
+        .expect("engine CLI");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new(engine_cli())
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
+    }
+    ids.len()
+}
+
+/// Removes an owner's containers and state directory when dropped.
+pub struct OwnerCleanup(pub ServerOptions);
+
+impl Drop for OwnerCleanup {
+    fn drop(&mut self) {
+        remove_owner_containers(&self.0.owner);
+        let _ = std::fs::remove_dir_all(&self.0.state_dir);
+    }
+}
