@@ -35,7 +35,16 @@ missing_in() { # engine -> prints images the engine lacks
 
 build_rootfs() {
   [ -s "$tarball" ] && return 0
-  command -v mmdebstrap >/dev/null || { log "mmdebstrap is missing: apt-get install mmdebstrap"; exit 1; }
+  if ! command -v mmdebstrap >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      log "installing mmdebstrap with apt-get"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+    else
+      log "mmdebstrap is missing: install it (apt-get install mmdebstrap), or pull the templates from a registry"
+      exit 1
+    fi
+  fi
   mkdir -p "$cache"
   log "building the Debian rootfs with mmdebstrap (about 30 s; cached in $tarball)"
   # The essential variant has no passwd tools, so the user is written directly.

@@ -49,7 +49,7 @@ impl poem_openapi::types::Example for Health {
     fn example() -> Self {
         Health {
             status: "ok".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::VERSION.into(),
             backend: "docker".into(),
             sandboxes: 2,
             engine: EngineHealth {
@@ -92,7 +92,7 @@ impl HealthApi {
         match manager.engine_info().await {
             Ok(info) => HealthResponse::Ok(Json(Health {
                 status: "ok".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: crate::VERSION.into(),
                 backend,
                 sandboxes,
                 engine: EngineHealth {
@@ -106,7 +106,7 @@ impl HealthApi {
             })),
             Err(e) => HealthResponse::Unavailable(Json(Health {
                 status: "unavailable".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: crate::VERSION.into(),
                 backend,
                 sandboxes,
                 engine: EngineHealth {

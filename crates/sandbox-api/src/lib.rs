@@ -24,6 +24,9 @@ use poem::{Body, Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Res
 use poem_openapi::OpenApiService;
 use sandbox_core::SandboxManager;
 
+/// Version of the API (and the server release) reported by the spec and `/health`.
+pub const VERSION: &str = "0.1.0";
+
 /// Largest JSON request body the API accepts, in bytes.
 pub const MAX_JSON_BODY: usize = 1024 * 1024;
 
@@ -42,7 +45,7 @@ fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (health::HealthApi, sandboxes::SandboxApi),
         "colima-e2b",
-        env!("CARGO_PKG_VERSION"),
+        VERSION,
     )
     .summary("Self-hosted E2B-compatible code sandboxes on Docker and Podman")
     .description(
@@ -57,6 +60,11 @@ fn service() -> OpenApiService<Apis, ()> {
 /// Building it needs no engine or configuration.
 pub fn spec_yaml() -> String {
     service().spec_yaml()
+}
+
+/// The OpenAPI document as JSON, as served at `/openapi.json`.
+pub fn spec_json() -> String {
+    service().spec()
 }
 
 /// The whole HTTP application.

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run the colima-e2b server: make the engine answer (installing and starting Docker or
+# Podman when absent, as root on Debian/Ubuntu; Colima users run `colima start` first),
+# build the default template images offline when they are missing, build the static
+# agent and the server, and start it. Arguments go to `colima-e2b server`.
+#
+#   deploy/serve.sh [--port 8000] [--backend docker|podman|colima|auto] ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+backend=docker
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --backend) backend=${args[$((i + 1))]:-docker} ;;
+    --backend=*) backend=${args[$i]#--backend=} ;;
+  esac
+done
+case "$backend" in
+  podman) engines=(podman) ;;
+  auto) engines=(docker) ;;
+  *) engines=(docker) ;;
+esac
+if [ "$backend" != colima ]; then
+  bash deploy/engines.sh "${engines[@]}"
+  bash deploy/images.sh "${engines[@]}"
+fi
+COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
+export COLIMA_E2B_AGENT_BINARY
+printf '[serve] building the server (release)\n' >&2
+cargo build --release -p colima-e2b --quiet
+exec target/release/colima-e2b server "$@"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite on real engines. On a fresh Debian/Ubuntu machine (as root) it
+# installs and starts Docker Engine and Podman, builds the template images offline and
+# the static agent, then runs formatting and lint checks, every unit test, both
+# backends' conformance suites, the agent's suite and the server suites on Docker and
+# on Podman. Engines it had to start are stopped again at the end
+# (KEEP_ENGINES=1 keeps them).
+#
+#   deploy/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+started=()
+for e in docker podman; do
+  sock=/var/run/docker.sock; [ "$e" = podman ] && sock=/run/podman/podman.sock
+  curl -fsS --max-time 2 --unix-socket "$sock" http://localhost/_ping >/dev/null 2>&1 || started+=("$e")
+done
+cleanup() {
+  if [ "${KEEP_ENGINES:-0}" != 1 ] && [ ${#started[@]} -gt 0 ]; then
+    bash deploy/engines.sh stop "${started[@]}" || true
+  fi
+}
+trap cleanup EXIT
+
+step "container engines"
+bash deploy/engines.sh docker podman
+step "template images (offline)"
+bash deploy/images.sh docker podman
+step "static agent"
+COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
+export COLIMA_E2B_AGENT_BINARY
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "unit, agent, conformance (Docker and Podman) and server suites on Docker"
+cargo build --workspace --all-targets --quiet
+cargo test --workspace --no-fail-fast
+step "server suites on Podman"
+COLIMA_E2B_TEST_BACKEND=podman cargo test -p tests --no-fail-fast
+step "all suites passed"
