@@ -27,6 +27,8 @@ step "container engines"
 bash deploy/engines.sh docker podman
 step "template images (offline)"
 bash deploy/images.sh docker podman
+step "test tools"
+python3 -c 'import websocket' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check websocket-client
 step "static agent"
 COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
 export COLIMA_E2B_AGENT_BINARY

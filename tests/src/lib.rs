@@ -291,3 +291,77 @@ impl Drop for OwnerCleanup {
         let _ = std::fs::remove_dir_all(&self.0.state_dir);
     }
 }
+
+/// The static agent build the suites put into sandboxes: `COLIMA_E2B_AGENT_BINARY`, else
+/// the workspace's deploy/build-agent.sh output.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("COLIMA_E2B_AGENT_BINARY") {
+        return PathBuf::from(p);
+    }
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/x86_64-unknown-linux-gnu/agent/sandbox-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `bash deploy/build-agent.sh` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The engine named by `COLIMA_E2B_TEST_BACKEND` (docker by default), connected.
+pub async fn test_backend() -> sandbox_core::DynBackend {
+    let backend: sandbox_core::DynBackend = match engine_cli().as_str() {
+        "podman" => std::sync::Arc::new(
+            backend_podman::PodmanBackend::connect(Default::default())
+                .await
+                .expect("podman answers (bash deploy/engines.sh)"),
+        ),
+        _ => std::sync::Arc::new(
+            backend_docker::DockerBackend::connect(Default::default())
+                .await
+                .expect("docker answers (bash deploy/engines.sh)"),
+        ),
+    };
+    backend
+}
+
+/// A started manager over the test engine whose sandboxes run the agent, with its own
+/// owner (so parallel tests never touch each other's sandboxes).
+pub async fn agent_manager(owner: &str) -> sandbox_core::SandboxManager {
+    let agent = sandbox_core::AgentBinary::load(&agent_binary()).expect("agent binary loads");
+    let mut templates = std::collections::BTreeMap::new();
+    templates.insert("base".to_string(), "colima-e2b/base:latest".to_string());
+    let manager = sandbox_core::SandboxManager::new(
+        test_backend().await,
+        sandbox_core::ManagerConfig {
+            owner: owner.to_string(),
+            templates,
+            agent: Some(agent),
+            ..Default::default()
+        },
+    );
+    manager.start().await.expect("manager starts");
+    manager
+}
+
+/// A fresh owner name whose containers are removed when the guard drops.
+pub struct OwnerGuard(pub String);
+
+impl OwnerGuard {
+    /// A new unique owner.
+    pub fn new() -> Self {
+        Self(format!("e2e-{}", sandbox_core::SandboxId::generate()))
+    }
+}
+
+impl Default for OwnerGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        remove_owner_containers(&self.0);
+    }
+}

@@ -69,6 +69,7 @@ pub(crate) fn from_inspect(c: ContainerInspectResponse) -> ContainerInfo {
             OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
         }),
         limits: c.host_config.as_ref().and_then(limits_of),
+        env: config.env.unwrap_or_default(),
     }
 }
 
@@ -90,6 +91,7 @@ pub(crate) fn from_summary(c: ContainerSummary) -> ContainerInfo {
             .created
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()),
         limits: None,
+        env: Vec::new(),
     }
 }
 

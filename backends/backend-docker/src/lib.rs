@@ -24,18 +24,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest, PortBinding,
-    ResourcesUlimits,
+    ContainerConfig, ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest,
+    PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
-    ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    CommitContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
+    InspectNetworkOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 use sandbox_core::{
-    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, EngineInfo, Error, Result,
-    SandboxBackend,
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
+    Result, SandboxBackend, SandboxId,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -342,11 +343,17 @@ impl DockerBackend {
             port_bindings,
             ..Default::default()
         };
+        // A command is the whole main process (an image entrypoint must not wrap it); no
+        // command runs the image's own entrypoint (the agent, in derived images).
+        let (cmd, entrypoint) = if spec.command.is_empty() {
+            (None, None)
+        } else {
+            (Some(spec.command.clone()), Some(Vec::new()))
+        };
         ContainerCreateBody {
             image: Some(spec.image.clone()),
-            cmd: Some(spec.command.clone()),
-            // The command is the whole main process: an image entrypoint must not wrap it.
-            entrypoint: Some(Vec::new()),
+            cmd,
+            entrypoint,
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone().into_iter().collect()),
             user: spec.user.clone(),
@@ -355,6 +362,40 @@ impl DockerBackend {
             host_config: Some(host_config),
             ..Default::default()
         }
+    }
+
+    /// The archive and commit steps of [`SandboxBackend::derive_image`] on container `temp`.
+    async fn derive_in(&self, temp: &str, req: &DeriveImage) -> Result<()> {
+        let tar = req
+            .tar()
+            .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", req.tag)))?;
+        self.docker
+            .upload_to_container(
+                temp,
+                Some(UploadToContainerOptions {
+                    path: "/".into(),
+                    ..Default::default()
+                }),
+                bollard::body_full(tar.into()),
+            )
+            .await
+            .map_err(|e| self.map_err(&format!("container {temp}"), e))?;
+        let (repo, tag) = convert::split_image(&req.tag);
+        self.docker
+            .commit_container(
+                CommitContainerOptions {
+                    container: Some(temp.to_string()),
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                    changes: Some(req.commit_changes().join("\n")),
+                    pause: false,
+                    ..Default::default()
+                },
+                ContainerConfig::default(),
+            )
+            .await
+            .map_err(|e| self.map_err(&format!("image {}", req.tag), e))?;
+        Ok(())
     }
 
     async fn pull(&self, image: &str) -> std::result::Result<(), BollardError> {
@@ -483,6 +524,46 @@ impl SandboxBackend for DockerBackend {
                 }
             }
         }
+    }
+
+    /// Container create (never started), archive upload, commit, remove: offline, and
+    /// the image keeps the base's layers.
+    async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
+        match self.docker.inspect_image(&req.tag).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status(&e) == Some(404) => {}
+            Err(e) => return Err(self.map_err(&format!("image {}", req.tag), e)),
+        }
+        let temp = format!("colima-e2b-derive-{}", SandboxId::generate());
+        let mut labels = HashMap::new();
+        labels.insert("dev.colima-e2b.derive".to_string(), "true".to_string());
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(temp.clone()),
+                    ..Default::default()
+                }),
+                ContainerCreateBody {
+                    image: Some(req.base.clone()),
+                    entrypoint: Some(req.entrypoint.clone()),
+                    labels: Some(labels),
+                    network_disabled: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| match status(&e) {
+                Some(404) => Error::not_found(format!("image {}", req.base)),
+                _ => self.map_err(&format!("container {temp}"), e),
+            })?;
+        let result = self.derive_in(&temp, req).await;
+        if let Err(e) = self.remove(&temp).await {
+            tracing::warn!(container = %temp, error = %e, "could not remove the derive container");
+        }
+        if result.is_ok() {
+            tracing::info!(base = %req.base, image = %req.tag, "derived image");
+        }
+        result
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {

@@ -20,5 +20,10 @@ async fn backend() -> DockerBackend {
 #[tokio::test]
 async fn docker_passes_the_conformance_suite() {
     let backend = backend().await;
-    conformance::run_all(&backend, &Fixture::new(image())).await;
+    let fixture = Fixture::new(image());
+    conformance::run_all(&backend, &fixture).await;
+    // The trait has no image removal: drop the derived probe image here.
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", "-f", &fixture.derived_tag()])
+        .output();
 }

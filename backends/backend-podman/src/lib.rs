@@ -43,8 +43,8 @@ use futures_util::StreamExt;
 use podman_api::opts::{ContainerDeleteOpts, NetworkCreateOpts, PullOpts};
 use podman_api::{ApiVersion, Podman};
 use sandbox_core::{
-    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, EngineInfo, Error, Result,
-    SandboxBackend, SandboxState,
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
+    Result, SandboxBackend, SandboxId, SandboxState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -472,6 +472,37 @@ impl PodmanBackend {
         }
     }
 
+    /// The archive and commit steps of [`SandboxBackend::derive_image`] on container `temp`.
+    async fn derive_in(&self, temp: &str, req: &DeriveImage) -> Result<()> {
+        let tar = req
+            .tar()
+            .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", req.tag)))?;
+        self.podman
+            .containers()
+            .get(temp)
+            .copy_to("/", Body::from(tar))
+            .await
+            .map_err(|e| self.api_err(e, &format!("container {temp}")))?;
+        let (repo, tag) = wire::split_image(&req.tag);
+        let mut query = vec![
+            ("container", temp.to_string()),
+            ("repo", repo.to_string()),
+            ("tag", tag.to_string()),
+            ("pause", "false".to_string()),
+        ];
+        query.extend(req.commit_changes().into_iter().map(|c| ("changes", c)));
+        let query = containers_api::url::encoded_pairs(query);
+        self.raw
+            .post_string(
+                format!("{API}/commit?{query}"),
+                Payload::empty(),
+                Headers::none(),
+            )
+            .await
+            .map_err(|e| self.conn_err(e, &format!("image {}", req.tag)))?;
+        Ok(())
+    }
+
     async fn start_and_inspect(&self, name: &str) -> Result<ContainerInfo> {
         self.podman
             .containers()
@@ -579,6 +610,43 @@ impl SandboxBackend for PodmanBackend {
                 failure.unwrap_or_else(|| "no image reported".into())
             ))),
         }
+    }
+
+    /// Container create (never started), archive upload, commit, remove: offline, and
+    /// the image keeps the base's layers.
+    async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
+        let exists = self
+            .podman
+            .images()
+            .get(&req.tag)
+            .exists()
+            .await
+            .map_err(|e| self.api_err(e, &format!("image {}", req.tag)))?;
+        if exists {
+            return Ok(());
+        }
+        let temp = format!("colima-e2b-derive-{}", SandboxId::generate());
+        let body = serde_json::json!({
+            "name": temp,
+            "image": req.base,
+            "entrypoint": req.entrypoint,
+            "labels": { "dev.colima-e2b.derive": "true" },
+            "netns": { "nsmode": "none" },
+        });
+        self.raw
+            .post_string(
+                format!("{API}/containers/create"),
+                Payload::Json(body.to_string()),
+                Headers::none(),
+            )
+            .await
+            .map_err(|e| self.conn_err(e, &format!("image {}", req.base)))?;
+        let result = self.derive_in(&temp, req).await;
+        self.remove_quietly(&temp).await;
+        if result.is_ok() {
+            tracing::info!(base = %req.base, image = %req.tag, "derived image");
+        }
+        result
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {

@@ -92,7 +92,10 @@ pub fn create_body(
         "Networks": networks,
     });
     if !spec.command.is_empty() {
+        // The command is the whole main process: an image entrypoint must not wrap it.
+        // No command runs the image's own entrypoint (the agent, in derived images).
         body["command"] = json!(spec.command);
+        body["entrypoint"] = json!([]);
     }
     if let Some(user) = &spec.user {
         body["user"] = json!(user);
@@ -114,6 +117,15 @@ fn log_config(config: &PodmanConfig) -> Value {
         json!({ "driver": "k8s-file", "size": config.log_max_bytes })
     } else {
         json!({ "driver": config.log_driver })
+    }
+}
+
+/// Splits `repo[:tag]` (a registry port is not a tag) into repo and tag.
+pub fn split_image(image: &str) -> (&str, &str) {
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
     }
 }
 
@@ -192,6 +204,17 @@ pub fn info_from_inspect(v: &Value) -> ContainerInfo {
         state: state(str_at(v, &["State", "Status"]).unwrap_or("unknown")),
         created_at: parse_time(str_at(v, &["Created"])),
         limits: applied_limits(v),
+        env: v
+            .get("Config")
+            .and_then(|c| c.get("Env"))
+            .and_then(Value::as_array)
+            .map(|e| {
+                e.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -215,6 +238,7 @@ pub fn info_from_list(v: &Value) -> ContainerInfo {
         state: state(str_at(v, &["State"]).unwrap_or("unknown")),
         created_at,
         limits: None,
+        env: Vec::new(),
     }
 }
 

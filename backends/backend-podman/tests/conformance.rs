@@ -78,7 +78,12 @@ async fn conformance_suite() {
         "conformance against {backend}, capabilities {:?}",
         backend.capabilities()
     );
-    run_all(&backend, &Fixture::new(image())).await;
+    let fixture = Fixture::new(image());
+    run_all(&backend, &fixture).await;
+    // The trait has no image removal: drop the derived probe image here.
+    let _ = std::process::Command::new("podman")
+        .args(["rmi", "-f", &fixture.derived_tag()])
+        .output();
 }
 
 fn strings(v: &Value) -> Vec<String> {

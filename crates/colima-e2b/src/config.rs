@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use sandbox_core::AgentBinary;
 use sandbox_core::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +78,10 @@ pub struct Config {
     pub limits: Limits,
     /// Template name to image reference.
     pub templates: BTreeMap<String, String>,
+    /// The static agent binary put into every sandbox (env COLIMA_E2B_AGENT_BINARY).
+    /// Default: `sandbox-agent` next to the server executable, else the workspace's
+    /// `target/x86_64-unknown-linux-gnu/agent/sandbox-agent` (deploy/build-agent.sh).
+    pub agent_binary: Option<PathBuf>,
     /// Docker backend settings.
     #[cfg(feature = "docker")]
     pub docker: backend_docker::DockerConfig,
@@ -104,6 +109,7 @@ impl Default for Config {
             max_timeout: 24 * 3600,
             limits: Limits::default(),
             templates,
+            agent_binary: None,
             #[cfg(feature = "docker")]
             docker: Default::default(),
             #[cfg(feature = "podman")]
@@ -127,6 +133,7 @@ const KEYS: &[&str] = &[
     "max_timeout",
     "limits",
     "templates",
+    "agent_binary",
     "docker",
     "podman",
 ];
@@ -226,6 +233,43 @@ impl Config {
             return Err("owner must be letters, digits, '-', '_' or '.'".into());
         }
         Ok(())
+    }
+
+    /// Loads the agent binary: the configured one, else the first default location
+    /// holding a static agent build (see [`Config::agent_binary`]).
+    pub fn load_agent(&self) -> Result<(PathBuf, AgentBinary), String> {
+        if let Some(path) = &self.agent_binary {
+            let agent = AgentBinary::load(path).map_err(|e| format!("agent_binary: {e}"))?;
+            return Ok((path.clone(), agent));
+        }
+        let mut candidates = Vec::new();
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            candidates.push(dir.join("sandbox-agent"));
+        }
+        candidates.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-gnu/agent/sandbox-agent"),
+        );
+        let mut why = Vec::new();
+        for path in &candidates {
+            if !path.is_file() {
+                why.push(format!("{} (missing)", path.display()));
+                continue;
+            }
+            // A dynamically linked development build next to the server is skipped.
+            match AgentBinary::load(path) {
+                Ok(agent) => return Ok((path.clone(), agent)),
+                Err(e) => why.push(e.to_string()),
+            }
+        }
+        Err(format!(
+            "no usable sandbox agent binary: {}. Build it with `bash deploy/build-agent.sh` \
+             or point agent_binary (env COLIMA_E2B_AGENT_BINARY) at it",
+            why.join("; ")
+        ))
     }
 
     /// The state directory: configured, else `$XDG_STATE_HOME/colima-e2b`, else

@@ -12,6 +12,13 @@ use crate::config::Config;
 /// Starts everything and serves until a shutdown signal. Sandboxes are left running
 /// for the next start to re-adopt.
 pub async fn run(config: Config) -> Result<(), String> {
+    let (agent_path, agent) = config.load_agent()?;
+    tracing::info!(
+        path = %agent_path.display(),
+        sha256 = agent.sha256(),
+        bytes = agent.contents().len(),
+        "sandbox agent binary"
+    );
     let backend = crate::engine::connect(&config).await?;
     let engine = backend.check().await.map_err(|e| e.to_string())?;
     tracing::info!(
@@ -37,6 +44,8 @@ pub async fn run(config: Config) -> Result<(), String> {
             max_sandboxes: config.max_sandboxes,
             max_timeout: Duration::from_secs(config.max_timeout),
             state_dir: config.state_dir().map(|d| d.join("deadlines")),
+            agent: Some(agent),
+            agent_port: Some(sandbox_core::agent_client::AGENT_PORT),
             ..ManagerConfig::default()
         },
     );

@@ -1,7 +1,8 @@
 //! The in-sandbox agent: an envd-compatible process and filesystem daemon that runs as
 //! PID 1 in every sandbox container and serves E2B's data plane on port 49983.
 //!
-//! Wire types live in [`proto`] so other crates can reuse them as a client.
+//! Wire types live in [`proto`] so other crates can reuse them as a client: with
+//! `default-features = false` (no `daemon` feature) the crate is only those types.
 //!
 //! Starting it (see `--help`): `sandbox-agent [--listen 0.0.0.0:49983]`, with the
 //! per-sandbox secret in env `COLIMA_E2B_AGENT_SECRET` (removed from the environment
@@ -10,15 +11,24 @@
 //! `X-Access-Token`. `POST /init` may set the secret when none is set, or rotate it when
 //! the request carries the current one.
 
+#[cfg(feature = "daemon")]
 pub mod auth;
+#[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod connect;
+#[cfg(feature = "daemon")]
 pub mod files;
+#[cfg(feature = "daemon")]
 pub mod process;
 pub mod proto;
+#[cfg(feature = "daemon")]
 pub mod server;
+#[cfg(feature = "daemon")]
 pub mod sys;
+#[cfg(feature = "daemon")]
 pub mod users;
+#[cfg(feature = "daemon")]
 pub mod watch;
 
 /// The envd version whose features this agent implements (the SDK gates features on it).

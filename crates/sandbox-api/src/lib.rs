@@ -7,10 +7,13 @@
 //!
 //! Handlers parse and map; every decision is [`sandbox_core::SandboxManager`]'s.
 
+pub mod commands;
 pub mod error;
+pub mod files;
 pub mod health;
 pub mod metrics;
 pub mod sandboxes;
+pub mod text;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::endpoint::make_sync;
@@ -39,18 +42,34 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-type Apis = (health::HealthApi, sandboxes::SandboxApi);
+type Apis = (
+    health::HealthApi,
+    sandboxes::SandboxApi,
+    files::FileApi,
+    commands::CommandApi,
+);
 
 fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (health::HealthApi, sandboxes::SandboxApi),
+        (
+            health::HealthApi,
+            sandboxes::SandboxApi,
+            files::FileApi,
+            commands::CommandApi,
+        ),
         "colima-e2b",
         VERSION,
     )
     .summary("Self-hosted E2B-compatible code sandboxes on Docker and Podman")
     .description(
         "Create sandboxes from templates, run commands, read and write files, and expire \
-         them after a timeout. Every error is a JSON body `{code, message}`.",
+         them after a timeout. Every error is a JSON body `{code, message}`.\n\n\
+         Command output streams over the WebSocket \
+         `/sandboxes/{sandbox_id}/commands/stream/{pid}` as JSON text messages: \
+         `{\"type\":\"stdout\",\"data\":\"...\"}`, `{\"type\":\"stderr\",\"data\":\"...\"}`, \
+         then `{\"type\":\"exit\",\"code\":0}`; `{\"type\":\"error\",\"message\":\"...\"}` \
+         when following fails. Output is pushed as it is produced; a client that joins \
+         after the command ended still gets its buffered output and exit.",
     )
     .license(poem_openapi::LicenseObject::new("MIT"))
 }
@@ -77,6 +96,10 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let yaml = api.spec_endpoint_yaml();
     Route::new()
         .nest("/", api)
+        .at(
+            "/sandboxes/:sandbox_id/commands/stream/:pid",
+            poem::get(commands::stream),
+        )
         .nest("/docs", docs)
         .nest("/redoc", redoc)
         .at("/openapi.json", json)
@@ -108,6 +131,17 @@ const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result<Response> {
     let too_large =
         || poem::Error::from_string("request body too large", StatusCode::PAYLOAD_TOO_LARGE);
+    // Raw uploads stream to the sandbox under their own cap; a body without a type is
+    // taken as the bytes it is.
+    if req.method() == poem::http::Method::PUT && req.uri().path().ends_with("/files/raw") {
+        if !req.headers().contains_key(poem::http::header::CONTENT_TYPE) {
+            req.headers_mut().insert(
+                poem::http::header::CONTENT_TYPE,
+                poem::http::HeaderValue::from_static("application/octet-stream"),
+            );
+        }
+        return next.call(req).await.map(IntoResponse::into_response);
+    }
     let declared = req
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)

@@ -57,7 +57,7 @@ pub struct ContainerSpec {
     pub name: String,
     /// Image reference.
     pub image: String,
-    /// Main process and its arguments.
+    /// Main process and its arguments; empty runs the image's own entrypoint.
     pub command: Vec<String>,
     /// Environment of the main process, `KEY=VALUE`.
     pub env: Vec<String>,
@@ -90,6 +90,90 @@ pub struct ContainerInfo {
     pub created_at: Option<OffsetDateTime>,
     /// Limits read back from the engine (what is really applied).
     pub limits: Option<Limits>,
+    /// Environment of the main process, `KEY=VALUE`, as stored by the engine. Filled by
+    /// `inspect`; `list` may leave it empty. Carries the agent's secret across restarts.
+    pub env: Vec<String>,
+}
+
+/// One file to add to a derived image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageFile {
+    /// Absolute path inside the image.
+    pub path: String,
+    /// Contents.
+    pub contents: std::sync::Arc<[u8]>,
+    /// Permission bits, e.g. `0o755`.
+    pub mode: u32,
+}
+
+/// An image to derive from a base image: the base plus files, with a new entrypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeriveImage {
+    /// Local base image reference.
+    pub base: String,
+    /// Reference (`repo:tag`) of the image to produce.
+    pub tag: String,
+    /// Files to add (owned by root).
+    pub files: Vec<ImageFile>,
+    /// New entrypoint; the derived image has no CMD.
+    pub entrypoint: Vec<String>,
+    /// Labels added to the image.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl DeriveImage {
+    /// The files as an uncompressed tar archive rooted at `/`, for engines' archive APIs.
+    pub fn tar(&self) -> std::io::Result<Vec<u8>> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for file in &self.files {
+            let rel = file.path.trim_start_matches('/');
+            if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "image file path {:?} must be absolute and normal",
+                        file.path
+                    ),
+                ));
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_size(file.contents.len() as u64);
+            header.set_mode(file.mode);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, rel, &file.contents[..])?;
+        }
+        builder.into_inner()
+    }
+
+    /// Dockerfile-style changes both engines' commit APIs accept.
+    pub fn commit_changes(&self) -> Vec<String> {
+        let quote = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+        let mut changes = vec![
+            format!("ENTRYPOINT {}", quote(&self.entrypoint)),
+            // A base image's CMD would otherwise become the entrypoint's arguments.
+            "CMD []".to_string(),
+        ];
+        // Unquoted where safe: Podman's parser and Docker's differ on quoting.
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b))
+        };
+        let word = |s: &str| {
+            if plain(s) {
+                s.to_string()
+            } else {
+                serde_json::to_string(s).unwrap_or_default()
+            }
+        };
+        for (k, v) in &self.labels {
+            changes.push(format!("LABEL {}={}", word(k), word(v)));
+        }
+        changes
+    }
 }
 
 /// How the server reaches a sandbox's agent.
@@ -145,6 +229,12 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
 
     /// Kills and deletes a container.
     async fn remove(&self, name: &str) -> Result<()>;
+
+    /// Builds `req.tag` from `req.base` plus `req.files`, with `req.entrypoint`, no CMD
+    /// and `req.labels`, without network access. When an image tagged `req.tag` already
+    /// exists it is reused as is (the caller puts a content hash in the tag). Leaves no
+    /// temporary container behind, also on failure.
+    async fn derive_image(&self, req: &DeriveImage) -> Result<()>;
 
     /// How the server reaches the agent listening on `port` inside the container.
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress>;

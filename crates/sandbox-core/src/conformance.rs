@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{ContainerSpec, SandboxBackend};
+use crate::backend::{ContainerSpec, DeriveImage, ImageFile, SandboxBackend};
 use crate::error::Error;
 use crate::types::{Limits, SandboxState};
 
@@ -32,6 +32,12 @@ impl Fixture {
             command: vec!["sleep".into(), "infinity".into()],
             run_id: crate::SandboxId::generate().to_string(),
         }
+    }
+
+    /// Tag of the image [`derive_image_adds_files_and_entrypoint`] derives; the caller
+    /// removes it after the run (the trait has no image removal).
+    pub fn derived_tag(&self) -> String {
+        format!("colima-e2b-conformance/probe:{}", self.run_id)
     }
 
     fn spec(&self, suffix: &str) -> ContainerSpec {
@@ -95,6 +101,7 @@ pub async fn run_all(backend: &dyn SandboxBackend, fixture: &Fixture) {
     missing_image_is_named(backend).await;
     concurrent_creates(backend, fixture).await;
     internet_off_is_accepted(backend, fixture).await;
+    derive_image_adds_files_and_entrypoint(backend, fixture).await;
 }
 
 /// `check` answers with a version.
@@ -362,4 +369,77 @@ pub async fn internet_off_is_accepted(backend: &dyn SandboxBackend, fixture: &Fi
         assert!(matches!(result, Err(Error::Unsupported { .. })));
     }
     cleanup.run().await;
+}
+
+/// A derived image carries the added file (executable) as its entrypoint with no CMD:
+/// a container created from it without a command runs that file, which exits at once
+/// unless it got no arguments. Deriving again reuses the image; a missing base is named.
+pub async fn derive_image_adds_files_and_entrypoint(
+    backend: &dyn SandboxBackend,
+    fixture: &Fixture,
+) {
+    const PROBE: &str = "/usr/local/bin/colima-e2b-probe";
+    let mut labels = BTreeMap::new();
+    labels.insert(SUITE_LABEL.to_string(), fixture.run_id.clone());
+    let req = DeriveImage {
+        base: fixture.image.clone(),
+        tag: fixture.derived_tag(),
+        files: vec![ImageFile {
+            path: PROBE.into(),
+            contents: b"#!/bin/sh\n[ \"$#\" -eq 0 ] || exit 3\nexec sleep infinity\n"
+                .to_vec()
+                .into(),
+            mode: 0o755,
+        }],
+        entrypoint: vec![PROBE.into()],
+        labels,
+    };
+    backend
+        .ensure_image(&req.base)
+        .await
+        .expect("base image is available");
+    backend.derive_image(&req).await.expect("derive");
+    backend
+        .derive_image(&req)
+        .await
+        .expect("deriving an existing image reuses it");
+
+    let mut spec = fixture.spec("derived");
+    spec.image = req.tag.clone();
+    spec.command = Vec::new();
+    let cleanup = Cleanup {
+        backend,
+        names: vec![spec.name.clone()],
+    };
+    let created = backend
+        .create(&spec)
+        .await
+        .expect("a container of the derived image starts its entrypoint");
+    assert_eq!(created.state, SandboxState::Running);
+    // The probe exits 3 when it got arguments (a CMD left over from the base).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let info = backend.inspect(&spec.name).await.expect("inspect");
+    assert_eq!(
+        info.state,
+        SandboxState::Running,
+        "the derived entrypoint stopped (missing file, not executable, or a CMD was kept)"
+    );
+    assert!(
+        info.env.iter().any(|e| e == "CONFORMANCE=1"),
+        "inspect reports the container env: {:?}",
+        info.env
+    );
+    cleanup.run().await;
+
+    let missing = DeriveImage {
+        base: "colima-e2b.invalid/no-such-base:never".into(),
+        tag: format!("{}-missing", req.tag),
+        ..req
+    };
+    match backend.derive_image(&missing).await {
+        Err(Error::NotFound { what }) => {
+            assert!(what.contains("no-such-base"), "not named: {what}")
+        }
+        other => panic!("deriving from a missing base gave {other:?}"),
+    }
 }

@@ -40,6 +40,9 @@ pub enum Error {
         /// When the caller may try again.
         retry_after: Option<Duration>,
     },
+    /// The sandbox's disk (or inode table) is full.
+    #[error("no space left in the sandbox: {0}")]
+    InsufficientStorage(String),
     /// The backend cannot do this (see [`crate::Capabilities`]).
     #[error("unsupported by the {backend} backend: {operation}")]
     Unsupported {
@@ -47,6 +50,15 @@ pub enum Error {
         backend: &'static str,
         /// What was asked.
         operation: &'static str,
+    },
+    /// The sandbox's agent refused or failed a request, or cannot be reached.
+    #[error("sandbox agent: {code}: {message}")]
+    Agent {
+        /// Connect code the agent (or the transport) reported, e.g. `unavailable`,
+        /// `unauthenticated`, `internal`.
+        code: String,
+        /// What happened.
+        message: String,
     },
     /// Anything else a backend reported.
     #[error("{backend} backend error: {source}")]
@@ -83,8 +95,10 @@ impl Error {
             Error::Timeout(_) => 408,
             Error::EngineUnavailable(_) => 503,
             Error::ResourceExhausted { .. } => 429,
+            Error::InsufficientStorage(_) => 507,
             Error::Unsupported { .. } => 501,
             Error::Backend { .. } => 500,
+            Error::Agent { .. } => 502,
         }
     }
 
@@ -97,8 +111,10 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::EngineUnavailable(_) => "engine_unavailable",
             Error::ResourceExhausted { .. } => "resource_exhausted",
+            Error::InsufficientStorage(_) => "insufficient_storage",
             Error::Unsupported { .. } => "unsupported",
             Error::Backend { .. } => "backend_error",
+            Error::Agent { .. } => "agent_error",
         }
     }
 }
@@ -119,11 +135,16 @@ mod tests {
                 message: "x".into(),
                 retry_after: None,
             },
+            Error::InsufficientStorage("x".into()),
             Error::Unsupported {
                 backend: "b",
                 operation: "o",
             },
             Error::backend("b", "boom"),
+            Error::Agent {
+                code: "unavailable".into(),
+                message: "x".into(),
+            },
         ];
         let mut statuses: Vec<u16> = errors.iter().map(Error::http_status).collect();
         statuses.sort_unstable();

@@ -29,6 +29,11 @@ pub const INTERNET: &str = "dev.colima-e2b.internet";
 /// Limits requested at creation, as JSON.
 pub const LIMITS: &str = "dev.colima-e2b.limits";
 
+/// On derived images: sha256 of the agent binary they carry.
+pub const AGENT_SHA256: &str = "dev.colima-e2b.agent-sha256";
+/// On derived images: the template image they were derived from.
+pub const DERIVED_FROM: &str = "dev.colima-e2b.derived-from";
+
 /// Most metadata entries a sandbox may carry.
 pub const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY: usize = 128;
@@ -150,6 +155,7 @@ mod tests {
             state: SandboxState::Running,
             created_at: None,
             limits: None,
+            env: Vec::new(),
         };
         assert_eq!(to_info(&container).expect("parses"), info);
     }

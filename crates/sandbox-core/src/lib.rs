@@ -7,6 +7,7 @@
 //!   to the in-sandbox agent.
 //! - [`SandboxManager`] decides: ids, templates, limits, admission, deadlines, the reaper
 //!   and re-adoption of sandboxes after a server restart.
+//! - [`AgentClient`] talks to the in-sandbox agent (processes, files) over envd's protocol.
 //! - One error type, [`Error`], maps each variant to one HTTP status.
 //!
 //! # Available implementations
@@ -14,7 +15,10 @@
 //!
 //! With the `conformance` feature, [`conformance`] holds the checks every backend passes.
 
+pub mod agent;
+pub mod agent_client;
 pub mod backend;
+pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
@@ -22,9 +26,11 @@ pub mod labels;
 pub mod manager;
 pub mod types;
 
+pub use agent::AgentBinary;
+pub use agent_client::{AgentClient, ProcessOutput, ProcessStream};
 pub use backend::{
-    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DynBackend, EngineInfo,
-    SandboxBackend,
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
+    ImageFile, SandboxBackend,
 };
 pub use error::{BoxError, Error, Result};
 pub use manager::{ManagerConfig, RecoveryReport, SandboxManager};

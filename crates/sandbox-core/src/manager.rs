@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{ContainerSpec, DynBackend, EngineInfo};
+use crate::agent::{generate_secret, AgentBinary, AGENT_PATH};
+use crate::agent_client::{self, proto::InitRequest, AgentClient, AGENT_PORT, SECRET_ENV};
+use crate::backend::{ContainerSpec, DeriveImage, DynBackend, EngineInfo, ImageFile};
 use crate::error::{Error, Result};
 use crate::labels;
 use crate::types::{validate_envs, Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
@@ -34,10 +36,15 @@ pub struct ManagerConfig {
     pub max_timeout: Duration,
     /// Where deadline changes are persisted so a restarted server keeps them.
     pub state_dir: Option<PathBuf>,
-    /// Main process of every sandbox container.
+    /// Main process of every sandbox container when it runs no agent.
     pub main_command: Vec<String>,
-    /// Port of the in-sandbox agent, when sandboxes run one.
+    /// Port of the in-sandbox agent (default [`AGENT_PORT`] when `agent` is set).
     pub agent_port: Option<u16>,
+    /// The agent build put into every sandbox (through a derived image) as its main
+    /// process. `None` runs `main_command` instead and offers no agent (unit tests).
+    pub agent: Option<AgentBinary>,
+    /// How long a new sandbox's agent may take to answer `/health`.
+    pub agent_ready_timeout: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -54,6 +61,8 @@ impl Default for ManagerConfig {
             state_dir: None,
             main_command: vec!["sleep".into(), "infinity".into()],
             agent_port: None,
+            agent: None,
+            agent_ready_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -139,6 +148,12 @@ struct Inner {
     reaper_wake: Arc<Notify>,
     deadlines: DeadlineStore,
     images_ready: Mutex<HashSet<String>>,
+    /// Serialises image derivations, so concurrent creates derive a template once.
+    derive_lock: tokio::sync::Mutex<()>,
+    /// Clients of agents met so far (rebuilt from the container after a restart).
+    agents: Mutex<HashMap<SandboxId, AgentClient>>,
+    /// One connection pool for every agent.
+    http: reqwest::Client,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -175,6 +190,9 @@ impl SandboxManager {
                 reaper_wake: Arc::new(Notify::new()),
                 deadlines,
                 images_ready: Mutex::new(HashSet::new()),
+                derive_lock: tokio::sync::Mutex::new(()),
+                agents: Mutex::new(HashMap::new()),
+                http: agent_client::http_client(),
             }),
         }
     }
@@ -207,6 +225,135 @@ impl SandboxManager {
             .sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn agents(&self) -> MutexGuard<'_, HashMap<SandboxId, AgentClient>> {
+        self.inner.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn images_ready(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .images_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn agent_port(&self) -> u16 {
+        self.inner.config.agent_port.unwrap_or(AGENT_PORT)
+    }
+
+    /// A client for sandbox `id`'s agent.
+    ///
+    /// After a server restart the client is rebuilt from the container itself (its
+    /// secret is in the container's environment, its address comes from the backend), so
+    /// nothing but the sandbox has to remember it.
+    pub async fn agent(&self, id: &SandboxId) -> Result<AgentClient> {
+        self.lookup(id)?;
+        if let Some(client) = self.agents().get(id) {
+            return Ok(client.clone());
+        }
+        if self.inner.config.agent.is_none() {
+            return Err(Error::Agent {
+                code: "unavailable".into(),
+                message: "this server runs sandboxes without the agent".into(),
+            });
+        }
+        let name = labels::container_name(id);
+        let backend = &self.inner.backend;
+        let container = backend.inspect(&name).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::not_found(format!("sandbox {id}")),
+            other => other,
+        })?;
+        let prefix = format!("{SECRET_ENV}=");
+        let secret = container
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix(&prefix))
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::Agent {
+                code: "unavailable".into(),
+                message: format!("sandbox {id} has no agent secret (created without the agent?)"),
+            })?
+            .to_string();
+        let addr = backend.agent_address(&name, self.agent_port()).await?;
+        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret);
+        self.agents().insert(id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// The image a template's sandboxes run: derived once per (template image, agent
+    /// build) and reused, also across restarts (the backend keeps an existing tag).
+    async fn derived_image(&self, base: &str, agent: &AgentBinary) -> Result<String> {
+        let tag = agent.derived_tag(base);
+        if self.images_ready().contains(&tag) {
+            return Ok(tag);
+        }
+        let _one_at_a_time = self.inner.derive_lock.lock().await;
+        if self.images_ready().contains(&tag) {
+            return Ok(tag);
+        }
+        let mut image_labels = BTreeMap::new();
+        image_labels.insert(labels::AGENT_SHA256.to_string(), agent.sha256().to_string());
+        image_labels.insert(labels::DERIVED_FROM.to_string(), base.to_string());
+        let req = DeriveImage {
+            base: base.to_string(),
+            tag: tag.clone(),
+            files: vec![ImageFile {
+                path: AGENT_PATH.into(),
+                contents: agent.contents().clone(),
+                mode: 0o755,
+            }],
+            entrypoint: vec![AGENT_PATH.into()],
+            labels: image_labels,
+        };
+        let started = Instant::now();
+        self.inner.backend.derive_image(&req).await?;
+        tracing::info!(base, image = %tag, elapsed_ms = started.elapsed().as_millis() as u64, "agent image ready");
+        self.images_ready().insert(tag.clone());
+        Ok(tag)
+    }
+
+    /// Waits for a new sandbox's agent and hands it the sandbox's settings.
+    async fn start_agent(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+        secret: String,
+    ) -> Result<AgentClient> {
+        let addr = self
+            .inner
+            .backend
+            .agent_address(name, self.agent_port())
+            .await?;
+        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret.clone());
+        let limit = self.inner.config.agent_ready_timeout;
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match client.health().await {
+                Ok(()) => break,
+                Err(e) if Instant::now() + pause >= deadline => {
+                    tracing::warn!(container = name, agent = %addr.addr, error = %e,
+                        "the sandbox agent did not answer /health in time");
+                    return Err(Error::Timeout(limit));
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+            }
+        }
+        let user = spec.user.clone().unwrap_or_else(|| "user".into());
+        let workdir = (user == "user").then(|| "/home/user".to_string());
+        client
+            .init(&InitRequest {
+                env_vars: Some(spec.envs.clone()),
+                access_token: Some(secret),
+                default_user: Some(user),
+                default_workdir: workdir,
+            })
+            .await?;
+        Ok(client)
     }
 
     async fn recover(&self) -> Result<RecoveryReport> {
@@ -307,6 +454,7 @@ impl SandboxManager {
             match self.inner.backend.remove(&labels::container_name(&info.id)).await {
                 Ok(()) | Err(Error::NotFound { .. }) => {
                     self.inner.deadlines.forget(&info.id);
+                    self.agents().remove(&info.id);
                     metrics::counter!("colima_e2b_sandbox_expiries_total").increment(1);
                 }
                 Err(e) => {
@@ -436,25 +584,23 @@ impl SandboxManager {
     ) -> Result<SandboxInfo> {
         let backend = &self.inner.backend;
         let config = &self.inner.config;
-        let image_known = self
-            .inner
-            .images_ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&image);
+        let image_known = self.images_ready().contains(&image);
         if !image_known {
             backend.ensure_image(&image).await?;
-            self.inner
-                .images_ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(image.clone());
+            self.images_ready().insert(image.clone());
         }
+        let agent = config.agent.as_ref();
+        let image = match agent {
+            Some(agent) => self.derived_image(&image, agent).await?,
+            None => image,
+        };
+        let secret = agent.map(|_| generate_secret());
+        let container_image = image.clone();
         let now = now_ms();
         let mut info = SandboxInfo {
             id: SandboxId::generate(),
             template: spec.template.clone(),
-            image: image.clone(),
+            image: container_image.clone(),
             state: SandboxState::Running,
             metadata: spec.metadata.clone(),
             started_at: now,
@@ -463,22 +609,47 @@ impl SandboxManager {
             internet: spec.internet,
         };
         let name = labels::container_name(&info.id);
+        let mut env: Vec<String> = spec.envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let Some(secret) = &secret {
+            // Lives with the container so a restarted server can talk to the agent again.
+            env.push(format!("{SECRET_ENV}={secret}"));
+        }
         let container = ContainerSpec {
             name: name.clone(),
             image,
-            command: config.main_command.clone(),
-            env: spec.envs.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            // With the agent, the derived image's entrypoint (the agent) is the main process.
+            command: match agent {
+                Some(_) => Vec::new(),
+                None => config.main_command.clone(),
+            },
+            env,
             labels: labels::for_sandbox(&config.owner, &info),
             limits,
             internet: spec.internet,
-            user: None,
-            agent_port: config.agent_port,
+            // The agent switches to each command's user itself, so it starts as root.
+            user: agent.map(|_| "root".to_string()),
+            agent_port: match agent {
+                Some(_) => Some(self.agent_port()),
+                None => config.agent_port,
+            },
         };
         match backend.create(&container).await {
             Ok(created) => {
                 info.state = created.state;
                 if let Some(applied) = created.limits {
                     info.limits = applied;
+                }
+                if let Some(secret) = secret {
+                    match self.start_agent(&name, spec, secret).await {
+                        Ok(client) => {
+                            self.agents().insert(info.id.clone(), client);
+                        }
+                        Err(e) => {
+                            // A failed create leaves nothing behind.
+                            self.remove_quietly(&name).await;
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(info)
             }
@@ -488,11 +659,7 @@ impl SandboxManager {
                 self.remove_quietly(&name).await;
                 if matches!(e, Error::NotFound { .. }) {
                     // An image that vanished since it was checked.
-                    self.inner
-                        .images_ready
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&info.image);
+                    self.images_ready().remove(&info.image);
                 }
                 Err(e)
             }
@@ -537,6 +704,7 @@ impl SandboxManager {
             Err(Error::NotFound { .. }) => {
                 // Removed behind our back (e.g. `docker rm -f`).
                 self.registry().remove(id);
+                self.agents().remove(id);
                 self.inner.deadlines.forget(id);
                 self.update_gauges();
                 Err(Error::not_found(format!("sandbox {id}")))
@@ -554,6 +722,7 @@ impl SandboxManager {
         match self.inner.backend.remove(&labels::container_name(id)).await {
             Ok(()) | Err(Error::NotFound { .. }) => {
                 self.inner.deadlines.forget(id);
+                self.agents().remove(id);
                 metrics::counter!("colima_e2b_sandbox_kills_total").increment(1);
                 self.update_gauges();
                 Ok(())

@@ -8,7 +8,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::backend::{AgentAddress, Capabilities, ContainerInfo, ContainerSpec, EngineInfo};
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::agent::AgentBinary;
+use crate::backend::{
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo,
+};
 use crate::error::{Error, Result};
 use crate::labels;
 use crate::manager::{ManagerConfig, SandboxManager};
@@ -21,6 +28,9 @@ struct MemoryBackend {
     fail_start: AtomicBool,
     create_delay_ms: AtomicUsize,
     creates: AtomicUsize,
+    derived: Mutex<Vec<DeriveImage>>,
+    specs: Mutex<Vec<ContainerSpec>>,
+    agent_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl std::fmt::Display for MemoryBackend {
@@ -65,8 +75,13 @@ impl SandboxBackend for MemoryBackend {
     async fn ensure_image(&self, _image: &str) -> Result<()> {
         Ok(())
     }
+    async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
+        self.derived.lock().expect("lock").push(req.clone());
+        Ok(())
+    }
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
         self.creates.fetch_add(1, Ordering::SeqCst);
+        self.specs.lock().expect("lock").push(spec.clone());
         let delay = self.create_delay_ms.load(Ordering::SeqCst) as u64;
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -81,6 +96,7 @@ impl SandboxBackend for MemoryBackend {
                 state: SandboxState::Created,
                 created_at: None,
                 limits: Some(spec.limits),
+                env: spec.env.clone(),
             });
             return Err(Error::backend("memory", "start failed"));
         }
@@ -92,6 +108,7 @@ impl SandboxBackend for MemoryBackend {
             state: SandboxState::Running,
             created_at: None,
             limits: Some(spec.limits),
+            env: spec.env.clone(),
         };
         self.insert(info.clone());
         Ok(info)
@@ -137,10 +154,83 @@ impl SandboxBackend for MemoryBackend {
             .ok_or_else(|| Error::not_found(name))
     }
     async fn agent_address(&self, _name: &str, _port: u16) -> Result<AgentAddress> {
-        Err(Error::Unsupported {
-            backend: "memory",
-            operation: "agent",
-        })
+        match *self.agent_addr.lock().expect("lock") {
+            Some(addr) => Ok(AgentAddress { addr }),
+            None => Err(Error::Unsupported {
+                backend: "memory",
+                operation: "agent",
+            }),
+        }
+    }
+}
+
+/// What the stand-in agent saw: (request line, X-Access-Token, body) per request.
+type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A stand-in agent: answers every HTTP/1.1 request with 204 and records it.
+async fn fake_agent() -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let (mut len, mut token) = (0usize, String::new());
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            match k.to_ascii_lowercase().as_str() {
+                                "content-length" => len = v.trim().parse().unwrap_or(0),
+                                "x-access-token" => token = v.trim().to_string(),
+                                _ => {}
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    log.lock().expect("lock").push((
+                        line.trim_end().to_string(),
+                        token,
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ));
+                    if w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn agent_config() -> ManagerConfig {
+    ManagerConfig {
+        agent: Some(AgentBinary::from_bytes(b"\x7fELF fake agent".to_vec())),
+        agent_ready_timeout: Duration::from_millis(300),
+        ..config(None)
     }
 }
 
@@ -325,6 +415,7 @@ fn foreign_container(owner: &str, state: SandboxState, expires_in: i64) -> Conta
         state,
         created_at: None,
         limits: None,
+        env: Vec::new(),
     }
 }
 
@@ -386,4 +477,96 @@ async fn bad_envs_metadata_and_users_are_rejected_before_the_engine() {
     s.metadata.insert("k".into(), "\u{0}".into());
     assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
     assert_eq!(backend.creates.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn agent_sandboxes_run_a_derived_image_and_get_their_secret_and_envs_through_init() {
+    let backend = Arc::new(MemoryBackend::default());
+    let (addr, seen) = fake_agent().await;
+    *backend.agent_addr.lock().expect("lock") = Some(addr);
+    let m = SandboxManager::new(backend.clone(), agent_config());
+    let mut s = spec(60);
+    s.envs.insert("GREETING".into(), "hi".into());
+    let a = m.create(s.clone()).await.expect("create");
+    m.create(s).await.expect("second create");
+
+    let derived = backend.derived.lock().expect("lock").clone();
+    assert_eq!(derived.len(), 1, "the template is derived once and reused");
+    assert_eq!(derived[0].base, "img/base");
+    assert_eq!(
+        derived[0].entrypoint,
+        vec![crate::agent::AGENT_PATH.to_string()]
+    );
+    assert_eq!(derived[0].files[0].mode, 0o755);
+    let spec0 = backend.specs.lock().expect("lock")[0].clone();
+    assert_eq!(spec0.image, derived[0].tag);
+    assert!(
+        spec0.command.is_empty(),
+        "the image's entrypoint (the agent) runs"
+    );
+    assert_eq!(spec0.agent_port, Some(crate::agent_client::AGENT_PORT));
+    let secret = spec0
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("COLIMA_E2B_AGENT_SECRET="))
+        .expect("secret in the container env")
+        .to_string();
+    assert_eq!(secret.len(), 32);
+
+    let requests = seen.lock().expect("lock").clone();
+    let init = requests
+        .iter()
+        .find(|(line, _, _)| line.starts_with("POST /init"))
+        .expect("init was sent");
+    let body: serde_json::Value = serde_json::from_str(&init.2).expect("json");
+    assert_eq!(body["envVars"]["GREETING"], "hi");
+    assert_eq!(body["accessToken"], secret.as_str());
+    assert_eq!(body["defaultUser"], "user");
+    assert_eq!(body["defaultWorkdir"], "/home/user");
+
+    // A restarted server rebuilds the client from the container's env.
+    let m2 = SandboxManager::new(backend.clone(), agent_config());
+    m2.start().await.expect("start");
+    m2.agent(&a.id)
+        .await
+        .expect("agent after restart")
+        .list()
+        .await
+        .expect("list");
+    let last = seen.lock().expect("lock").last().cloned().expect("request");
+    assert!(
+        last.0.starts_with("POST /process.Process/List"),
+        "{}",
+        last.0
+    );
+    assert_eq!(
+        last.1, secret,
+        "the recovered client sends the sandbox's secret"
+    );
+}
+
+#[tokio::test]
+async fn create_times_out_and_leaves_nothing_when_the_agent_never_answers() {
+    let backend = Arc::new(MemoryBackend::default());
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    *backend.agent_addr.lock().expect("lock") = Some(closed);
+    let m = SandboxManager::new(backend.clone(), agent_config());
+    let err = m.create(spec(60)).await.expect_err("no agent answers");
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(
+        backend.names().is_empty(),
+        "left behind: {:?}",
+        backend.names()
+    );
+    assert!(m.list(&BTreeMap::new()).is_empty());
+}
+
+#[tokio::test]
+async fn agent_of_an_unknown_sandbox_is_not_found() {
+    let (_backend, m) = manager(None);
+    let id: SandboxId = "clmnosuch".parse().expect("id");
+    assert!(matches!(m.agent(&id).await, Err(Error::NotFound { .. })));
 }

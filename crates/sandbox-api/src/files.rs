@@ -1,0 +1,401 @@
+//! The seed's file API: `/sandboxes/{id}/files/...`, plus streamed raw variants.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use futures_util::StreamExt;
+use poem::web::Data;
+use poem::Body;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::{Binary, Json};
+use poem_openapi::{Enum, Object, OpenApi, Tags};
+use sandbox_core::agent_client::proto::{EntryInfo, FileType};
+use sandbox_core::Error;
+
+use crate::commands::parse_id;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Largest file `files/read` returns inside JSON; use `files/raw` for larger ones.
+pub const MAX_JSON_READ: u64 = 10 << 20;
+/// Largest upload through `files/raw`.
+pub const MAX_RAW_UPLOAD: u64 = 1 << 30;
+
+#[derive(Tags)]
+enum FileTags {
+    /// Read, write, list and remove files inside a sandbox.
+    Files,
+}
+
+/// How `data` is encoded in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Text; files that are not valid UTF-8 read back with U+FFFD replacements.
+    #[default]
+    #[oai(rename = "utf-8")]
+    Utf8,
+    /// Any bytes, base64-encoded.
+    Base64,
+}
+
+/// A file to write.
+#[derive(Debug, Object)]
+pub struct WriteFileRequest {
+    /// Path inside the sandbox; relative paths resolve against `/home/user`. Parent
+    /// directories are created.
+    pub path: String,
+    /// The contents.
+    pub data: String,
+    /// How `data` is encoded (default `utf-8`).
+    #[oai(default)]
+    pub encoding: Encoding,
+}
+
+/// A file written.
+#[derive(Debug, Object)]
+pub struct WrittenFile {
+    /// Absolute path written.
+    pub path: String,
+    /// Bytes written.
+    pub size: u64,
+}
+
+/// A file's contents.
+#[derive(Debug, Object)]
+pub struct FileContent {
+    /// Absolute path.
+    pub path: String,
+    /// The contents, encoded as `encoding` says.
+    pub data: String,
+    /// `utf-8` or `base64`.
+    pub encoding: Encoding,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One directory entry.
+#[derive(Debug, Object)]
+pub struct FileEntry {
+    /// Base name.
+    pub name: String,
+    /// Absolute path.
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// `ls -l` style permissions, e.g. `-rw-r--r--`.
+    pub permissions: String,
+    /// Owner user name.
+    pub owner: String,
+    /// Group name.
+    pub group: String,
+    /// Modification time, RFC 3339.
+    pub modified_time: String,
+    /// Target of a symlink.
+    pub symlink_target: Option<String>,
+}
+
+impl From<EntryInfo> for FileEntry {
+    fn from(e: EntryInfo) -> Self {
+        let kind = match e.file_type {
+            FileType::Directory => "dir",
+            FileType::Symlink => "symlink",
+            _ if e.is_symlink => "symlink",
+            _ => "file",
+        };
+        FileEntry {
+            name: e.name,
+            path: e.path,
+            kind: kind.into(),
+            size: e.size,
+            permissions: e.permissions,
+            owner: e.owner,
+            group: e.group,
+            modified_time: e.modified_time,
+            symlink_target: e.symlink_target,
+        }
+    }
+}
+
+/// Whether a path exists.
+#[derive(Debug, Object)]
+pub struct Exists {
+    /// The path asked about.
+    pub path: String,
+    /// True when it exists (file, directory or symlink).
+    pub exists: bool,
+}
+
+/// Confirmation of a removal.
+#[derive(Debug, Object)]
+pub struct Removed {
+    /// The removed path.
+    pub path: String,
+    /// Always `removed`.
+    pub status: String,
+}
+
+fn check_path(path: &str) -> Result<(), ApiError> {
+    if path.is_empty() || path.contains('\0') || path.len() > 4096 {
+        return Err(Error::InvalidArgument("path must be 1-4096 bytes without NUL".into()).into());
+    }
+    Ok(())
+}
+
+/// The file endpoints.
+pub struct FileApi;
+
+#[OpenApi(tag = "FileTags::Files")]
+impl FileApi {
+    /// Write file
+    ///
+    /// Creates or replaces a file (parents included) as the sandbox user. `encoding`
+    /// `base64` writes any bytes. The JSON body is limited to 1 MiB: larger files go
+    /// through `PUT /sandboxes/{id}/files/raw`. 507 when the sandbox's disk is full.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/write",
+        method = "post",
+        operation_id = "write_file"
+    )]
+    async fn write(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        body: Json<WriteFileRequest>,
+    ) -> Result<Json<WrittenFile>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let WriteFileRequest {
+            path,
+            data,
+            encoding,
+        } = body.0;
+        check_path(&path)?;
+        let bytes = match encoding {
+            Encoding::Utf8 => data.into_bytes(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(data.as_bytes())
+                .map_err(|e| {
+                    ApiError::from(Error::InvalidArgument(format!("data is not base64: {e}")))
+                })?,
+        };
+        let size = bytes.len() as u64;
+        let agent = state.manager.agent(&id).await?;
+        let written = agent.write_file(&path, bytes).await?;
+        let path = written.into_iter().next().map(|w| w.path).unwrap_or(path);
+        Ok(Json(WrittenFile { path, size }))
+    }
+
+    /// Read file
+    ///
+    /// A file's contents in JSON (at most 10 MiB; 413 past it, use `files/raw`). 404 when
+    /// it does not exist, 422 when it is a directory.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/read",
+        method = "get",
+        operation_id = "read_file"
+    )]
+    async fn read(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+        #[oai(default)] encoding: Query<Encoding>,
+    ) -> Result<Json<FileContent>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let agent = state.manager.agent(&id).await?;
+        let entry = agent.stat(&path.0).await?;
+        if entry.file_type == FileType::Directory {
+            return Err(Error::InvalidArgument(format!("{} is a directory", entry.path)).into());
+        }
+        if entry.size as u64 > MAX_JSON_READ {
+            return Err(ApiError::from_status(
+                413,
+                "payload_too_large",
+                format!(
+                    "{} is larger than {MAX_JSON_READ} bytes; use files/raw",
+                    entry.path
+                ),
+            ));
+        }
+        let bytes = agent
+            .read_file(&path.0)
+            .await?
+            .read_to_end(MAX_JSON_READ as usize)
+            .await?;
+        let size = bytes.len() as u64;
+        let data = match encoding.0 {
+            Encoding::Utf8 => String::from_utf8_lossy(&bytes).into_owned(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(&bytes),
+        };
+        Ok(Json(FileContent {
+            path: entry.path,
+            data,
+            encoding: encoding.0,
+            size,
+        }))
+    }
+
+    /// List directory
+    ///
+    /// Entries of a directory, `depth` levels deep (default 1). 404 when it does not exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/list",
+        method = "get",
+        operation_id = "list_files"
+    )]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+        depth: Query<Option<u32>>,
+    ) -> Result<Json<Vec<FileEntry>>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let depth = depth.0.unwrap_or(1);
+        if !(1..=32).contains(&depth) {
+            return Err(Error::InvalidArgument("depth must be between 1 and 32".into()).into());
+        }
+        let agent = state.manager.agent(&id).await?;
+        let entries = agent.list_dir(&path.0, depth).await?;
+        Ok(Json(entries.into_iter().map(FileEntry::from).collect()))
+    }
+
+    /// Check file exists
+    ///
+    /// Whether a file, directory or symlink exists at `path`.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/exists",
+        method = "get",
+        operation_id = "file_exists"
+    )]
+    async fn exists(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+    ) -> Result<Json<Exists>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let agent = state.manager.agent(&id).await?;
+        let exists = match agent.stat(&path.0).await {
+            Ok(_) => true,
+            Err(Error::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Json(Exists {
+            path: path.0,
+            exists,
+        }))
+    }
+
+    /// Remove file
+    ///
+    /// Removes a file, or a directory with everything in it. 404 when nothing is there.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/",
+        method = "delete",
+        operation_id = "remove_file"
+    )]
+    async fn remove(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+    ) -> Result<Json<Removed>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let agent = state.manager.agent(&id).await?;
+        agent.stat(&path.0).await?;
+        agent.remove(&path.0).await?;
+        Ok(Json(Removed {
+            path: path.0,
+            status: "removed".into(),
+        }))
+    }
+
+    /// Download file (raw)
+    ///
+    /// Streams a file's bytes of any size as `application/octet-stream`.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/raw",
+        method = "get",
+        operation_id = "download_file"
+    )]
+    async fn download(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+    ) -> Result<Binary<Body>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let agent = state.manager.agent(&id).await?;
+        let file = agent.read_file(&path.0).await?;
+        let stream = file
+            .into_stream()
+            .map(|c| c.map_err(|e| std::io::Error::other(e.to_string())));
+        Ok(Binary(Body::from_bytes_stream(stream)))
+    }
+
+    /// Upload file (raw)
+    ///
+    /// Streams the request body into a file (created or replaced, parents included),
+    /// never holding it in memory. Up to 1 GiB; 413 past it. 507 when the disk is full.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/files/raw",
+        method = "put",
+        operation_id = "upload_file"
+    )]
+    async fn upload(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        path: Query<String>,
+        body: Binary<Body>,
+    ) -> Result<Json<WrittenFile>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        check_path(&path.0)?;
+        let agent = state.manager.agent(&id).await?;
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
+        let mut seen = 0u64;
+        let counted = body.0.into_bytes_stream().map(move |chunk| {
+            let chunk = chunk?;
+            seen += chunk.len() as u64;
+            if seen > MAX_RAW_UPLOAD {
+                flag.store(true, Ordering::Relaxed);
+                return Err(std::io::Error::other("upload too large"));
+            }
+            Ok(chunk)
+        });
+        let size_probe = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let probe = size_probe.clone();
+        let counted = counted.inspect(move |c| {
+            if let Ok(b) = c {
+                probe.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let result = agent
+            .write_file(&path.0, reqwest::Body::wrap_stream(counted))
+            .await;
+        if over.load(Ordering::Relaxed) {
+            return Err(ApiError::from_status(
+                413,
+                "payload_too_large",
+                format!("upload is larger than {MAX_RAW_UPLOAD} bytes"),
+            ));
+        }
+        let written = result?;
+        let path = written.into_iter().next().map(|w| w.path).unwrap_or(path.0);
+        Ok(Json(WrittenFile {
+            path,
+            size: size_probe.load(Ordering::Relaxed),
+        }))
+    }
+}
