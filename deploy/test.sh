@@ -38,6 +38,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "unit, agent, conformance (Docker and Podman) and server suites on Docker"
 cargo build --workspace --all-targets --quiet
 cargo test --workspace --no-fail-fast
+step "the agent's suite inside sandbox containers (Docker, Podman)"
+bash deploy/agent-suite-in-container.sh docker
+bash deploy/agent-suite-in-container.sh podman
 step "server suites on Podman"
 COLIMA_E2B_TEST_BACKEND=podman cargo test -p tests --no-fail-fast
 step "all suites passed"
