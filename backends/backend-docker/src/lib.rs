@@ -44,16 +44,6 @@ use tokio::sync::OnceCell;
 const NAME: &str = "docker";
 /// Seconds bollard waits for one engine call.
 const CALL_TIMEOUT_SECS: u64 = 120;
-/// Capabilities the agent (root, PID 1) needs to run commands and write files as the
-/// sandbox's users; everything else is dropped.
-const CAPS_KEPT: [&str; 6] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "SETUID",
-    "SETGID",
-    "KILL",
-];
 
 /// How the server reaches the agent inside a container.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,7 +307,12 @@ impl DockerBackend {
         let host_config = HostConfig {
             privileged: Some(false),
             cap_drop: Some(vec!["ALL".into()]),
-            cap_add: Some(CAPS_KEPT.iter().map(|c| c.to_string()).collect()),
+            cap_add: Some(
+                sandbox_core::backend::SANDBOX_CAPABILITIES
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+            ),
             security_opt: Some(vec!["no-new-privileges".into()]),
             memory: Some(memory),
             memory_swap: Some(memory),

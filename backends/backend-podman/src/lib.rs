@@ -121,7 +121,7 @@ struct HostFacts {
 /// The Podman implementation of [`SandboxBackend`].
 ///
 /// # Baseline profile of every container
-/// never privileged; all capabilities dropped but [`wire::CAP_ADD`]; `no-new-privileges`;
+/// never privileged; all capabilities dropped but [`sandbox_core::backend::SANDBOX_CAPABILITIES`]; `no-new-privileges`;
 /// the default seccomp profile; pids, memory (swap equal to memory, so no swap) and CPU
 /// quota limits; `nofile`, `nproc` and `fsize` ulimits; no host namespaces, mounts or
 /// devices; a size-capped `k8s-file` log; the spec's labels, env, command and user.

@@ -22,17 +22,6 @@ use crate::PodmanConfig;
 /// CFS period used for the CPU quota, in microseconds.
 pub const CPU_PERIOD: u64 = 100_000;
 
-/// Capabilities the sandbox keeps: the in-sandbox agent runs as root PID 1 and must act as
-/// other users (change owners, bypass file modes, switch uid/gid, signal their processes).
-pub const CAP_ADD: [&str; 6] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "SETUID",
-    "SETGID",
-    "KILL",
-];
-
 /// Where the sandbox is attached and whether its agent port is published on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -68,7 +57,7 @@ pub fn create_body(
         "labels": spec.labels,
         "privileged": false,
         "cap_drop": ["ALL"],
-        "cap_add": CAP_ADD,
+        "cap_add": sandbox_core::backend::SANDBOX_CAPABILITIES,
         "no_new_privileges": true,
         "seccomp_policy": "default",
         // Never inherit anything from the host or the podman service environment.

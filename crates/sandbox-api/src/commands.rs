@@ -12,9 +12,9 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
 use sandbox_core::agent_client::proto::{DataEvent, ProcessEvent};
 use sandbox_core::command::{self, ShellCommand};
-use sandbox_core::{Error, SandboxId};
+use sandbox_core::Error;
 
-use crate::error::ApiError;
+use crate::error::{parse_id, ApiError};
 use crate::text::Utf8Decoder;
 use crate::AppState;
 
@@ -132,11 +132,6 @@ pub struct KilledProcess {
     pub pid: u32,
     /// Always `killed`.
     pub status: String,
-}
-
-pub(crate) fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::from(Error::not_found(format!("sandbox {id}"))))
 }
 
 /// The command endpoints.

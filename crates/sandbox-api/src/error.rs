@@ -116,6 +116,12 @@ impl ApiError {
     }
 }
 
+/// Parses a sandbox id from a path; an id that cannot exist is simply not found.
+pub fn parse_id(id: &str) -> Result<sandbox_core::SandboxId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::from(Error::not_found(format!("sandbox {id}"))))
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = e.http_status();

@@ -13,8 +13,7 @@ use poem_openapi::{Enum, Object, OpenApi, Tags};
 use sandbox_core::agent_client::proto::{EntryInfo, FileType};
 use sandbox_core::Error;
 
-use crate::commands::parse_id;
-use crate::error::ApiError;
+use crate::error::{parse_id, ApiError};
 use crate::AppState;
 
 /// Largest file `files/read` returns inside JSON; use `files/raw` for larger ones.

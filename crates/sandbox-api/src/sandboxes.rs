@@ -7,10 +7,10 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use sandbox_core::{Limits, SandboxId, SandboxInfo, SandboxSpec};
+use sandbox_core::{Limits, SandboxInfo, SandboxSpec};
 use time::format_description::well_known::Rfc3339;
 
-use crate::error::ApiError;
+use crate::error::{parse_id, ApiError};
 use crate::AppState;
 
 #[derive(Tags)]
@@ -143,12 +143,6 @@ pub struct Killed {
     pub sandbox_id: String,
     /// Always `killed`.
     pub status: String,
-}
-
-fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
-    // An id that cannot exist is simply not found.
-    id.parse()
-        .map_err(|_| ApiError::from(sandbox_core::Error::not_found(format!("sandbox {id}"))))
 }
 
 /// Parses an E2B-style metadata filter: `k1=v1&k2=v2` (URL-encoded as one parameter).

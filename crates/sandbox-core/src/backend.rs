@@ -11,6 +11,18 @@ use time::OffsetDateTime;
 use crate::error::Result;
 use crate::types::{Limits, SandboxState};
 
+/// Capabilities every sandbox keeps; backends drop all others. The in-sandbox agent runs
+/// as root PID 1 and must act as other users: change owners, bypass file modes, switch
+/// uid/gid and signal their processes.
+pub const SANDBOX_CAPABILITIES: [&str; 6] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
 /// What a backend supports. Conformance checks and the API choose by capability,
 /// never by backend name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

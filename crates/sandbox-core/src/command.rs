@@ -8,7 +8,7 @@ use crate::agent_client::proto::{
 };
 use crate::agent_client::{AgentClient, ProcessOutput, ProcessStream};
 use crate::error::{Error, Result};
-use crate::types::validate_envs;
+use crate::types::{validate_envs, validate_user};
 
 /// Longest command line accepted.
 pub const MAX_CMD_LEN: usize = 256 * 1024;
@@ -47,15 +47,7 @@ impl ShellCommand {
             ));
         }
         if let Some(user) = &self.user {
-            if user.is_empty()
-                || !user
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "invalid user name {user:?}"
-                )));
-            }
+            validate_user(user)?;
         }
         validate_envs(&self.envs)
     }

@@ -13,7 +13,9 @@ use crate::agent_client::{self, proto::InitRequest, AgentClient, AGENT_PORT, SEC
 use crate::backend::{ContainerSpec, DeriveImage, DynBackend, EngineInfo, ImageFile};
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::types::{validate_envs, Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use crate::types::{
+    validate_envs, validate_user, Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};
 
 /// How the manager behaves; the binary fills it from configuration.
 #[derive(Clone, Debug)]
@@ -524,15 +526,7 @@ impl SandboxManager {
         let limits = spec.limits.unwrap_or(config.default_limits);
         limits.validate()?;
         if let Some(user) = &spec.user {
-            if user.is_empty()
-                || !user
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "invalid user name {user:?}"
-                )));
-            }
+            validate_user(user)?;
         }
 
         let _permit = self.inner.creates.try_acquire().map_err(|_| {

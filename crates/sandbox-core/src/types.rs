@@ -215,6 +215,22 @@ pub struct SandboxInfo {
     pub internet: bool,
 }
 
+/// Validates a user name a client asks to act as (letters, digits, `_`, `-`, `.`).
+pub fn validate_user(user: &str) -> Result<()> {
+    let ok = !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid user name {user:?}"
+        )))
+    }
+}
+
 /// Validates a map of environment variables (names and values) from a client.
 pub fn validate_envs(envs: &BTreeMap<String, String>) -> Result<()> {
     for (k, v) in envs {
