@@ -1,7 +1,5 @@
 //! The seed's file and command API on the real server, over real engines.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use tests::{OwnerCleanup, Server, ServerOptions};
 
@@ -75,6 +73,22 @@ async fn seed_examples_write_a_script_and_run_it() {
         (v["exit_code"].as_i64(), v["stderr"].as_str()),
         (Some(3), Some("oops\n"))
     );
+
+    // What that did shows in the metrics: engine calls, agent calls, commands.
+    let metrics = server.get("/metrics").await.text().await.expect("metrics");
+    for needle in [
+        r#"colima_e2b_engine_call_duration_seconds_count{backend=""#,
+        r#"op="create",outcome="ok"}"#,
+        r#"colima_e2b_agent_call_duration_seconds_count{call="process.Process/Start",outcome="ok"}"#,
+        r#"colima_e2b_commands_total{outcome="ok"} 2"#,
+        r#"colima_e2b_commands_total{outcome="nonzero"} 1"#,
+        "colima_e2b_command_duration_seconds_count 3",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -301,9 +315,38 @@ ws.close()
     assert_eq!(stderr, "err\n");
 
     // A stream that joins after the command ended still gets its output and exit.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, _) = json_of(server.get(&format!("/sandboxes/{id}")).await).await;
-    assert_eq!(status, 200);
+    let late = format!(
+        r#"
+import json, websocket
+ws = websocket.create_connection("ws://{host}/sandboxes/{id}/commands/stream/{pid}")
+msgs = []
+while True:
+    data = json.loads(ws.recv())
+    msgs.append(data)
+    if data["type"] in ("exit", "error"):
+        break
+print(json.dumps(msgs))
+"#,
+        host = server.url.trim_start_matches("http://"),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", &late])
+            .output()
+            .expect("python3")
+    })
+    .await
+    .expect("join");
+    let msgs: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("late client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let msgs = msgs.as_array().expect("messages");
+    let stdout: String = msgs
+        .iter()
+        .filter(|m| m["type"] == "stdout")
+        .filter_map(|m| m["data"].as_str())
+        .collect();
+    assert_eq!(stdout, "line1\nline2\nline3\n");
+    assert_eq!(msgs.last(), Some(&json!({"type": "exit", "code": 7})));
 }
 
 fn base64_encode(data: &[u8]) -> String {

@@ -186,7 +186,22 @@ impl AgentClient {
         }
     }
 
-    async fn unary<Q: Serialize, R: DeserializeOwned>(&self, method: &str, req: &Q) -> Result<R> {
+    async fn unary<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        req: &Q,
+    ) -> Result<R> {
+        let started = std::time::Instant::now();
+        let result = self.unary_inner(method, req).await;
+        record_call(method, started, &result);
+        result
+    }
+
+    async fn unary_inner<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        req: &Q,
+    ) -> Result<R> {
         let resp = self
             .send(self.request(Method::POST, &format!("/{method}")).json(req))
             .await?;
@@ -204,7 +219,20 @@ impl AgentClient {
 
     async fn open_stream<Q: Serialize>(
         &self,
-        method: &str,
+        method: &'static str,
+        req: &Q,
+        timeout: Option<Duration>,
+    ) -> Result<EnvelopeReader> {
+        // Measures until the stream is open (the call's answer), not its whole life.
+        let started = std::time::Instant::now();
+        let result = self.open_stream_inner(method, req, timeout).await;
+        record_call(method, started, &result);
+        result
+    }
+
+    async fn open_stream_inner<Q: Serialize>(
+        &self,
+        method: &'static str,
         req: &Q,
         timeout: Option<Duration>,
     ) -> Result<EnvelopeReader> {
@@ -415,6 +443,16 @@ impl AgentClient {
 
 fn path_req(path: &str) -> PathRequest {
     PathRequest { path: path.into() }
+}
+
+/// Records an agent call's latency and outcome (labels are static method names).
+fn record_call<T>(method: &'static str, started: std::time::Instant, result: &Result<T>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::histogram!("colima_e2b_agent_call_duration_seconds", "call" => method, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Reads a whole response body, refusing more than `max` bytes.

@@ -22,6 +22,7 @@ pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
+pub mod instrumented;
 pub mod labels;
 pub mod manager;
 pub mod types;

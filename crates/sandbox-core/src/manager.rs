@@ -185,7 +185,8 @@ impl SandboxManager {
         };
         Self {
             inner: Arc::new(Inner {
-                backend,
+                // Every engine call the manager makes is timed and counted.
+                backend: Arc::new(crate::instrumented::Instrumented(backend)),
                 config,
                 sandboxes: Mutex::new(HashMap::new()),
                 creates,

@@ -1,0 +1,91 @@
+//! A backend wrapper that records every engine call's latency and errors as metrics.
+
+use std::fmt;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use crate::backend::{
+    AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
+    SandboxBackend,
+};
+use crate::error::Result;
+
+/// Wraps a backend; `colima_e2b_engine_call_duration_seconds{backend,op,outcome}` records
+/// each call. The manager wraps its backend in this, so every engine call is seen.
+#[derive(Debug)]
+pub struct Instrumented(pub DynBackend);
+
+impl fmt::Display for Instrumented {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl Instrumented {
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let result = call.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        metrics::histogram!(
+            "colima_e2b_engine_call_duration_seconds",
+            "backend" => self.0.name(),
+            "op" => op,
+            "outcome" => outcome
+        )
+        .record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            metrics::counter!("colima_e2b_engine_errors_total", "backend" => self.0.name(), "op" => op, "code" => outcome)
+                .increment(1);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl SandboxBackend for Instrumented {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn check(&self) -> Result<EngineInfo> {
+        self.timed("check", self.0.check()).await
+    }
+    async fn ensure_image(&self, image: &str) -> Result<()> {
+        self.timed("ensure_image", self.0.ensure_image(image)).await
+    }
+    async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
+        self.timed("derive_image", self.0.derive_image(req)).await
+    }
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
+        self.timed("create", self.0.create(spec)).await
+    }
+    async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
+        self.timed("inspect", self.0.inspect(name)).await
+    }
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
+        self.timed("list", self.0.list(labels)).await
+    }
+    async fn pause(&self, name: &str) -> Result<()> {
+        self.timed("pause", self.0.pause(name)).await
+    }
+    async fn resume(&self, name: &str) -> Result<()> {
+        self.timed("resume", self.0.resume(name)).await
+    }
+    async fn remove(&self, name: &str) -> Result<()> {
+        self.timed("remove", self.0.remove(name)).await
+    }
+    async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
+        self.timed("agent_address", self.0.agent_address(name, port))
+            .await
+    }
+}
