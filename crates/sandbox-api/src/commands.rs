@@ -86,6 +86,7 @@ pub struct RunCommandResponse {
     /// Exit code; -1 when a signal ended the command.
     pub exit_code: i32,
     /// Why the command ended abnormally (e.g. `signal: killed`), else null.
+    #[oai(nullable)]
     pub error: Option<String>,
     /// True when output past the cap (4 MiB per stream) was dropped.
     pub truncated: bool,
@@ -120,8 +121,10 @@ pub struct ProcessEntry {
     /// Arguments.
     pub args: Vec<String>,
     /// Working directory, when set.
+    #[oai(nullable)]
     pub cwd: Option<String>,
     /// Tag, when set.
+    #[oai(nullable)]
     pub tag: Option<String>,
 }
 

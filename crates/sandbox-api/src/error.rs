@@ -53,6 +53,9 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[oai(status = 413)]
     TooLarge(Json<ErrorBody>),
+    /// The request body's Content-Type is not one the operation takes.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The request data is invalid (wrong types, out-of-range values, unknown template).
     #[oai(status = 422)]
     Validation(Json<ErrorBody>),
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::Timeout(_) => 408,
             ApiError::Conflict(_) => 409,
             ApiError::TooLarge(_) => 413,
+            ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Validation(_) => 422,
             ApiError::TooManyRequests(..) => 429,
             ApiError::Internal(_) => 500,
@@ -104,6 +108,7 @@ impl ApiError {
             408 => ApiError::Timeout(body),
             409 => ApiError::Conflict(body),
             413 => ApiError::TooLarge(body),
+            415 => ApiError::UnsupportedMediaType(body),
             422 => ApiError::Validation(body),
             429 => ApiError::TooManyRequests(body, None),
             501 => ApiError::Unsupported(body),
@@ -170,6 +175,7 @@ pub async fn any_error_to_json(err: poem::Error) -> poem::Response {
         404 => "not_found",
         405 => "method_not_allowed",
         413 => "payload_too_large",
+        415 => "unsupported_media_type",
         431 => "headers_too_large",
         400..=499 => "bad_request",
         _ => "internal",

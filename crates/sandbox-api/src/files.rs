@@ -95,6 +95,7 @@ pub struct FileEntry {
     /// Modification time, RFC 3339.
     pub modified_time: String,
     /// Target of a symlink.
+    #[oai(nullable)]
     pub symlink_target: Option<String>,
 }
 

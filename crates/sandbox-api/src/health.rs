@@ -18,14 +18,19 @@ pub struct EngineHealth {
     /// Whether the engine answered.
     pub reachable: bool,
     /// Engine product, e.g. `Docker Engine`.
+    #[oai(nullable)]
     pub engine: Option<String>,
     /// Engine version.
+    #[oai(nullable)]
     pub version: Option<String>,
     /// Negotiated API version.
+    #[oai(nullable)]
     pub api_version: Option<String>,
     /// Where the backend connects.
+    #[oai(nullable)]
     pub endpoint: Option<String>,
     /// Why the engine is unreachable.
+    #[oai(nullable)]
     pub error: Option<String>,
 }
 

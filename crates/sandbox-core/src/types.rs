@@ -139,8 +139,12 @@ impl Default for Limits {
 impl Limits {
     /// Rejects limits that are zero, negative or absurd.
     pub fn validate(&self) -> Result<()> {
-        if !(self.cpus.is_finite() && self.cpus > 0.0 && self.cpus <= 256.0) {
-            return Err(Error::InvalidArgument("cpus must be in (0, 256]".into()));
+        // Engines take CPU quotas in whole nano-CPUs (or 1/100000 periods): less than a
+        // hundredth of a core rounds to "no limit" or is refused.
+        if !(self.cpus.is_finite() && (0.01..=256.0).contains(&self.cpus)) {
+            return Err(Error::InvalidArgument(
+                "cpus must be between 0.01 and 256".into(),
+            ));
         }
         if !(6..=1 << 20).contains(&self.memory_mb) {
             return Err(Error::InvalidArgument(
@@ -305,6 +309,22 @@ mod tests {
         ] {
             assert!(l.validate().is_err(), "{l:?} accepted");
         }
+    }
+
+    #[test]
+    fn cpu_quotas_too_small_for_the_engine_are_rejected() {
+        for cpus in [3e-238, 0.001, 0.0099] {
+            let l = Limits {
+                cpus,
+                ..Limits::default()
+            };
+            assert!(l.validate().is_err(), "{cpus} accepted");
+        }
+        let l = Limits {
+            cpus: 0.01,
+            ..Limits::default()
+        };
+        assert!(l.validate().is_ok());
     }
 
     #[test]
