@@ -1,6 +1,6 @@
 //! The seed's file API: `/sandboxes/{id}/files/...`, plus streamed raw variants.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -362,29 +362,24 @@ impl FileApi {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
         let agent = state.manager.agent(&id).await?;
-        let over = Arc::new(AtomicBool::new(false));
-        let flag = over.clone();
-        let mut seen = 0u64;
+        // Counts what streams through; past the cap the stream fails, which ends the
+        // upload, and the count tells that failure apart from the agent's own.
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
         let counted = body.0.into_bytes_stream().map(move |chunk| {
             let chunk = chunk?;
-            seen += chunk.len() as u64;
-            if seen > MAX_RAW_UPLOAD {
-                flag.store(true, Ordering::Relaxed);
+            let total =
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            if total > MAX_RAW_UPLOAD {
                 return Err(std::io::Error::other("upload too large"));
             }
             Ok(chunk)
         });
-        let size_probe = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let probe = size_probe.clone();
-        let counted = counted.inspect(move |c| {
-            if let Ok(b) = c {
-                probe.fetch_add(b.len() as u64, Ordering::Relaxed);
-            }
-        });
         let result = agent
             .write_file(&path.0, reqwest::Body::wrap_stream(counted))
             .await;
-        if over.load(Ordering::Relaxed) {
+        let size = seen.load(Ordering::Relaxed);
+        if size > MAX_RAW_UPLOAD {
             return Err(ApiError::from_status(
                 413,
                 "payload_too_large",
@@ -393,9 +388,6 @@ impl FileApi {
         }
         let written = result?;
         let path = written.into_iter().next().map(|w| w.path).unwrap_or(path.0);
-        Ok(Json(WrittenFile {
-            path,
-            size: size_probe.load(Ordering::Relaxed),
-        }))
+        Ok(Json(WrittenFile { path, size }))
     }
 }
