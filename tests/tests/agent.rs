@@ -137,13 +137,7 @@ async fn sigkill_kills_a_double_forked_setsid_child_b5() {
         "child runs"
     );
     agent
-        .send_signal(
-            ProcessSelector {
-                pid: Some(pid),
-                tag: None,
-            },
-            Signal::Kill,
-        )
+        .send_signal(ProcessSelector::by_pid(pid), Signal::Kill)
         .await
         .expect("signal");
     let out = stream.collect_output(1 << 10).await.expect("ends");
@@ -218,13 +212,7 @@ async fn endless_output_keeps_the_agent_bounded_b1() {
         "agent RSS {rss_kib} KiB after 64 MiB of output"
     );
     agent
-        .send_signal(
-            ProcessSelector {
-                pid: Some(pid),
-                tag: None,
-            },
-            Signal::Kill,
-        )
+        .send_signal(ProcessSelector::by_pid(pid), Signal::Kill)
         .await
         .expect("the agent still answers and kills the producer");
 }

@@ -157,6 +157,16 @@ pub struct ProcessSelector {
     pub tag: Option<String>,
 }
 
+impl ProcessSelector {
+    /// Selects the process with `pid`.
+    pub fn by_pid(pid: u32) -> Self {
+        Self {
+            pid: Some(pid),
+            tag: None,
+        }
+    }
+}
+
 /// A request that only selects a process (Connect, CloseStdin).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SelectRequest {

@@ -117,13 +117,7 @@ async fn first_pid(stream: &mut ProcessStream) -> Result<u32> {
 /// Kills a process and its whole group (SIGKILL).
 pub async fn kill(agent: &AgentClient, pid: u32) -> Result<()> {
     agent
-        .send_signal(
-            ProcessSelector {
-                pid: Some(pid),
-                ..Default::default()
-            },
-            Signal::Kill,
-        )
+        .send_signal(ProcessSelector::by_pid(pid), Signal::Kill)
         .await
         .map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(format!("process {pid}")),
@@ -134,13 +128,7 @@ pub async fn kill(agent: &AgentClient, pid: u32) -> Result<()> {
 /// Follows a running or recently ended process's output.
 pub async fn follow(agent: &AgentClient, pid: u32) -> Result<ProcessStream> {
     agent
-        .connect(
-            ProcessSelector {
-                pid: Some(pid),
-                ..Default::default()
-            },
-            None,
-        )
+        .connect(ProcessSelector::by_pid(pid), None)
         .await
         .map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(format!("process {pid}")),

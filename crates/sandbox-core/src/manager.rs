@@ -241,6 +241,12 @@ impl SandboxManager {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Drops what the server keeps about a sandbox that no longer exists.
+    fn forget(&self, id: &SandboxId) {
+        self.inner.deadlines.forget(id);
+        self.agents().remove(id);
+    }
+
     fn agent_port(&self) -> u16 {
         self.inner.config.agent_port.unwrap_or(AGENT_PORT)
     }
@@ -456,8 +462,7 @@ impl SandboxManager {
             tracing::info!(sandbox = %info.id, "sandbox expired; removing");
             match self.inner.backend.remove(&labels::container_name(&info.id)).await {
                 Ok(()) | Err(Error::NotFound { .. }) => {
-                    self.inner.deadlines.forget(&info.id);
-                    self.agents().remove(&info.id);
+                    self.forget(&info.id);
                     metrics::counter!("colima_e2b_sandbox_expiries_total").increment(1);
                 }
                 Err(e) => {
@@ -590,12 +595,11 @@ impl SandboxManager {
             None => image,
         };
         let secret = agent.map(|_| generate_secret());
-        let container_image = image.clone();
         let now = now_ms();
         let mut info = SandboxInfo {
             id: SandboxId::generate(),
             template: spec.template.clone(),
-            image: container_image.clone(),
+            image: image.clone(),
             state: SandboxState::Running,
             metadata: spec.metadata.clone(),
             started_at: now,
@@ -699,8 +703,7 @@ impl SandboxManager {
             Err(Error::NotFound { .. }) => {
                 // Removed behind our back (e.g. `docker rm -f`).
                 self.registry().remove(id);
-                self.agents().remove(id);
-                self.inner.deadlines.forget(id);
+                self.forget(id);
                 self.update_gauges();
                 Err(Error::not_found(format!("sandbox {id}")))
             }
@@ -716,8 +719,7 @@ impl SandboxManager {
             .ok_or_else(|| Error::not_found(format!("sandbox {id}")))?;
         match self.inner.backend.remove(&labels::container_name(id)).await {
             Ok(()) | Err(Error::NotFound { .. }) => {
-                self.inner.deadlines.forget(id);
-                self.agents().remove(id);
+                self.forget(id);
                 metrics::counter!("colima_e2b_sandbox_kills_total").increment(1);
                 self.update_gauges();
                 Ok(())
