@@ -331,7 +331,10 @@ async fn concurrent_creates_beyond_the_limit_get_429_and_leave_nothing_half_crea
                 assert_eq!(body["code"], "resource_exhausted");
                 refused += 1;
             }
-            other => panic!("unexpected status {other}"),
+            other => {
+                let body = resp.text().await.unwrap_or_default();
+                panic!("unexpected status {other}: {body}\n{}", server.log());
+            }
         }
     }
     assert!(refused >= 1, "no create was refused");

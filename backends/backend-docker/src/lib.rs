@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest,
-    PortBinding, ResourcesUlimits,
+    ContainerConfig, ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig,
+    NetworkCreateRequest, NetworkingConfig, PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CommitContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
-    InspectNetworkOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, StartContainerOptions,
     UploadToContainerOptions,
 };
 use bollard::Docker;
@@ -100,7 +100,8 @@ pub struct DockerBackend {
     docker: Docker,
     endpoint: String,
     config: DockerConfig,
-    networks: OnceCell<()>,
+    /// Ids of the (online, offline) sandbox networks, resolved once.
+    networks: OnceCell<(String, String)>,
     published: bool,
 }
 
@@ -230,26 +231,27 @@ impl DockerBackend {
         map_error(what, e)
     }
 
-    async fn ensure_networks(&self) -> Result<()> {
+    /// The ids of the (online, offline) sandbox networks, created when missing.
+    async fn ensure_networks(&self) -> Result<&(String, String)> {
         self.networks
             .get_or_try_init(|| async {
-                self.ensure_network(&self.config.network, false).await?;
-                self.ensure_network(&self.config.offline_network, true)
-                    .await
+                let online = self.ensure_network(&self.config.network, false).await?;
+                let offline = self
+                    .ensure_network(&self.config.offline_network, true)
+                    .await?;
+                Ok((online, offline))
             })
             .await
-            .map(|_| ())
     }
 
-    async fn ensure_network(&self, name: &str, internal: bool) -> Result<()> {
-        match self
-            .docker
-            .inspect_network(name, None::<InspectNetworkOptions>)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if status(&e) == Some(404) => {}
-            Err(e) => return Err(self.map_err(&format!("network {name}"), e)),
+    /// The id of the network called `name`, created when missing.
+    ///
+    /// Docker before API 1.44 lets concurrent creates make same-named twins (and then
+    /// refuses the name as ambiguous), so every caller settles on the oldest twin and
+    /// containers join it by id.
+    async fn ensure_network(&self, name: &str, internal: bool) -> Result<String> {
+        if let Some(id) = self.oldest_network(name).await? {
+            return Ok(id);
         }
         let mut options = HashMap::new();
         // Sandboxes must not reach each other.
@@ -268,24 +270,57 @@ impl DockerBackend {
             ..Default::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_) => {
-                tracing::info!(network = name, internal, "created sandbox network");
-                Ok(())
-            }
-            // Another create won the race.
-            Err(e) if status(&e) == Some(409) => Ok(()),
-            Err(e) => Err(self.map_err(&format!("network {name}"), e)),
+            Ok(_) => tracing::info!(network = name, internal, "created sandbox network"),
+            // Newer engines refuse the twin outright.
+            Err(e) if status(&e) == Some(409) => {}
+            Err(e) => return Err(self.map_err(&format!("network {name}"), e)),
         }
+        self.oldest_network(name).await?.ok_or_else(|| {
+            Error::backend(
+                NAME,
+                format!("network {name} vanished right after its creation"),
+            )
+        })
     }
 
-    fn container_body(&self, spec: &ContainerSpec) -> ContainerCreateBody {
+    /// The oldest network named exactly `name` (the engine's filter matches substrings).
+    async fn oldest_network(&self, name: &str) -> Result<Option<String>> {
+        let mut filters = HashMap::new();
+        filters.insert("name".to_string(), vec![name.to_string()]);
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| self.map_err(&format!("network {name}"), e))?;
+        let mut same: Vec<_> = networks
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| {
+                // Go trims trailing zeros from the nanoseconds, so compare parsed times.
+                let created = n.created.as_deref().and_then(|c| {
+                    time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+                Some((created, n.id?))
+            })
+            .collect();
+        if same.len() > 1 {
+            tracing::warn!(
+                network = name,
+                count = same.len(),
+                "several networks share this name; using the oldest (remove the empty ones with `docker network rm <id>`)"
+            );
+        }
+        same.sort();
+        Ok(same.into_iter().next().map(|(_, id)| id))
+    }
+
+    /// The engine's create body for `spec`, joining the network with id `network`.
+    fn container_body(&self, spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
         let mib = 1024 * 1024;
         let memory = spec.limits.memory_mb as i64 * mib;
-        let network = if spec.internet {
-            &self.config.network
-        } else {
-            &self.config.offline_network
-        };
         let mut log_opts = HashMap::new();
         log_opts.insert("max-size".to_string(), "1m".to_string());
         log_opts.insert("max-file".to_string(), "1".to_string());
@@ -334,7 +369,7 @@ impl DockerBackend {
                 typ: Some("json-file".into()),
                 config: Some(log_opts),
             }),
-            network_mode: Some(network.clone()),
+            network_mode: Some(network.to_string()),
             port_bindings,
             ..Default::default()
         };
@@ -355,6 +390,17 @@ impl DockerBackend {
             hostname: Some("sandbox".into()),
             exposed_ports: port_key.map(|k| vec![k]),
             host_config: Some(host_config),
+            // The network id in the endpoint too: the engine resolves the network again
+            // at start, by name unless told the id.
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    network.to_string(),
+                    EndpointSettings {
+                        network_id: Some(network.to_string()),
+                        ..Default::default()
+                    },
+                )])),
+            }),
             ..Default::default()
         }
     }
@@ -562,13 +608,14 @@ impl SandboxBackend for DockerBackend {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
-        self.ensure_networks().await?;
+        let (online, offline) = self.ensure_networks().await?;
+        let network = if spec.internet { online } else { offline };
         let options = CreateContainerOptions {
             name: Some(spec.name.clone()),
             ..Default::default()
         };
         self.docker
-            .create_container(Some(options), self.container_body(spec))
+            .create_container(Some(options), self.container_body(spec, network))
             .await
             .map_err(|e| match status(&e) {
                 Some(404) => Error::not_found(format!("image {}", spec.image)),

@@ -259,3 +259,50 @@ async fn unreachable_engine_names_what_was_tried() {
     assert!(msg.contains("/tmp/colima-e2b-no-such.sock"), "{msg}");
     assert!(msg.contains("colima start"), "{msg}");
 }
+
+/// Several servers starting at once on an engine without the sandbox networks: Docker
+/// (API < 1.44) lets them create same-named twins, which must not break any create.
+#[tokio::test]
+async fn concurrent_first_creates_survive_twin_networks() {
+    let suffix = SandboxId::generate();
+    let config = DockerConfig {
+        network: format!("colima-e2b-twin-{suffix}"),
+        offline_network: format!("colima-e2b-twin-off-{suffix}"),
+        ..Default::default()
+    };
+    let mut backends = Vec::new();
+    for _ in 0..4 {
+        backends.push(
+            DockerBackend::connect(config.clone())
+                .await
+                .expect("docker engine"),
+        );
+    }
+    let specs: Vec<ContainerSpec> = (0..4)
+        .map(|i| spec(&format!("twin{i}"), &["sleep", "infinity"], true))
+        .collect();
+    let results =
+        futures_util::future::join_all(backends.iter().zip(&specs).map(|(b, s)| b.create(s))).await;
+    for s in &specs {
+        let _ = backends[0].remove(&s.name).await;
+    }
+    let docker = backends[0].client();
+    let twins = docker
+        .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+        .await
+        .expect("list networks");
+    for n in twins {
+        if n.name
+            .as_deref()
+            .is_some_and(|name| name.contains(suffix.as_str()))
+        {
+            let _ = docker
+                .remove_network(n.id.as_deref().unwrap_or_default())
+                .await;
+        }
+    }
+    for r in results {
+        let info = r.expect("create with twin networks");
+        assert_eq!(info.state, sandbox_core::SandboxState::Running);
+    }
+}
