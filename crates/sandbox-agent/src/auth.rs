@@ -1,4 +1,5 @@
-//! The per-sandbox secret (`X-Access-Token`) and the acting user (`Authorization: Basic`).
+//! The per-sandbox secret (`X-Access-Token`), E2B's signed `/files` URLs, and the acting
+//! user (`Authorization: Basic`).
 
 use std::sync::Mutex;
 
@@ -7,18 +8,6 @@ use hyper::HeaderMap;
 
 /// Header carrying the per-sandbox secret (what the E2B SDK sends).
 pub const TOKEN_HEADER: &str = "x-access-token";
-
-/// Constant-time comparison (the length is not secret).
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
-}
 
 /// The secret every request (but /health) must carry.
 #[derive(Debug, Default)]
@@ -66,6 +55,72 @@ impl Secret {
     }
 }
 
+pub use crate::signature::{ct_eq, file_signature, FileOp};
+
+/// Why a `/files` request without the access token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureError {
+    /// No `signature` parameter: an ordinary unauthenticated request.
+    Missing,
+    /// A signature that does not match this path, operation, user and expiration.
+    Invalid,
+    /// A valid signature whose `signature_expiration` has passed.
+    Expired,
+}
+
+impl SignatureError {
+    /// The message for the 401 body.
+    pub fn message(self) -> &'static str {
+        match self {
+            SignatureError::Missing => "missing or invalid access token",
+            SignatureError::Invalid => "invalid signature",
+            SignatureError::Expired => "signature expired",
+        }
+    }
+}
+
+impl Secret {
+    /// Checks a signed `/files` URL (`path`, `username`, `signature`,
+    /// `signature_expiration` in `query`) for operation `op` at unix time `now`.
+    /// Never succeeds when no secret is set (callers let such requests through anyway).
+    pub fn verify_file_url(
+        &self,
+        query: &[(String, String)],
+        op: FileOp,
+        now: i64,
+    ) -> Result<(), SignatureError> {
+        // A repeated parameter could be read differently here and by the handler.
+        let one = |name: &str| -> Result<Option<&str>, SignatureError> {
+            let mut it = query.iter().filter(|(k, _)| k == name);
+            let first = it.next().map(|(_, v)| v.as_str());
+            match it.next() {
+                Some(_) => Err(SignatureError::Invalid),
+                None => Ok(first),
+            }
+        };
+        let Some(sig) = one("signature")? else {
+            return Err(SignatureError::Missing);
+        };
+        let token = self.current().ok_or(SignatureError::Invalid)?;
+        // Without a path a multipart upload would pick its own destinations.
+        let path = one("path")?
+            .filter(|p| !p.is_empty())
+            .ok_or(SignatureError::Invalid)?;
+        let user = one("username")?.unwrap_or_default();
+        let expiration = one("signature_expiration")?
+            .map(|e| e.parse::<i64>().map_err(|_| SignatureError::Invalid))
+            .transpose()?;
+        let want = file_signature(path, op, user, &token, expiration);
+        if !ct_eq(sig.as_bytes(), want.as_bytes()) {
+            return Err(SignatureError::Invalid);
+        }
+        match expiration {
+            Some(e) if e < now => Err(SignatureError::Expired),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The user named by `Authorization: Basic base64("<user>:")`, if any.
 /// Err when the header is present but malformed.
 pub fn basic_user(headers: &HeaderMap) -> Result<Option<String>, String> {
@@ -101,6 +156,94 @@ mod tests {
         h.insert(TOKEN_HEADER, "s3cret".parse().expect("hv"));
         assert!(s.allows(&h));
         assert!(Secret::new(None).allows(&HeaderMap::new()));
+    }
+
+    const TOKEN: &[u8] = b"test-secret-0123456789";
+
+    /// Computed by the e2b 2.63.0 Python SDK: `e2b.sandbox.signature.get_signature(...)`
+    /// with token `test-secret-0123456789` (and `time.time` fixed at 1700000000 for C).
+    #[test]
+    fn signature_matches_python_sdk_vectors() {
+        assert_eq!(
+            file_signature("/home/user/hello.txt", FileOp::Read, "", TOKEN, None),
+            "v1_k0g4Ym19YztTXD52ypeoBgjnaqHHfzUU9Mpt5PBFQIs"
+        );
+        assert_eq!(
+            file_signature("docs/report.txt", FileOp::Write, "user", TOKEN, None),
+            "v1_Of+Ai4QSCYeCwtYoIWHkm+PHHH8ruJp5xETQ56Asb4g"
+        );
+        assert_eq!(
+            file_signature(
+                "docs/report.txt",
+                FileOp::Write,
+                "user",
+                TOKEN,
+                Some(1_700_003_600)
+            ),
+            "v1_rwGdrqK5ofY2TjVRi4Ewu3bv2+vAjJhlKDVAP/pYdQg"
+        );
+    }
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn verify_file_url_binds_path_op_user_and_expiry() {
+        let s = Secret::new(Some("test-secret-0123456789".into()));
+        let sig = file_signature("a.txt", FileOp::Read, "", TOKEN, Some(100));
+        let ok = q(&[
+            ("path", "a.txt"),
+            ("signature", &sig),
+            ("signature_expiration", "100"),
+        ]);
+        assert_eq!(s.verify_file_url(&ok, FileOp::Read, 100), Ok(()));
+        assert_eq!(
+            s.verify_file_url(&ok, FileOp::Read, 101),
+            Err(SignatureError::Expired)
+        );
+        assert_eq!(
+            s.verify_file_url(&ok, FileOp::Write, 0),
+            Err(SignatureError::Invalid)
+        );
+        let mut other_user = ok.clone();
+        other_user.push(("username".into(), "root".into()));
+        assert_eq!(
+            s.verify_file_url(&other_user, FileOp::Read, 0),
+            Err(SignatureError::Invalid)
+        );
+        let mut dup = ok.clone();
+        dup.push(("path".into(), "b.txt".into()));
+        assert_eq!(
+            s.verify_file_url(&dup, FileOp::Read, 0),
+            Err(SignatureError::Invalid)
+        );
+        // Dropping the expiration does not make the signature last forever.
+        assert_eq!(
+            s.verify_file_url(&ok[..2], FileOp::Read, 0),
+            Err(SignatureError::Invalid)
+        );
+        assert_eq!(
+            s.verify_file_url(&q(&[("path", "a.txt")]), FileOp::Read, 0),
+            Err(SignatureError::Missing)
+        );
+        let none = Secret::new(None);
+        assert_eq!(
+            none.verify_file_url(&ok, FileOp::Read, 0),
+            Err(SignatureError::Invalid)
+        );
+        let empty_path = file_signature("", FileOp::Write, "", TOKEN, None);
+        assert_eq!(
+            s.verify_file_url(
+                &q(&[("path", ""), ("signature", &empty_path)]),
+                FileOp::Write,
+                0
+            ),
+            Err(SignatureError::Invalid)
+        );
     }
 
     #[test]

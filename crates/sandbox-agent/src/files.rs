@@ -645,14 +645,17 @@ impl Upload {
 
 /// POST /files: multipart (each part's filename is its destination, the first may be
 /// named by `?path=`) or a raw body with `?path=` (optionally gzip-encoded).
+/// `only_query_path` (a signed URL): the upload may write `?path=` alone, so a second
+/// multipart part is refused with 401.
 pub async fn upload(
     user: &User,
     query_path: Option<String>,
     headers: &HeaderMap,
     body: Incoming,
     cap: Option<u64>,
+    only_query_path: bool,
 ) -> Response<AgentBody> {
-    match upload_inner(user, query_path, headers, body, cap).await {
+    match upload_inner(user, query_path, headers, body, cap, only_query_path).await {
         Ok(infos) => crate::connect::json_response(
             StatusCode::OK,
             serde_json::to_vec(&infos).unwrap_or_default(),
@@ -667,6 +670,7 @@ async fn upload_inner(
     headers: &HeaderMap,
     body: Incoming,
     cap: Option<u64>,
+    only_query_path: bool,
 ) -> Result<Vec<WriteInfo>, HttpError> {
     let ctype = headers
         .get(hyper::header::CONTENT_TYPE)
@@ -706,6 +710,12 @@ async fn upload_inner(
                 Ok(None) => break,
                 Err(e) => return Err(HttpError::new(400, format!("bad multipart body: {e}"))),
             };
+            if only_query_path && !out.is_empty() {
+                return Err(HttpError::new(
+                    401,
+                    "a signed upload URL writes only its own path (one file)",
+                ));
+            }
             let target = match (first_query.take(), field.file_name()) {
                 (Some(q), _) if !q.is_empty() => q,
                 (_, Some(f)) if !f.is_empty() => f.to_string(),

@@ -8,8 +8,10 @@
 //! per-sandbox secret in env `COLIMA_E2B_AGENT_SECRET` (removed from the environment
 //! before any command runs) or in a file named by `--secret-file` /
 //! `COLIMA_E2B_AGENT_SECRET_FILE`. Every request but `GET /health` must then carry it in
-//! `X-Access-Token`. `POST /init` may set the secret when none is set, or rotate it when
-//! the request carries the current one.
+//! `X-Access-Token`, except `GET`/`POST /files` through an E2B signed URL (the SDK's
+//! `download_url`/`upload_url`, see `auth::file_signature`), which grants that one file
+//! operation. `POST /init` may set the secret when none is set, or rotate it when the
+//! request carries the current one.
 
 #[cfg(feature = "daemon")]
 pub mod auth;
@@ -24,6 +26,7 @@ pub mod process;
 pub mod proto;
 #[cfg(feature = "daemon")]
 pub mod server;
+pub mod signature;
 #[cfg(feature = "daemon")]
 pub mod sys;
 #[cfg(feature = "daemon")]

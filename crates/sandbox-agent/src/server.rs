@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::auth::{self, Secret};
+use crate::auth::{self, FileOp, Secret, SignatureError};
 use crate::config::{Config, SECRET_ENV, SECRET_FILE_ENV};
 use crate::connect::{self, AgentBody, Code, RpcError, MAX_MESSAGE};
 use crate::files::{self, HttpError};
@@ -153,24 +153,34 @@ pub async fn handle(
         *r.status_mut() = StatusCode::NO_CONTENT;
         return Ok(r);
     }
+    // Without the token, only a signed URL for this very /files operation gets through.
+    let mut signed = false;
     if !agent.secret.allows(req.headers()) {
-        let err = RpcError::new(Code::Unauthenticated, "missing or invalid access token");
-        let stream = is_stream(&req);
-        drain(req.into_body()).await;
-        return Ok(if rpc && stream {
-            connect::stream_err(&err)
-        } else if rpc {
-            connect::unary_err(&err)
-        } else {
-            HttpError::new(401, err.message).response()
-        });
+        let verdict = match (req.method(), path.as_str()) {
+            (&Method::GET, "/files") => check_signed(&agent, &req, FileOp::Read),
+            (&Method::POST, "/files") => check_signed(&agent, &req, FileOp::Write),
+            _ => Err(SignatureError::Missing),
+        };
+        if let Err(e) = verdict {
+            let err = RpcError::new(Code::Unauthenticated, e.message());
+            let stream = is_stream(&req);
+            drain(req.into_body()).await;
+            return Ok(if rpc && stream {
+                connect::stream_err(&err)
+            } else if rpc {
+                connect::unary_err(&err)
+            } else {
+                HttpError::new(401, err.message).response()
+            });
+        }
+        signed = true;
     }
     if rpc {
         return Ok(rpc_dispatch(agent, req, &path).await);
     }
     let method = req.method().clone();
     Ok(match (method, path.as_str()) {
-        (Method::GET, "/files") | (Method::POST, "/files") => rest_files(agent, req).await,
+        (Method::GET, "/files") | (Method::POST, "/files") => rest_files(agent, req, signed).await,
         (Method::GET, "/envs") => {
             let envs = agent.init_state().envs;
             connect::json_response(
@@ -220,31 +230,29 @@ async fn init(agent: Arc<Agent>, req: Request<Incoming>) -> Response<AgentBody> 
 }
 
 fn metrics(agent: &Agent) -> Response<AgentBody> {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let (busy, total) = stat
-        .lines()
-        .next()
-        .map(|l| {
-            let v: Vec<u64> = l
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            let total: u64 = v.iter().sum();
-            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-            (total.saturating_sub(idle), total)
-        })
-        .unwrap_or((0, 0));
-    let pct = {
-        let mut prev = agent.cpu_prev.lock().unwrap_or_else(|p| p.into_inner());
-        let pct = match *prev {
-            Some((pb, pt)) if total > pt => {
-                (busy.saturating_sub(pb)) as f64 * 100.0 / (total - pt) as f64
-            }
-            _ => 0.0,
-        };
-        *prev = Some((busy, total));
-        pct
+    // The sandbox's cgroup, not the host that /proc/stat and /proc/meminfo describe.
+    let cg = crate::sys::cgroup_usage(std::path::Path::new("/sys/fs/cgroup"));
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let cpus = cg.cpus.map_or(host_cpus, |c| c.min(host_cpus));
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let pct = match cg.cpu_ns {
+        Some(used) => {
+            let mut prev = agent.cpu_prev.lock().unwrap_or_else(|p| p.into_inner());
+            let pct = match *prev {
+                Some((pu, pt)) if now_ns > pt && cpus > 0.0 => {
+                    used.saturating_sub(pu) as f64 * 100.0 / ((now_ns - pt) as f64 * cpus)
+                }
+                _ => 0.0,
+            };
+            *prev = Some((used, now_ns));
+            pct.min(100.0)
+        }
+        None => 0.0,
     };
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kb = |key: &str| -> u64 {
@@ -255,8 +263,16 @@ fn metrics(agent: &Agent) -> Response<AgentBody> {
             .unwrap_or(0)
             * 1024
     };
-    let mem_total = kb("MemTotal:");
-    let mem_used = mem_total.saturating_sub(kb("MemAvailable:"));
+    let host_total = kb("MemTotal:");
+    let mem_total = match cg.mem_limit {
+        Some(limit) if host_total > 0 => limit.min(host_total),
+        Some(limit) => limit,
+        None => host_total,
+    };
+    let mem_used = cg
+        .mem_used
+        .unwrap_or_else(|| host_total.saturating_sub(kb("MemAvailable:")));
+    let mem_cache = cg.mem_cache.unwrap_or(0);
     let (disk_total, disk_used) =
         crate::sys::disk_usage(std::path::Path::new("/")).unwrap_or((0, 0));
     let ts = std::time::SystemTime::now()
@@ -265,10 +281,11 @@ fn metrics(agent: &Agent) -> Response<AgentBody> {
         .unwrap_or(0);
     let body = serde_json::json!({
         "ts": ts,
-        "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_count": cpus.ceil().max(1.0) as u64,
         "cpu_used_pct": (pct * 100.0).round() / 100.0,
         "mem_total": mem_total,
         "mem_used": mem_used,
+        "mem_cache": mem_cache,
         "mem_total_mib": mem_total >> 20,
         "mem_used_mib": mem_used >> 20,
         "disk_total": disk_total,
@@ -294,13 +311,32 @@ fn self_rss() -> u64 {
         * 1024
 }
 
-async fn rest_files(agent: Arc<Agent>, req: Request<Incoming>) -> Response<AgentBody> {
+/// Checks the signed-URL parameters of a `/files` request that lacks the access token.
+fn check_signed(agent: &Agent, req: &Request<Incoming>, op: FileOp) -> Result<(), SignatureError> {
+    let Ok(query) = files::parse_query(req.uri().query()) else {
+        return Err(SignatureError::Invalid);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    agent.secret.verify_file_url(&query, op, now)
+}
+
+/// `GET`/`POST /files`. `signed`: authorised by a signed URL rather than the token, so
+/// the user is the signed `username` (never `Authorization`) and one file is written.
+async fn rest_files(
+    agent: Arc<Agent>,
+    req: Request<Incoming>,
+    signed: bool,
+) -> Response<AgentBody> {
     let query = match files::parse_query(req.uri().query()) {
         Ok(q) => q,
         Err(e) => return e.response(),
     };
     let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let basic = match auth::basic_user(req.headers()) {
+        _ if signed => None,
         Ok(u) => u,
         Err(e) => return HttpError::new(401, e).response(),
     };
@@ -325,6 +361,7 @@ async fn rest_files(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Agent
             &parts.headers,
             body,
             agent.cfg.max_upload_bytes,
+            signed,
         )
         .await
     }

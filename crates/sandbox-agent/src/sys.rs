@@ -331,3 +331,131 @@ pub fn inotify_add_watch(fd: RawFd, path: &Path, mask: u32) -> io::Result<i32> {
     // SAFETY: c is a NUL-terminated path, fd an inotify descriptor.
     cvt(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) })
 }
+
+/// Resource use of the sandbox's own cgroup (v2 or v1), so that metrics describe the
+/// sandbox and not the host the kernel's /proc files describe.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CgroupUsage {
+    /// CPU time used by the cgroup since it began, nanoseconds.
+    pub cpu_ns: Option<u64>,
+    /// CPUs the cgroup may use (its quota), if limited.
+    pub cpus: Option<f64>,
+    /// Memory in use, bytes.
+    pub mem_used: Option<u64>,
+    /// Memory limit, bytes (`None` when unlimited).
+    pub mem_limit: Option<u64>,
+    /// Page cache within the memory in use, bytes.
+    pub mem_cache: Option<u64>,
+}
+
+/// Reads [`CgroupUsage`] under `root` (normally `/sys/fs/cgroup`).
+pub fn cgroup_usage(root: &Path) -> CgroupUsage {
+    let read = |rel: &str| std::fs::read_to_string(root.join(rel)).ok();
+    let num = |rel: &str| read(rel).and_then(|s| s.trim().parse::<u64>().ok());
+    let stat = |rel: &str, key: &str| {
+        read(rel).and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+            })
+        })
+    };
+    // Limits above this are "unlimited" written as a huge number (v1).
+    let real_limit = |v: u64| (v < 1 << 60).then_some(v);
+    if root.join("cgroup.controllers").exists() {
+        let cpus = read("cpu.max").and_then(|s| {
+            let mut it = s.split_whitespace();
+            let quota: f64 = it.next()?.parse().ok()?;
+            let period: f64 = it.next()?.parse().ok()?;
+            (period > 0.0).then(|| quota / period)
+        });
+        return CgroupUsage {
+            cpu_ns: stat("cpu.stat", "usage_usec").map(|us| us * 1000),
+            cpus,
+            mem_used: num("memory.current"),
+            mem_limit: read("memory.max").and_then(|s| s.trim().parse().ok()),
+            mem_cache: stat("memory.stat", "file"),
+        };
+    }
+    let cpu_dir = ["cpu,cpuacct", "cpuacct,cpu", "cpuacct", "cpu"]
+        .into_iter()
+        .find(|d| root.join(d).join("cpuacct.usage").exists())
+        .unwrap_or("cpuacct");
+    let quota_dir = ["cpu,cpuacct", "cpuacct,cpu", "cpu"]
+        .into_iter()
+        .find(|d| root.join(d).join("cpu.cfs_quota_us").exists())
+        .unwrap_or("cpu");
+    let cpus = read(&format!("{quota_dir}/cpu.cfs_quota_us"))
+        .and_then(|q| q.trim().parse::<i64>().ok())
+        .filter(|q| *q > 0)
+        .zip(num(&format!("{quota_dir}/cpu.cfs_period_us")).filter(|p| *p > 0))
+        .map(|(q, p)| q as f64 / p as f64);
+    CgroupUsage {
+        cpu_ns: num(&format!("{cpu_dir}/cpuacct.usage")),
+        cpus,
+        mem_used: num("memory/memory.usage_in_bytes"),
+        mem_limit: num("memory/memory.limit_in_bytes").and_then(real_limit),
+        mem_cache: stat("memory/memory.stat", "total_cache")
+            .or_else(|| stat("memory/memory.stat", "cache")),
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("agent-cgroup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn write(root: &Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, body).expect("write");
+    }
+
+    #[test]
+    fn reads_cgroup_v2() {
+        let dir = scratch("v2");
+        let r = dir.as_path();
+        write(r, "cgroup.controllers", "cpu memory pids\n");
+        write(r, "cpu.max", "50000 100000\n");
+        write(r, "cpu.stat", "usage_usec 1500\nuser_usec 1000\n");
+        write(r, "memory.current", "4096\n");
+        write(r, "memory.max", "max\n");
+        write(r, "memory.stat", "anon 1\nfile 2048\n");
+        let u = cgroup_usage(r);
+        assert_eq!(u.cpu_ns, Some(1_500_000));
+        assert_eq!(u.cpus, Some(0.5));
+        assert_eq!(u.mem_used, Some(4096));
+        assert_eq!(u.mem_limit, None);
+        assert_eq!(u.mem_cache, Some(2048));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reads_cgroup_v1() {
+        let dir = scratch("v1");
+        let r = dir.as_path();
+        write(r, "cpu,cpuacct/cpuacct.usage", "123456\n");
+        write(r, "cpu,cpuacct/cpu.cfs_quota_us", "200000\n");
+        write(r, "cpu,cpuacct/cpu.cfs_period_us", "100000\n");
+        write(r, "memory/memory.usage_in_bytes", "8192\n");
+        write(r, "memory/memory.limit_in_bytes", "536870912\n");
+        write(r, "memory/memory.stat", "cache 100\ntotal_cache 300\n");
+        let u = cgroup_usage(r);
+        assert_eq!(u.cpu_ns, Some(123_456));
+        assert_eq!(u.cpus, Some(2.0));
+        assert_eq!(u.mem_used, Some(8192));
+        assert_eq!(u.mem_limit, Some(536_870_912));
+        assert_eq!(u.mem_cache, Some(300));
+        write(r, "memory/memory.limit_in_bytes", "9223372036854771712\n");
+        write(r, "cpu,cpuacct/cpu.cfs_quota_us", "-1\n");
+        let u = cgroup_usage(r);
+        assert_eq!(u.mem_limit, None);
+        assert_eq!(u.cpus, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -561,3 +561,235 @@ fn metrics_report_cpu_and_memory() {
     assert!(m["mem_used"].as_u64().unwrap() > 0);
     assert!(m["agent_rss"].as_u64().unwrap() > 0);
 }
+
+// ------------------------------------------------------------ signed /files URLs
+
+/// E2B's v1 signature, computed here independently of the agent.
+fn sign(path: &str, op: &str, user: &str, exp: Option<i64>) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut raw = format!("{path}:{op}:{user}:{SECRET}");
+    if let Some(e) = exp {
+        raw.push_str(&format!(":{e}"));
+    }
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn pct(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `/files?...` with the given (unencoded) query parameters.
+fn files_url(params: &[(&str, &str)]) -> String {
+    let q: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", pct(v)))
+        .collect();
+    format!("/files?{}", q.join("&"))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const OCTET: (&str, &str) = ("Content-Type", "application/octet-stream");
+
+#[test]
+fn signed_urls_download_and_upload_without_token() {
+    let a = Agent::start();
+    std::fs::write(a.home.join("hello world.txt"), b"hi there").unwrap();
+
+    // Download, as the SDK does for the default user: no username, signed with "".
+    let p = "hello world.txt";
+    let url = files_url(&[("path", p), ("signature", &sign(p, "read", "", None))]);
+    let r = a.request_no_auth("GET", &url, &[], b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, b"hi there");
+
+    // With a username and an expiration in the future.
+    let exp = now() + 600;
+    let url = files_url(&[
+        ("path", p),
+        ("username", "user"),
+        ("signature", &sign(p, "read", "user", Some(exp))),
+        ("signature_expiration", &exp.to_string()),
+    ]);
+    let r = a.request_no_auth("GET", &url, &[], b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, b"hi there");
+
+    // Raw upload.
+    let up = "up/new.txt";
+    let url = files_url(&[("path", up), ("signature", &sign(up, "write", "", None))]);
+    let r = a.request_no_auth("POST", &url, &[OCTET], b"uploaded");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(a.home.join(up)).unwrap(), b"uploaded");
+
+    // Multipart upload: the signed path wins over the part's filename.
+    let (ct, body) = multipart(&[("elsewhere.txt", b"form data")]);
+    let r = a.request_no_auth("POST", &url, &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::read(a.home.join(up)).unwrap(), b"form data");
+    assert!(!a.home.join("elsewhere.txt").exists());
+
+    // A second part would write a path the URL did not sign.
+    let (ct, body) = multipart(&[("one.txt", b"1"), ("two.txt", b"2")]);
+    let r = a.request_no_auth("POST", &url, &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 401);
+    assert!(!a.home.join("two.txt").exists());
+
+    // The token still works on its own, and a wrong one does not spoil a valid signature.
+    let r = a.request("GET", &files_url(&[("path", p)]), &[], b"");
+    assert_eq!(r.status, 200);
+    let url = files_url(&[("path", p), ("signature", &sign(p, "read", "", None))]);
+    let r = a.request_no_auth("GET", &url, &[("X-Access-Token", "wrong")], b"");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn signed_urls_grant_only_their_path_operation_user_and_time() {
+    let a = Agent::start();
+    std::fs::write(a.home.join("a.txt"), b"a").unwrap();
+    std::fs::write(a.home.join("b.txt"), b"b").unwrap();
+    let refused = |method: &str, url: &str, msg: &str| {
+        let r = a.request_no_auth(method, url, &[OCTET], b"x");
+        assert_eq!(r.status, 401, "{method} {url}");
+        let v = r.json();
+        assert_eq!(v["code"], 401, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(msg), "{v}");
+    };
+
+    // Wrong signature, and none at all.
+    let bad = sign("a.txt", "read", "", None).replace("v1_", "v1_x");
+    refused(
+        "GET",
+        &files_url(&[("path", "a.txt"), ("signature", &bad)]),
+        "invalid signature",
+    );
+    refused("GET", &files_url(&[("path", "a.txt")]), "access token");
+
+    // Signed for a.txt, used for b.txt (and for an equivalent spelling of a.txt).
+    let sig_a = sign("a.txt", "read", "", None);
+    for other in ["b.txt", "./a.txt"] {
+        refused(
+            "GET",
+            &files_url(&[("path", other), ("signature", &sig_a)]),
+            "invalid signature",
+        );
+    }
+
+    // Read signature used to write, write signature used to read.
+    refused(
+        "POST",
+        &files_url(&[("path", "a.txt"), ("signature", &sig_a)]),
+        "invalid signature",
+    );
+    let sig_w = sign("a.txt", "write", "", None);
+    refused(
+        "GET",
+        &files_url(&[("path", "a.txt"), ("signature", &sig_w)]),
+        "invalid signature",
+    );
+    assert_eq!(std::fs::read(a.home.join("a.txt")).unwrap(), b"a");
+
+    // Signed for the default user, used for another user.
+    refused(
+        "GET",
+        &files_url(&[
+            ("path", "a.txt"),
+            ("username", "root"),
+            ("signature", &sig_a),
+        ]),
+        "invalid signature",
+    );
+
+    // Expired; and dropping the expiration does not revive it.
+    let exp = now() - 5;
+    let sig_exp = sign("a.txt", "read", "", Some(exp));
+    refused(
+        "GET",
+        &files_url(&[
+            ("path", "a.txt"),
+            ("signature", &sig_exp),
+            ("signature_expiration", &exp.to_string()),
+        ]),
+        "expired",
+    );
+    refused(
+        "GET",
+        &files_url(&[("path", "a.txt"), ("signature", &sig_exp)]),
+        "invalid signature",
+    );
+
+    // A signed query grants nothing on other endpoints.
+    let q = format!("path=a.txt&signature={}", pct(&sig_a));
+    assert_eq!(
+        a.request_no_auth("GET", &format!("/envs?{q}"), &[], b"")
+            .status,
+        401
+    );
+    let r = a.request_no_auth(
+        "POST",
+        &format!("/filesystem.Filesystem/Stat?{q}"),
+        &[("Content-Type", "application/json")],
+        br#"{"path":"a.txt"}"#,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["code"], "unauthenticated");
+}
+
+/// Queries produced by the real e2b 2.63.0 Python SDK (`Sandbox.download_url` /
+/// `upload_url`, envd 0.5.7, token `test-secret-0123456789`; `time.time` fixed so the
+/// expirations are 2100-01-01 and 2023-11-14).
+#[test]
+fn signed_urls_from_the_python_sdk_work() {
+    const DOWNLOAD: &str =
+        "/files?path=hello%20sdk.txt&signature=v1_Qf4Y%2Fhqq6C0BuTCmVCSo%2FvU606O38Dn3LrJZiphdFUs";
+    const UPLOAD: &str = "/files?path=docs%2Fsdk%20upload.txt&signature=v1_R1ehbNa4LOu7XWlANkjIRAQzXgY%2BlWzBjLEWiZskn2Y&signature_expiration=4102444800";
+    const EXPIRED: &str = "/files?path=hello%20sdk.txt&signature=v1_b0I1cySXoIenqCzyUcogXNCJ4e9y8ymjaD1fuxXDxlc&signature_expiration=1700000060";
+    assert_eq!(SECRET, "test-secret-0123456789");
+    // Our independent signer agrees with the SDK.
+    assert!(DOWNLOAD.ends_with(&pct(&sign("hello sdk.txt", "read", "", None))));
+
+    let a = Agent::start();
+    std::fs::write(a.home.join("hello sdk.txt"), b"from sdk").unwrap();
+    let r = a.request_no_auth("GET", DOWNLOAD, &[], b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, b"from sdk");
+
+    let (ct, body) = multipart(&[("sdk upload.txt", b"uploaded via sdk url")]);
+    let r = a.request_no_auth("POST", UPLOAD, &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(a.home.join("docs/sdk upload.txt")).unwrap(),
+        b"uploaded via sdk url"
+    );
+
+    let r = a.request_no_auth("GET", EXPIRED, &[], b"");
+    assert_eq!(r.status, 401);
+    assert!(r.json()["message"].as_str().unwrap().contains("expired"));
+}
+
+#[test]
+fn without_a_secret_signatures_are_irrelevant() {
+    let a = Agent::start_with(None, &[]);
+    std::fs::write(a.home.join("f.txt"), b"open").unwrap();
+    let r = a.request_no_auth("GET", "/files?path=f.txt&signature=v1_bogus", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"open");
+}
