@@ -29,4 +29,6 @@ COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
 export COLIMA_E2B_AGENT_BINARY
 printf '[serve] building the server (release)\n' >&2
 cargo build --release -p colima-e2b --quiet
+# `env` takes the same flags as `server` and prints the E2B SDK settings.
+printf '[serve] E2B SDKs: eval "$(%s env%s)"\n' target/release/colima-e2b "${*:+ $*}" >&2
 exec target/release/colima-e2b server "$@"

@@ -1,7 +1,8 @@
-"""create -> run `echo hi` -> kill: colima-e2b's HTTP API next to llm-sandbox (Docker
-backend, same image), measured in one run.
+"""create -> run `echo hi` -> kill: colima-e2b's HTTP API, the official E2B SDK against
+colima-e2b, and llm-sandbox (Docker backend, same image), measured in one run.
 
-    pip install llm-sandbox docker
+    pip install llm-sandbox docker e2b
+    eval "$(colima-e2b env)"      # the E2B SDK column needs these; skipped without them
     python3 tests/bench/llm_sandbox_compare.py --url http://127.0.0.1:8000 --n 10
 
 Start the server first (e.g. `bash deploy/serve.sh`). Prints medians in milliseconds.
@@ -9,6 +10,7 @@ Start the server first (e.g. `bash deploy/serve.sh`). Prints medians in millisec
 
 import argparse
 import json
+import os
 import statistics
 import time
 import urllib.request
@@ -33,6 +35,25 @@ def colima_e2b(url, n):
         assert out["stdout"] == "hi\n", out
         t2 = time.perf_counter()
         call("DELETE", f"{url}/sandboxes/{sid}")
+        t3 = time.perf_counter()
+        for k, v in zip(rows, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            rows[k].append(v)
+    return rows
+
+
+def e2b_sdk(n):
+    """Sandbox.create() + commands.run("echo hi") + kill() with the official SDK."""
+    from e2b import Sandbox
+
+    rows = {"create": [], "run echo hi": [], "kill": [], "total": []}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sandbox = Sandbox.create("base")
+        t1 = time.perf_counter()
+        result = sandbox.commands.run("echo hi")
+        assert result.stdout == "hi\n", result
+        t2 = time.perf_counter()
+        sandbox.kill()
         t3 = time.perf_counter()
         for k, v in zip(rows, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             rows[k].append(v)
@@ -67,14 +88,15 @@ def main():
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--image", default="colima-e2b/base:latest")
     a = p.parse_args()
-    ours = colima_e2b(a.url, a.n)
-    theirs = llm_sandbox(a.image, a.n)
+    columns = {"colima-e2b API": colima_e2b(a.url, a.n)}
+    if os.environ.get("E2B_API_URL"):
+        columns["E2B SDK -> colima-e2b"] = e2b_sdk(a.n)
+    columns["llm-sandbox"] = llm_sandbox(a.image, a.n)
     print(f"median ms over {a.n} runs each")
-    print(f"{'step':<14}{'colima-e2b API':>16}{'llm-sandbox':>14}")
-    for k in ours:
-        m1 = statistics.median(ours[k]) * 1000
-        m2 = statistics.median(theirs[k]) * 1000
-        print(f"{k:<14}{m1:>16.1f}{m2:>14.1f}")
+    print(f"{'step':<14}" + "".join(f"{c:>24}" for c in columns))
+    for k in next(iter(columns.values())):
+        meds = [statistics.median(rows[k]) * 1000 for rows in columns.values()]
+        print(f"{k:<14}" + "".join(f"{m:>24.1f}" for m in meds))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ pub struct Config {
     /// Default: `sandbox-agent` next to the server executable, else the workspace's
     /// `target/x86_64-unknown-linux-gnu/agent/sandbox-agent` (deploy/build-agent.sh).
     pub agent_binary: Option<PathBuf>,
+    /// The E2B compatibility layer.
+    pub e2b: E2bConfig,
     /// Docker backend settings.
     #[cfg(feature = "docker")]
     pub docker: backend_docker::DockerConfig,
@@ -110,10 +112,34 @@ impl Default for Config {
             limits: Limits::default(),
             templates,
             agent_binary: None,
+            e2b: E2bConfig::default(),
             #[cfg(feature = "docker")]
             docker: Default::default(),
             #[cfg(feature = "podman")]
             podman: Default::default(),
+        }
+    }
+}
+
+/// Settings of the E2B compatibility layer (`/e2b`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct E2bConfig {
+    /// Serve E2B's control plane, data plane and sandbox host names.
+    pub enabled: bool,
+    /// The key SDK clients send (`E2B_API_KEY`). Default: a random key kept in the
+    /// state directory (`e2b-api-key`), printed by `colima-e2b env`.
+    pub api_key: Option<String>,
+    /// Domain of sandbox host names (`<port>-<id>.<domain>`). Default `localhost:<port>`.
+    pub domain: Option<String>,
+}
+
+impl Default for E2bConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            api_key: None,
+            domain: None,
         }
     }
 }
@@ -134,6 +160,7 @@ const KEYS: &[&str] = &[
     "limits",
     "templates",
     "agent_binary",
+    "e2b",
     "docker",
     "podman",
 ];
@@ -269,6 +296,86 @@ impl Config {
             "no usable sandbox agent binary: {}. Build it with `bash deploy/build-agent.sh` \
              or point agent_binary (env COLIMA_E2B_AGENT_BINARY) at it",
             why.join("; ")
+        ))
+    }
+
+    /// The address clients use to reach this server (loopback for wildcard binds).
+    pub fn client_base_url(&self) -> String {
+        let host = match self.host.as_str() {
+            "0.0.0.0" | "" => "127.0.0.1".to_string(),
+            "::" | "[::]" => "[::1]".to_string(),
+            h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+            h => h.to_string(),
+        };
+        format!("http://{host}:{}", self.port)
+    }
+
+    /// The domain of sandbox host names: configured, else `localhost:<port>`.
+    pub fn e2b_domain(&self) -> String {
+        self.e2b
+            .domain
+            .clone()
+            .unwrap_or_else(|| format!("localhost:{}", self.port))
+    }
+
+    /// The E2B API key: configured, else the one kept in the state directory, created
+    /// (`e2b_` and 40 hex digits, mode 0600) on first use.
+    pub fn e2b_api_key(&self) -> Result<String, String> {
+        if let Some(key) = self.e2b.api_key.as_ref().filter(|k| !k.is_empty()) {
+            return Ok(key.clone());
+        }
+        let dir = self
+            .state_dir()
+            .ok_or("no state directory (set state_dir or HOME) to keep the E2B API key in")?;
+        let path = dir.join("e2b-api-key");
+        if let Ok(key) = std::fs::read_to_string(&path) {
+            let key = key.trim();
+            if !key.is_empty() {
+                return Ok(key.to_string());
+            }
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let key = format!("e2b_{}", sandbox_core::agent::generate_hex(20));
+        let tmp = dir.join(format!(".e2b-api-key.{}", std::process::id()));
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            f.write_all(key.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        }
+        // A concurrent first start may have won; keep whichever key landed first.
+        match std::fs::hard_link(&tmp, &path) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&tmp);
+                Ok(key)
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::read_to_string(&path)
+                    .map(|k| k.trim().to_string())
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// Shell `export` lines that point the official E2B SDKs at this server.
+    pub fn e2b_env(&self) -> Result<String, String> {
+        let base = self.client_base_url();
+        let key = self.e2b_api_key()?;
+        Ok(format!(
+            "export E2B_API_URL={base}/e2b\n\
+             export E2B_SANDBOX_URL={base}/e2b/envd\n\
+             export E2B_DOMAIN={domain}\n\
+             export E2B_API_KEY={key}\n",
+            domain = self.e2b_domain(),
         ))
     }
 

@@ -56,6 +56,9 @@ enum Command {
     Config(ConfigArgs),
     /// Print the OpenAPI document (YAML).
     Openapi,
+    /// Print the shell exports that point the official E2B SDKs at this server:
+    /// `eval "$(colima-e2b env)"`.
+    Env(ConfigArgs),
 }
 
 fn init_logging(filter: &str) {
@@ -79,6 +82,12 @@ fn main() -> ExitCode {
             toml::to_string_pretty(&c)
                 .map(|s| print!("{s}"))
                 .map_err(|e| e.to_string())
+        }),
+        Command::Env(args) => args.load().and_then(|c| {
+            if !c.e2b.enabled {
+                return Err("the E2B compatibility layer is disabled (e2b.enabled = false)".into());
+            }
+            c.e2b_env().map(|s| print!("{s}"))
         }),
         Command::Server(args) => args.load().and_then(|config| {
             init_logging(&config.log_level);

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use poem::listener::TcpListener;
+use poem::http::uri::Scheme;
+use poem::listener::{Acceptor, TcpAcceptor, TcpListener};
+use poem::web::{LocalAddr, RemoteAddr};
 use poem::Server;
 use sandbox_api::AppState;
 use sandbox_core::{ManagerConfig, SandboxManager};
@@ -66,13 +68,52 @@ pub async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e} (use --port to pick another port)"))?;
     tracing::info!("listening on http://{addr} (docs at http://{addr}/docs)");
-    let app = sandbox_api::app(AppState { manager, metrics });
-    Server::new_with_acceptor(acceptor)
+    let e2b = if config.e2b.enabled {
+        let settings = sandbox_api::e2b::E2bSettings {
+            api_key: config.e2b_api_key()?,
+            domain: config.e2b_domain(),
+        };
+        tracing::info!(
+            api = %format!("{}/e2b", config.client_base_url()),
+            domain = %settings.domain,
+            "E2B compatibility on (`colima-e2b env` prints the SDK settings)"
+        );
+        Some(sandbox_api::e2b::E2b::new(settings))
+    } else {
+        None
+    };
+    let app = sandbox_api::app(AppState {
+        manager,
+        metrics,
+        e2b,
+    });
+    Server::new_with_acceptor(NoDelay(acceptor))
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(5)))
         .await
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("shut down; sandboxes keep running and are re-adopted on the next start");
     Ok(())
+}
+
+/// Accepts connections with Nagle's algorithm off: streamed events (command output,
+/// proxied envd frames) are small writes that must leave at once, not wait for the
+/// client's delayed ACK (about 40 ms each).
+struct NoDelay(TcpAcceptor);
+
+impl Acceptor for NoDelay {
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(&mut self) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        Ok((io, local, remote, scheme))
+    }
 }
 
 async fn shutdown_signal() {

@@ -8,6 +8,7 @@
 //! Handlers parse and map; every decision is [`sandbox_core::SandboxManager`]'s.
 
 pub mod commands;
+pub mod e2b;
 pub mod error;
 pub mod files;
 pub mod health;
@@ -40,6 +41,9 @@ pub struct AppState {
     pub manager: SandboxManager,
     /// Renders the Prometheus registry.
     pub metrics: PrometheusHandle,
+    /// The E2B compatibility layer (`/e2b`, `/e2b/envd`, sandbox host names); `None`
+    /// turns it off.
+    pub e2b: Option<e2b::E2b>,
 }
 
 type Apis = (
@@ -104,6 +108,13 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .nest("/redoc", redoc)
         .at("/openapi.json", json)
         .at("/openapi.yaml", yaml)
+        .nest(e2b::API_BASE, e2b_routes())
+        .at(
+            "/files",
+            poem::endpoint::make(|req| async move {
+                Ok::<_, poem::Error>(e2b::proxy::signed_files(req).await)
+            }),
+        )
         .at(
             "/metrics",
             make_sync(move |_| {
@@ -113,12 +124,44 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             }),
         )
         .around(limit_body)
-        .data(state)
+        .data(state.clone())
         .around(metrics::track)
         // The seed's paths end in `/` (`/sandboxes/`); poem-openapi routes them without.
         .with(NormalizePath::new(TrailingSlash::Trim))
         .catch_all_error(error::any_error_to_json)
+        .around(e2b::proxy::route_by_host)
+        .data(state)
         .into_endpoint()
+        .map_to_response()
+}
+
+/// The E2B control plane (API key required) and data plane, relative to `/e2b`.
+fn e2b_routes() -> impl Endpoint<Output = Response> {
+    use e2b::control;
+    use poem::{get, post};
+    let control = Route::new()
+        .at("/sandboxes", post(control::create).get(control::list_v1))
+        .at(
+            "/v2/sandboxes",
+            post(control::create_v2).get(control::list_v2),
+        )
+        .at("/v2/sandboxes/:id/connect", post(control::connect))
+        .at("/sandboxes/:id", get(control::get).delete(control::kill))
+        .at("/sandboxes/:id/timeout", post(control::set_timeout))
+        .at("/sandboxes/:id/refreshes", post(control::refresh))
+        .at("/sandboxes/:id/connect", post(control::connect))
+        .at("/sandboxes/:id/pause", post(control::pause))
+        .at("/sandboxes/:id/resume", post(control::resume))
+        .at("/sandboxes/:id/metrics", get(control::metrics))
+        .around(control::require_api_key);
+    Route::new()
+        .nest(
+            "/envd",
+            poem::endpoint::make(
+                |req| async move { Ok::<_, poem::Error>(e2b::proxy::envd(req).await) },
+            ),
+        )
+        .nest("/", control)
         .map_to_response()
 }
 
@@ -133,6 +176,10 @@ async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result
         || poem::Error::from_string("request body too large", StatusCode::PAYLOAD_TOO_LARGE);
     // Raw uploads stream to the sandbox under their own cap; a body without a type is
     // taken as the bytes it is.
+    // The E2B data plane streams to the sandbox's agent, which enforces its own limits.
+    if req.uri().path().starts_with(e2b::ENVD_BASE) || req.uri().path() == "/files" {
+        return next.call(req).await.map(IntoResponse::into_response);
+    }
     if req.method() == poem::http::Method::PUT && req.uri().path().ends_with("/files/raw") {
         if !req.headers().contains_key(poem::http::header::CONTENT_TYPE) {
             req.headers_mut().insert(

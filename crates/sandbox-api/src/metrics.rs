@@ -31,6 +31,9 @@ pub async fn track<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Resp
     };
     let fixed_route = match req.uri().path() {
         "/metrics" => Some("metrics"),
+        "/files" => Some("e2b_signed_files"),
+        p if p.starts_with("/e2b/envd/") => Some("e2b_data_plane"),
+        p if p.starts_with("/e2b/") => Some("e2b_control_plane"),
         p if p.starts_with("/docs") || p.starts_with("/redoc") || p.starts_with("/openapi") => {
             Some("docs")
         }

@@ -147,7 +147,12 @@ fn repo_path(base: &str) -> String {
 
 /// A fresh per-sandbox secret: 32 lowercase hex characters (128 random bits).
 pub fn generate_secret() -> String {
-    let mut raw = [0u8; 16];
+    generate_hex(16)
+}
+
+/// `bytes` random bytes from the OS, as lowercase hex.
+pub fn generate_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
     // getrandom only fails when the OS has no entropy source at all.
     getrandom::fill(&mut raw).expect("the OS random source is available");
     hex(&raw)

@@ -28,6 +28,7 @@ use proto::{
     UpdateRequest, WriteInfo,
 };
 pub use sandbox_agent::proto;
+pub use sandbox_agent::ENVD_VERSION;
 
 use crate::error::{Error, Result};
 
@@ -80,6 +81,28 @@ impl fmt::Debug for AgentClient {
     }
 }
 
+/// The agent's `GET /metrics` answer (fields it does not send read as zero).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(default)]
+pub struct AgentMetrics {
+    /// Unix seconds of the sample.
+    pub ts: u64,
+    /// CPUs the sandbox sees.
+    pub cpu_count: u32,
+    /// CPU use since the previous sample, percent.
+    pub cpu_used_pct: f64,
+    /// Memory in bytes.
+    pub mem_total: u64,
+    /// Memory used, bytes.
+    pub mem_used: u64,
+    /// Page cache within the memory used, bytes.
+    pub mem_cache: u64,
+    /// Root filesystem size, bytes.
+    pub disk_total: u64,
+    /// Root filesystem used, bytes.
+    pub disk_used: u64,
+}
+
 /// What a whole command produced (see [`ProcessStream::collect_output`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessOutput {
@@ -117,6 +140,11 @@ impl AgentClient {
     /// The agent's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The access token the agent requires (E2B's `envdAccessToken`).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -170,6 +198,26 @@ impl AgentClient {
         } else {
             Err(error_from_status(resp.status(), b"", None))
         }
+    }
+
+    /// `GET /metrics`: resource usage as the sandbox sees it.
+    pub async fn metrics(&self) -> Result<AgentMetrics> {
+        let started = std::time::Instant::now();
+        let result = async {
+            let resp = self.send(self.request(Method::GET, "/metrics")).await?;
+            let status = resp.status();
+            let body = read_capped(resp, 64 * 1024, self).await?;
+            if !status.is_success() {
+                return Err(error_from_status(status, &body, None));
+            }
+            serde_json::from_slice(&body).map_err(|e| Error::Agent {
+                code: "internal".into(),
+                message: format!("unreadable /metrics answer: {e}"),
+            })
+        }
+        .await;
+        record_call("metrics", started, &result);
+        result
     }
 
     /// `POST /init`: environment, default user and workdir, and the secret to require.

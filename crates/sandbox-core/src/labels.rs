@@ -26,6 +26,8 @@ pub const CREATED_AT: &str = "dev.colima-e2b.created-at";
 pub const EXPIRES_AT: &str = "dev.colima-e2b.expires-at";
 /// `true` when the sandbox may reach the internet.
 pub const INTERNET: &str = "dev.colima-e2b.internet";
+/// `true` when clients must bring the agent's access token themselves.
+pub const SECURE: &str = "dev.colima-e2b.secure";
 /// Limits requested at creation, as JSON.
 pub const LIMITS: &str = "dev.colima-e2b.limits";
 
@@ -89,6 +91,7 @@ pub fn for_sandbox(owner: &str, info: &SandboxInfo) -> BTreeMap<String, String> 
     labels.insert(CREATED_AT.into(), unix_ms(info.started_at));
     labels.insert(EXPIRES_AT.into(), unix_ms(info.expires_at));
     labels.insert(INTERNET.into(), info.internet.to_string());
+    labels.insert(SECURE.into(), info.secure.to_string());
     labels.insert(
         LIMITS.into(),
         serde_json::to_string(&info.limits).unwrap_or_else(|_| "{}".into()),
@@ -123,6 +126,7 @@ pub fn to_info(container: &ContainerInfo) -> Result<SandboxInfo, String> {
         expires_at,
         limits: container.limits.unwrap_or(requested),
         internet: container.labels.get(INTERNET).map(String::as_str) != Some("false"),
+        secure: container.labels.get(SECURE).map(String::as_str) == Some("true"),
     })
 }
 
@@ -146,6 +150,7 @@ mod tests {
             expires_at: now + time::Duration::seconds(60),
             limits: Limits::default(),
             internet: false,
+            secure: true,
         };
         let container = ContainerInfo {
             id: "c".into(),

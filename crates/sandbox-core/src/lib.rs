@@ -35,6 +35,7 @@ pub use backend::{
 };
 pub use error::{BoxError, Error, Result};
 pub use manager::{ManagerConfig, RecoveryReport, SandboxManager};
+pub use sandbox_agent::signature;
 pub use types::{Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `SandboxManager`: ids, the registry, deadlines, the reaper, re-adoption and admission.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use crate::labels;
 use crate::types::{
     validate_envs, validate_user, Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
 };
+use sandbox_agent::signature::{ct_eq, file_signature, FileOp};
 
 /// How the manager behaves; the binary fills it from configuration.
 #[derive(Clone, Debug)]
@@ -606,6 +608,7 @@ impl SandboxManager {
             expires_at: now + spec.timeout,
             limits,
             internet: spec.internet,
+            secure: spec.secure,
         };
         let name = labels::container_name(&info.id);
         let mut env: Vec<String> = spec.envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -646,7 +649,18 @@ impl SandboxManager {
                         Err(e) => {
                             // A failed create leaves nothing behind.
                             self.remove_quietly(&name).await;
-                            return Err(e);
+                            return Err(match e {
+                                // The template exists; a container or address that is
+                                // gone means the sandbox died while starting.
+                                Error::NotFound { what } => Error::backend(
+                                    backend.name(),
+                                    format!(
+                                        "sandbox {} stopped while starting ({what} not found)",
+                                        info.id
+                                    ),
+                                ),
+                                e => e,
+                            });
                         }
                     }
                 }
@@ -675,6 +689,11 @@ impl SandboxManager {
             .collect();
         out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         out
+    }
+
+    /// What the manager knows about sandbox `id`, without asking the engine.
+    pub fn info(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.lookup(id)
     }
 
     fn lookup(&self, id: &SandboxId) -> Result<SandboxInfo> {
@@ -709,6 +728,63 @@ impl SandboxManager {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Where the server reaches `port` inside sandbox `id`: the agent's address for the
+    /// agent port, else what the backend reports (the container's address).
+    pub async fn port_address(&self, id: &SandboxId, port: u16) -> Result<SocketAddr> {
+        let info = self.lookup(id)?;
+        if info.state == SandboxState::Paused {
+            return Err(Error::Conflict(format!("sandbox {id} is paused")));
+        }
+        if port == self.agent_port() {
+            return Ok(self.agent(id).await?.addr());
+        }
+        let addr = self
+            .inner
+            .backend
+            .agent_address(&labels::container_name(id), port)
+            .await?;
+        Ok(addr.addr)
+    }
+
+    /// The running sandbox whose access token produced `signature` for this file
+    /// operation. E2B's signed URLs name no sandbox (the SDK drops the data-plane base
+    /// from them), so the one token that verifies identifies it.
+    pub async fn sandbox_for_file_signature(
+        &self,
+        path: &str,
+        op: FileOp,
+        user: &str,
+        expiration: Option<i64>,
+        signature: &str,
+    ) -> Option<SandboxId> {
+        let running: Vec<SandboxId> = self
+            .registry()
+            .iter()
+            .filter(|(_, s)| s.state == SandboxState::Running)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in running {
+            let Ok(agent) = self.agent(&id).await else {
+                continue;
+            };
+            let expected = file_signature(path, op, user, agent.token().as_bytes(), expiration);
+            if ct_eq(expected.as_bytes(), signature.as_bytes()) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Moves a sandbox's deadline to `timeout` from now unless it is already later
+    /// (E2B's connect never shortens a sandbox's life).
+    pub fn extend_timeout(&self, id: &SandboxId, timeout: Duration) -> Result<SandboxInfo> {
+        let info = self.lookup(id)?;
+        if info.expires_at >= now_ms() + timeout {
+            return Ok(info);
+        }
+        self.set_timeout(id, timeout)
     }
 
     /// Kills and removes a sandbox.

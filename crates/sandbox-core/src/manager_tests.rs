@@ -406,6 +406,7 @@ fn foreign_container(owner: &str, state: SandboxState, expires_in: i64) -> Conta
         expires_at: now + time::Duration::seconds(expires_in),
         limits: Default::default(),
         internet: true,
+        secure: false,
     };
     ContainerInfo {
         id: info.id.to_string(),

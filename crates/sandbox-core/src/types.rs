@@ -177,6 +177,9 @@ pub struct SandboxSpec {
     pub internet: bool,
     /// Default user inside the sandbox; `None` takes the template's (`user`).
     pub user: Option<String>,
+    /// Whether clients of the sandbox's agent must present its access token themselves
+    /// (E2B's `secure`); otherwise the server's proxy adds it for them.
+    pub secure: bool,
 }
 
 impl SandboxSpec {
@@ -190,6 +193,7 @@ impl SandboxSpec {
             limits: None,
             internet: true,
             user: None,
+            secure: false,
         }
     }
 }
@@ -217,6 +221,8 @@ pub struct SandboxInfo {
     pub limits: Limits,
     /// Whether it may reach the internet.
     pub internet: bool,
+    /// Whether its agent's clients must bring the access token (see [`SandboxSpec::secure`]).
+    pub secure: bool,
 }
 
 /// Validates a user name a client asks to act as (letters, digits, `_`, `-`, `.`).

@@ -1,0 +1,630 @@
+//! The E2B control plane (`E2B_API_URL`): sandbox lifecycle as E2B's REST API has it.
+//!
+//! Handlers parse E2B's request shapes and map the core's answers and errors to E2B's;
+//! every decision stays with [`sandbox_core::SandboxManager`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::http::{header, StatusCode};
+use poem::web::{Data, Path};
+use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use sandbox_core::agent_client::ENVD_VERSION;
+use sandbox_core::signature::ct_eq;
+use sandbox_core::{Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+
+use crate::AppState;
+
+/// Header carrying the API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// E2B's default sandbox lifetime when a create names none, seconds.
+const DEFAULT_TIMEOUT_SECS: u64 = 15;
+/// Page size of `GET /v2/sandboxes` when the client names none.
+const DEFAULT_PAGE: usize = 100;
+/// Largest page of `GET /v2/sandboxes`.
+const MAX_PAGE: usize = 1000;
+/// Reported as every sandbox's `clientID`.
+const CLIENT_ID: &str = "colima-e2b";
+
+/// An E2B error: answered as `{"code": <status>, "message": ...}`.
+#[derive(Debug)]
+pub struct Reject {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+/// What the handlers' bodies return.
+type Answer = Result<Response, Reject>;
+
+fn reject(status: StatusCode, message: impl Into<String>) -> Reject {
+    Reject {
+        status,
+        message: message.into(),
+        retry_after: None,
+    }
+}
+
+impl Reject {
+    /// The HTTP response.
+    pub fn into_response(self) -> Response {
+        let body = json!({"code": self.status.as_u16(), "message": self.message});
+        let mut resp = Response::builder()
+            .status(self.status)
+            .content_type("application/json")
+            .body(body.to_string());
+        if let Some(v) = self.retry_after.and_then(|s| s.to_string().parse().ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// Maps a core error to the status E2B uses for it.
+impl From<Error> for Reject {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Error::ResourceExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::EngineUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Agent { .. } => StatusCode::BAD_GATEWAY,
+            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %e, "E2B control plane call failed");
+        }
+        let retry_after = match &e {
+            Error::ResourceExhausted { retry_after, .. } => retry_after.map(|d| d.as_secs().max(1)),
+            _ => None,
+        };
+        Reject {
+            status,
+            message: e.to_string(),
+            retry_after,
+        }
+    }
+}
+
+/// Turns a handler body's result into the response.
+fn answer(result: Answer) -> Response {
+    result.unwrap_or_else(Reject::into_response)
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(body.to_string())
+}
+
+fn no_content() -> Response {
+    Response::builder().status(StatusCode::NO_CONTENT).finish()
+}
+
+/// Parses a JSON body; an empty body reads as `{}` (E2B clients send none for some calls).
+async fn parse_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, Reject> {
+    let bytes = body
+        .into_bytes()
+        .await
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+fn parse_id(raw: &str) -> Result<SandboxId, Reject> {
+    raw.parse()
+        .map_err(|_| reject(StatusCode::NOT_FOUND, format!("sandbox {raw} not found")))
+}
+
+/// A timeout in seconds from a request: positive and within what the server allows.
+fn timeout_secs(value: Option<i64>, default: u64) -> Result<Duration, Reject> {
+    match value {
+        None => Ok(Duration::from_secs(default)),
+        Some(t) if t > 0 => Ok(Duration::from_secs(t as u64)),
+        Some(t) => Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!("timeout must be a positive number of seconds, not {t}"),
+        )),
+    }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// E2B's `Sandbox` (what create, connect and resume return).
+fn sandbox_json(state: &AppState, info: &SandboxInfo, token: Option<&str>) -> Value {
+    let mut body = json!({
+        "sandboxID": info.id.as_str(),
+        "templateID": info.template,
+        "alias": info.template,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "trafficAccessToken": null,
+        "domain": domain(state),
+    });
+    // Absent, not null: the SDK sends a token whenever the field is present.
+    if let (Some(token), Some(obj)) = (token, body.as_object_mut()) {
+        obj.insert("envdAccessToken".into(), json!(token));
+    }
+    body
+}
+
+fn domain(state: &AppState) -> Option<String> {
+    state.e2b.as_ref().map(|e| e.settings.domain.clone())
+}
+
+/// E2B's `ListedSandbox`.
+fn listed_json(info: &SandboxInfo) -> Value {
+    json!({
+        "sandboxID": info.id.as_str(),
+        "templateID": info.template,
+        "alias": info.template,
+        "clientID": CLIENT_ID,
+        "startedAt": rfc3339(info.started_at),
+        "endAt": rfc3339(info.expires_at),
+        "cpuCount": info.limits.cpus.ceil().max(1.0) as u32,
+        "memoryMB": info.limits.memory_mb,
+        "diskSizeMB": 0,
+        "metadata": info.metadata,
+        "state": info.state.as_str(),
+        "envdVersion": ENVD_VERSION,
+    })
+}
+
+/// The access token to hand out for `info`: secure sandboxes' clients must send it.
+async fn token_for(state: &AppState, info: &SandboxInfo) -> Result<Option<String>, Reject> {
+    if !info.secure {
+        return Ok(None);
+    }
+    let agent = state.manager.agent(&info.id).await?;
+    Ok(Some(agent.token().to_string()))
+}
+
+/// Middleware: the control plane needs the configured API key in `X-API-KEY`.
+pub async fn require_api_key<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
+    let expected = req
+        .data::<AppState>()
+        .and_then(|s| s.e2b.as_ref())
+        .map(|e| e.settings.api_key.clone());
+    let given = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match (expected, given) {
+        (Some(expected), Some(given)) if ct_eq(expected.as_bytes(), given.as_bytes()) => {
+            next.call(req).await.map(IntoResponse::into_response)
+        }
+        (None, _) => Ok(reject(
+            StatusCode::NOT_FOUND,
+            "the E2B compatibility layer is not enabled",
+        )
+        .into_response()),
+        _ => Ok(reject(StatusCode::UNAUTHORIZED, "Invalid API key").into_response()),
+    }
+}
+
+/// `POST /sandboxes` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<i64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    secure: Option<bool>,
+    #[serde(default, rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+}
+
+/// `POST /sandboxes`: create a sandbox from a template; `secure` defaults to false.
+#[poem::handler]
+pub async fn create(Data(state): Data<&AppState>, body: Body) -> Response {
+    answer(create_with(state, body, false).await)
+}
+
+/// `POST /v2/sandboxes`: create; every v2 sandbox is secure (its token is required).
+#[poem::handler]
+pub async fn create_v2(Data(state): Data<&AppState>, body: Body) -> Response {
+    answer(create_with(state, body, true).await)
+}
+
+async fn create_with(state: &AppState, body: Body, always_secure: bool) -> Answer {
+    let req: NewSandbox = parse_body(body).await?;
+    let timeout = timeout_secs(req.timeout, DEFAULT_TIMEOUT_SECS)?;
+    // E2B names templates by alias or id, optionally with a tag.
+    let template = req.template_id.split(':').next().unwrap_or_default();
+    let mut spec = SandboxSpec::new(template, timeout);
+    spec.metadata = req.metadata.unwrap_or_default();
+    spec.envs = req.env_vars.unwrap_or_default();
+    spec.internet = req.allow_internet_access.unwrap_or(true);
+    spec.secure = always_secure || req.secure.unwrap_or(false);
+    let info = state.manager.create(spec).await.map_err(|e| match e {
+        // E2B answers an unknown template with 400.
+        Error::NotFound { what } => reject(StatusCode::BAD_REQUEST, format!("{what} not found")),
+        e => e.into(),
+    })?;
+    let token = token_for(state, &info).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        sandbox_json(state, &info, token.as_deref()),
+    ))
+}
+
+/// Query of the list calls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    metadata: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// Parses `k1=v1&k2=v2` (E2B sends the metadata filter URL-encoded in one parameter).
+fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
+    let Some(raw) = raw else {
+        return BTreeMap::new();
+    };
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` escapes (and `+` as space), leaving malformed escapes as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The query string of `req` as [`ListQuery`]; repeated `state` parameters are joined.
+fn list_query(req: &Request) -> ListQuery {
+    let mut q = ListQuery::default();
+    let mut states = Vec::new();
+    for pair in req.uri().query().unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "metadata" => q.metadata = Some(v),
+            "state" => states.push(v),
+            "limit" => q.limit = v.parse().ok(),
+            "nextToken" | "next_token" => q.next_token = Some(v),
+            _ => {}
+        }
+    }
+    if !states.is_empty() {
+        q.state = Some(states.join(","));
+    }
+    q
+}
+
+/// `GET /sandboxes` (v1): running sandboxes.
+#[poem::handler]
+pub async fn list_v1(Data(state): Data<&AppState>, req: &Request) -> Response {
+    let q = list_query(req);
+    let filter = metadata_filter(q.metadata.as_deref());
+    let items: Vec<Value> = state
+        .manager
+        .list(&filter)
+        .iter()
+        .filter(|s| s.state == SandboxState::Running)
+        .map(listed_json)
+        .collect();
+    json_response(StatusCode::OK, Value::Array(items))
+}
+
+/// `GET /v2/sandboxes`: filtered by metadata and state, paginated with `nextToken`.
+#[poem::handler]
+pub async fn list_v2(Data(state): Data<&AppState>, req: &Request) -> Response {
+    answer(list_page(state, list_query(req)))
+}
+
+fn list_page(state: &AppState, q: ListQuery) -> Answer {
+    let filter = metadata_filter(q.metadata.as_deref());
+    let states: Vec<String> = q
+        .state
+        .as_deref()
+        .unwrap_or("running,paused")
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    // Listed oldest first (then by id); the token is the last id of the previous page.
+    let all: Vec<SandboxInfo> = state
+        .manager
+        .list(&filter)
+        .into_iter()
+        .filter(|s| states.iter().any(|st| st == s.state.as_str()))
+        .collect();
+    let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => {
+            all.iter()
+                .position(|s| s.id.as_str() == token)
+                .ok_or_else(|| {
+                    reject(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown nextToken {token:?}"),
+                    )
+                })?
+                + 1
+        }
+        None => 0,
+    };
+    let page: Vec<&SandboxInfo> = all.iter().skip(start).take(limit).collect();
+    let more = start + page.len() < all.len();
+    let items: Vec<Value> = page.iter().map(|s| listed_json(s)).collect();
+    let mut resp = json_response(StatusCode::OK, Value::Array(items));
+    if let Some(last) = page.last().filter(|_| more) {
+        if let Ok(v) = last.id.as_str().parse() {
+            resp.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `GET /sandboxes/{id}`: one sandbox in detail.
+#[poem::handler]
+pub async fn get(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
+    answer(detail(state, &id).await)
+}
+
+async fn detail(state: &AppState, id: &str) -> Answer {
+    let info = state.manager.get(&parse_id(id)?).await?;
+    let token = token_for(state, &info).await?;
+    let mut body = listed_json(&info);
+    if let Some(obj) = body.as_object_mut() {
+        if let Some(token) = token {
+            obj.insert("envdAccessToken".into(), json!(token));
+        }
+        obj.insert("domain".into(), json!(domain(state)));
+        obj.insert("allowInternetAccess".into(), json!(info.internet));
+    }
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// `DELETE /sandboxes/{id}`.
+#[poem::handler]
+pub async fn kill(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
+    answer(
+        async {
+            Ok(state
+                .manager
+                .kill(&parse_id(&id)?)
+                .await
+                .map(|()| no_content())?)
+        }
+        .await,
+    )
+}
+
+/// Body of the connect and resume calls.
+#[derive(Debug, Default, Deserialize)]
+struct TimeoutBody {
+    timeout: Option<i64>,
+}
+
+/// `POST /sandboxes/{id}/timeout`: the sandbox now ends `timeout` seconds from now.
+#[poem::handler]
+pub async fn set_timeout(
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    answer(
+        async {
+            let (id, timeout) = id_and_timeout(&id, body, "timeout").await?;
+            state.manager.set_timeout(&id, timeout)?;
+            Ok(no_content())
+        }
+        .await,
+    )
+}
+
+/// Parses a path id and a body whose `field` is a required positive timeout in seconds.
+async fn id_and_timeout(
+    id: &str,
+    body: Body,
+    field: &str,
+) -> Result<(SandboxId, Duration), Reject> {
+    let id = parse_id(id)?;
+    let body: BTreeMap<String, Value> = parse_body(body).await?;
+    let secs = body.get(field).and_then(Value::as_i64).ok_or_else(|| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("{field} (seconds) is required"),
+        )
+    })?;
+    Ok((id, timeout_secs(Some(secs), 0)?))
+}
+
+/// `POST /sandboxes/{id}/refreshes`: extends the sandbox's life by `duration` seconds.
+#[poem::handler]
+pub async fn refresh(Data(state): Data<&AppState>, Path(id): Path<String>, body: Body) -> Response {
+    answer(
+        async {
+            let (id, timeout) = id_and_timeout(&id, body, "duration").await?;
+            state.manager.extend_timeout(&id, timeout)?;
+            Ok(no_content())
+        }
+        .await,
+    )
+}
+
+/// `POST /sandboxes/{id}/connect` (and `/v2/...`): 200 with the sandbox if it runs (its
+/// life extended to at least `timeout`), 201 if it had to be resumed.
+#[poem::handler]
+pub async fn connect(Data(state): Data<&AppState>, Path(id): Path<String>, body: Body) -> Response {
+    answer(
+        async {
+            let id = parse_id(&id)?;
+            let body: TimeoutBody = parse_body(body).await?;
+            let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+            let status = if state.manager.info(&id)?.state == SandboxState::Paused {
+                state.manager.resume(&id).await?;
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let info = state.manager.extend_timeout(&id, timeout)?;
+            sandbox_answer(state, &info, status).await
+        }
+        .await,
+    )
+}
+
+/// `POST /sandboxes/{id}/pause`: 204, or 409 when already paused.
+#[poem::handler]
+pub async fn pause(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
+    answer(
+        async {
+            Ok(state
+                .manager
+                .pause(&parse_id(&id)?)
+                .await
+                .map(|_| no_content())?)
+        }
+        .await,
+    )
+}
+
+/// `POST /sandboxes/{id}/resume`: 201 with the sandbox, or 409 when it is not paused.
+#[poem::handler]
+pub async fn resume(Data(state): Data<&AppState>, Path(id): Path<String>, body: Body) -> Response {
+    answer(
+        async {
+            let id = parse_id(&id)?;
+            let body: TimeoutBody = parse_body(body).await?;
+            let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+            state.manager.resume(&id).await?;
+            let info = state.manager.set_timeout(&id, timeout)?;
+            sandbox_answer(state, &info, StatusCode::CREATED).await
+        }
+        .await,
+    )
+}
+
+/// The sandbox's `Sandbox` body with `status`.
+async fn sandbox_answer(state: &AppState, info: &SandboxInfo, status: StatusCode) -> Answer {
+    let token = token_for(state, info).await?;
+    Ok(json_response(
+        status,
+        sandbox_json(state, info, token.as_deref()),
+    ))
+}
+
+/// `GET /sandboxes/{id}/metrics`: one current sample (CPU, memory, disk) from the agent.
+#[poem::handler]
+pub async fn metrics(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
+    answer(sample(state, &id).await)
+}
+
+async fn sample(state: &AppState, id: &str) -> Answer {
+    let id = parse_id(id)?;
+    let info = state.manager.info(&id)?;
+    if info.state == SandboxState::Paused {
+        return Ok(json_response(StatusCode::OK, json!([])));
+    }
+    let m = state.manager.agent(&id).await?.metrics().await?;
+    // The sandbox's limit bounds what it has, whatever the kernel reports.
+    let limit = info.limits.memory_mb * 1024 * 1024;
+    let mem_total = if m.mem_total == 0 {
+        limit
+    } else {
+        m.mem_total.min(limit)
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let ts = time::OffsetDateTime::from_unix_timestamp(m.ts as i64).unwrap_or(now);
+    Ok(json_response(
+        StatusCode::OK,
+        json!([{
+            "timestamp": rfc3339(ts),
+            "timestampUnix": ts.unix_timestamp(),
+            "cpuCount": info.limits.cpus.ceil().max(1.0) as u32,
+            "cpuUsedPct": m.cpu_used_pct,
+            "memUsed": m.mem_used.min(mem_total),
+            "memTotal": mem_total,
+            "memCache": m.mem_cache.min(mem_total),
+            "diskUsed": m.disk_used,
+            "diskTotal": m.disk_total,
+        }]),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filters_decode() {
+        let f = metadata_filter(Some("a=1&user%20id=x%3Dy&flag"));
+        assert_eq!(f.get("a").map(String::as_str), Some("1"));
+        assert_eq!(f.get("user id").map(String::as_str), Some("x=y"));
+        assert_eq!(f.get("flag").map(String::as_str), Some(""));
+        assert!(metadata_filter(None).is_empty());
+    }
+
+    #[test]
+    fn percent_decoding_keeps_malformed_escapes() {
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%41+b"), "A b");
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        assert!(timeout_secs(Some(0), 15).is_err());
+        assert!(timeout_secs(Some(-5), 15).is_err());
+        assert_eq!(timeout_secs(None, 15).ok(), Some(Duration::from_secs(15)));
+        assert_eq!(
+            timeout_secs(Some(60), 15).ok(),
+            Some(Duration::from_secs(60))
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! The E2B data plane: requests for a sandbox's agent (or any port inside a sandbox)
+//! proxied to it, streaming both ways. HTTP upgrades (WebSocket) are spliced through.
+
+use std::sync::Arc;
+
+use futures_util::TryStreamExt;
+use poem::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use sandbox_core::agent_client::{AGENT_PORT, TOKEN_HEADER};
+use sandbox_core::signature::FileOp;
+use sandbox_core::{Error, SandboxId};
+
+use super::E2b;
+use crate::AppState;
+
+/// Header naming the sandbox a data-plane request is for.
+pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+/// Header naming the port inside the sandbox (default: the agent's).
+pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+
+/// Headers that describe one hop, not the message; never forwarded.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::HOST,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A sandbox and port a request is routed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The sandbox id as the client sent it.
+    pub sandbox: String,
+    /// Port inside the sandbox.
+    pub port: u16,
+}
+
+/// Parses `<port>-<sandbox id>.<domain>` host names (with or without `:port`).
+pub fn target_from_host(host: &str) -> Option<Target> {
+    let (label, rest) = host.split_once('.')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let (port, sandbox) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    if sandbox.is_empty()
+        || !sandbox
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some(Target {
+        sandbox: sandbox.to_string(),
+        port,
+    })
+}
+
+/// The target of a request under the data-plane base: the `E2b-Sandbox-Id` and
+/// `E2b-Sandbox-Port` headers.
+pub fn target_from_headers(headers: &HeaderMap) -> Option<Target> {
+    let sandbox = headers.get(SANDBOX_ID_HEADER)?.to_str().ok()?.to_string();
+    let port = match headers.get(SANDBOX_PORT_HEADER) {
+        Some(v) => v.to_str().ok()?.parse().ok()?,
+        None => AGENT_PORT,
+    };
+    Some(Target { sandbox, port })
+}
+
+/// E2B's data-plane error: the SDK reads a 502 as "sandbox gone or port closed".
+fn bad_gateway(sandbox: &str, message: &str) -> Response {
+    let body = serde_json::json!({"sandboxId": sandbox, "message": message, "code": 502});
+    Response::builder()
+        .status(StatusCode::BAD_GATEWAY)
+        .content_type("application/json")
+        .body(body.to_string())
+}
+
+/// Middleware: requests whose Host is `<port>-<id>.<domain>` go to that sandbox port;
+/// everything else to `next`.
+pub async fn route_by_host<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
+    let target = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(target_from_host);
+    match (target, req.data::<AppState>().cloned()) {
+        (Some(target), Some(state)) => {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            Ok(forward(&state, &target, req, &path, true).await)
+        }
+        _ => next.call(req).await.map(IntoResponse::into_response),
+    }
+}
+
+/// `ANY /e2b/envd/*`: the data plane routed by the `E2b-Sandbox-Id` header.
+pub async fn envd(req: Request) -> Response {
+    let Some(state) = req.data::<AppState>().cloned() else {
+        return bad_gateway("", "the E2B layer is not configured");
+    };
+    let Some(target) = target_from_headers(req.headers()) else {
+        let body = serde_json::json!({
+            "code": 400,
+            "message": format!("the data plane needs the {SANDBOX_ID_HEADER} header"),
+        });
+        return Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .content_type("application/json")
+            .body(body.to_string());
+    };
+    let full = req.uri().path();
+    let rest = full.strip_prefix(super::ENVD_BASE).unwrap_or(full);
+    let mut path = if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    };
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    forward(&state, &target, req, &path, true).await
+}
+
+/// Query of a signed `/files` URL.
+#[derive(Debug, serde::Deserialize)]
+struct SignedQuery {
+    path: String,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<i64>,
+}
+
+/// `GET|POST /files?path=&signature=`: E2B's signed file URLs. The SDK builds them on
+/// the server's root without the sandbox's id, so the sandbox is the one whose token
+/// verifies the signature; its agent checks the signature (and expiry) again.
+pub async fn signed_files(req: Request) -> Response {
+    let Some(state) = req.data::<AppState>().cloned() else {
+        return bad_gateway("", "the E2B layer is not configured");
+    };
+    let unauthorized = |message: &str| {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .content_type("application/json")
+            .body(serde_json::json!({"code": 401, "message": message}).to_string())
+    };
+    let query: SignedQuery = match serde_urlencoded::from_str(req.uri().query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(_) => return unauthorized("a signed file URL needs path and signature"),
+    };
+    let Some(signature) = query.signature.as_deref() else {
+        return unauthorized("a signed file URL needs path and signature");
+    };
+    let op = if req.method() == poem::http::Method::POST {
+        FileOp::Write
+    } else {
+        FileOp::Read
+    };
+    let user = query.username.as_deref().unwrap_or("");
+    let Some(id) = state
+        .manager
+        .sandbox_for_file_signature(&query.path, op, user, query.signature_expiration, signature)
+        .await
+    else {
+        return unauthorized("invalid signature");
+    };
+    let target = Target {
+        sandbox: id.to_string(),
+        port: AGENT_PORT,
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/files".into());
+    forward(&state, &target, req, &path, false).await
+}
+
+/// Proxies `req` to `target`, at `path` (with query) inside the sandbox. With `vouch`,
+/// requests to the agent of a sandbox that is not secure get its token added.
+pub async fn forward(
+    state: &AppState,
+    target: &Target,
+    mut req: Request,
+    path: &str,
+    vouch: bool,
+) -> Response {
+    let sandbox = target.sandbox.as_str();
+    let Some(e2b) = state.e2b.as_ref() else {
+        return bad_gateway(sandbox, "the E2B layer is not configured");
+    };
+    let Ok(id) = sandbox.parse::<SandboxId>() else {
+        return bad_gateway(sandbox, "The sandbox was not found");
+    };
+    let info = match state.manager.info(&id) {
+        Ok(info) => info,
+        Err(_) => return bad_gateway(sandbox, "The sandbox was not found"),
+    };
+    let addr = match state.manager.port_address(&id, target.port).await {
+        Ok(addr) => addr,
+        Err(Error::Conflict(m)) => return bad_gateway(sandbox, &m),
+        Err(Error::NotFound { .. }) => return bad_gateway(sandbox, "The sandbox was not found"),
+        Err(e) => return bad_gateway(sandbox, &e.to_string()),
+    };
+    let url = format!("http://{addr}{path}");
+    let mut headers = HeaderMap::new();
+    for (name, value) in req.headers() {
+        if !HOP_BY_HOP.contains(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if vouch && target.port == AGENT_PORT && !info.secure && !headers.contains_key(TOKEN_HEADER) {
+        // Not secure: the server vouches for the client (E2B sends no token then).
+        match state.manager.agent(&id).await {
+            Ok(agent) => {
+                if let Ok(v) = HeaderValue::from_str(agent.token()) {
+                    headers.insert(TOKEN_HEADER, v);
+                }
+            }
+            Err(e) => return bad_gateway(sandbox, &e.to_string()),
+        }
+    }
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let method = req.method().clone();
+    let result = match upgrade {
+        Some(protocol) => splice_upgrade(e2b, &mut req, url, method, headers, protocol).await,
+        None => {
+            let body = reqwest::Body::wrap_stream(req.take_body().into_bytes_stream());
+            e2b.http
+                .request(method, url)
+                .headers(headers)
+                .body(body)
+                .send()
+                .await
+                .map(into_response)
+        }
+    };
+    let port = if target.port == AGENT_PORT {
+        "agent"
+    } else {
+        "other"
+    };
+    let outcome = if result.is_ok() { "ok" } else { "port_closed" };
+    metrics::counter!("colima_e2b_proxy_requests_total", "port" => port, "outcome" => outcome)
+        .increment(1);
+    result.unwrap_or_else(|e| {
+        tracing::debug!(sandbox, port = target.port, error = %e, "proxied request failed");
+        bad_gateway(sandbox, "The sandbox is running but port is not open")
+    })
+}
+
+/// A proxied response, its body streamed through.
+fn into_response(resp: reqwest::Response) -> Response {
+    let mut out = Response::builder().status(resp.status());
+    for (name, value) in resp.headers() {
+        if !HOP_BY_HOP.contains(name) {
+            out = out.header(name.clone(), value.clone());
+        }
+    }
+    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    out.body(Body::from_bytes_stream(stream))
+}
+
+/// Sends an upgrade request upstream and, once both sides have switched protocols,
+/// copies bytes between them until either closes.
+async fn splice_upgrade(
+    e2b: &E2b,
+    req: &mut Request,
+    url: String,
+    method: poem::http::Method,
+    mut headers: HeaderMap,
+    protocol: String,
+) -> reqwest::Result<Response> {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&protocol) {
+        headers.insert(header::UPGRADE, v);
+    }
+    let resp = e2b
+        .http
+        .request(method, url)
+        .headers(headers)
+        .send()
+        .await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(into_response(resp));
+    }
+    let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    for (name, value) in resp.headers() {
+        out = out.header(name.clone(), value.clone());
+    }
+    let downstream = match req.take_upgrade() {
+        Ok(on_upgrade) => on_upgrade,
+        Err(e) => {
+            return Ok(Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(format!("cannot upgrade this connection: {e}")))
+        }
+    };
+    tokio::spawn(async move {
+        let upstream = resp.upgrade().await;
+        let downstream = downstream.await;
+        match (upstream, downstream) {
+            (Ok(mut up), Ok(mut down)) => {
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut down).await;
+            }
+            (up, down) => tracing::debug!(
+                upstream = up.is_ok(),
+                downstream = down.is_ok(),
+                "proxied upgrade failed"
+            ),
+        }
+    });
+    Ok(out.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_host_names_parse() {
+        assert_eq!(
+            target_from_host("49983-clmabc123.localhost:8000"),
+            Some(Target {
+                sandbox: "clmabc123".into(),
+                port: 49983
+            })
+        );
+        assert_eq!(
+            target_from_host("8080-clmx.sandbox.example.com"),
+            Some(Target {
+                sandbox: "clmx".into(),
+                port: 8080
+            })
+        );
+        for other in [
+            "localhost:8000",
+            "127.0.0.1:8000",
+            "api.localhost",
+            "0-clm.localhost",
+            "99999-clm.localhost",
+            "80-CLM.localhost",
+            "80-.localhost",
+            "80-clm.",
+        ] {
+            assert_eq!(target_from_host(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn headers_route_to_the_agent_port_by_default() {
+        let mut h = HeaderMap::new();
+        assert_eq!(target_from_headers(&h), None);
+        h.insert(SANDBOX_ID_HEADER, HeaderValue::from_static("clmabc"));
+        assert_eq!(
+            target_from_headers(&h),
+            Some(Target {
+                sandbox: "clmabc".into(),
+                port: AGENT_PORT
+            })
+        );
+        h.insert(SANDBOX_PORT_HEADER, HeaderValue::from_static("3000"));
+        assert_eq!(target_from_headers(&h).map(|t| t.port), Some(3000));
+    }
+}
