@@ -36,9 +36,10 @@ enum CommandTags {
 
 /// A command to run.
 #[derive(Debug, Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct RunCommandRequest {
     /// Command line, run with `/bin/bash -l -c`.
+    #[oai(validator(min_length = 1))]
     pub cmd: String,
     /// Seconds before the command's whole process group is killed (foreground only;
     /// default 60).
@@ -61,6 +62,25 @@ impl poem_openapi::types::Example for RunCommandRequest {
             envs: BTreeMap::new(),
             user: None,
         }
+    }
+}
+
+/// The agent answers a `user` that does not exist in the sandbox with `unauthenticated`
+/// (as E2B's envd does); in the native API that is invalid request data (422), not a
+/// failing agent (502).
+fn unknown_user(user: Option<&str>, e: Error) -> Error {
+    match e {
+        Error::Agent { code, message }
+            if user.is_some()
+                && code == "unauthenticated"
+                && message.starts_with("invalid user") =>
+        {
+            Error::InvalidArgument(format!(
+                "user {:?} does not exist in the sandbox",
+                user.unwrap_or_default()
+            ))
+        }
+        other => other,
     }
 }
 
@@ -106,13 +126,21 @@ impl poem_openapi::types::Example for RunCommandResponse {
 
 /// A command started in the background.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct BackgroundCommand {
     /// Its pid inside the sandbox; follow it at `/sandboxes/{id}/commands/stream/{pid}`.
     pub pid: u32,
 }
 
+impl poem_openapi::types::Example for BackgroundCommand {
+    fn example() -> Self {
+        Self { pid: 42 }
+    }
+}
+
 /// A running process.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct ProcessEntry {
     /// Pid inside the sandbox.
     pub pid: u32,
@@ -128,13 +156,39 @@ pub struct ProcessEntry {
     pub tag: Option<String>,
 }
 
+impl poem_openapi::types::Example for ProcessEntry {
+    fn example() -> Self {
+        Self {
+            pid: 42,
+            cmd: "/bin/bash".into(),
+            args: vec![
+                "-l".into(),
+                "-c".into(),
+                "for i in 1 2 3; do echo $i; sleep 1; done".into(),
+            ],
+            cwd: None,
+            tag: None,
+        }
+    }
+}
+
 /// Confirmation that a process was killed.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct KilledProcess {
     /// The killed process.
     pub pid: u32,
     /// Always `killed`.
     pub status: String,
+}
+
+impl poem_openapi::types::Example for KilledProcess {
+    fn example() -> Self {
+        Self {
+            pid: 42,
+            status: "killed".into(),
+        }
+    }
 }
 
 /// The command endpoints.
@@ -168,11 +222,13 @@ impl CommandApi {
         }
         let agent = state.manager.agent(&id).await?;
         let started = std::time::Instant::now();
+        let user = body.0.user.clone();
         let result = body
             .0
             .shell()
             .run(&agent, Duration::from_secs(timeout), MAX_OUTPUT)
-            .await;
+            .await
+            .map_err(|e| unknown_user(user.as_deref(), e));
         let outcome = match &result {
             Ok(o) if o.end.exit_code == 0 => "ok",
             Ok(_) => "nonzero",
@@ -216,7 +272,13 @@ impl CommandApi {
     ) -> Result<Json<BackgroundCommand>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         let agent = state.manager.agent(&id).await?;
-        let pid = body.0.shell().spawn(&agent).await?;
+        let user = body.0.user.clone();
+        let pid = body
+            .0
+            .shell()
+            .spawn(&agent)
+            .await
+            .map_err(|e| unknown_user(user.as_deref(), e))?;
         metrics::counter!("colima_e2b_commands_total", "outcome" => "background").increment(1);
         Ok(Json(BackgroundCommand { pid }))
     }

@@ -39,11 +39,18 @@ pub enum Encoding {
     Base64,
 }
 
+/// The path of the examples: the seed README's script.
+const EXAMPLE_PATH: &str = "/home/user/script.py";
+/// The contents of the examples' file.
+const EXAMPLE_DATA: &str = "print(\"Hello, World!\")";
+
 /// A file to write.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct WriteFileRequest {
     /// Path inside the sandbox; relative paths resolve against `/home/user`. Parent
     /// directories are created.
+    #[oai(validator(min_length = 1, max_length = 4096))]
     pub path: String,
     /// The contents.
     pub data: String,
@@ -52,8 +59,19 @@ pub struct WriteFileRequest {
     pub encoding: Encoding,
 }
 
+impl poem_openapi::types::Example for WriteFileRequest {
+    fn example() -> Self {
+        Self {
+            path: EXAMPLE_PATH.into(),
+            data: EXAMPLE_DATA.into(),
+            encoding: Encoding::Utf8,
+        }
+    }
+}
+
 /// A file written.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct WrittenFile {
     /// Absolute path written.
     pub path: String,
@@ -61,8 +79,18 @@ pub struct WrittenFile {
     pub size: u64,
 }
 
+impl poem_openapi::types::Example for WrittenFile {
+    fn example() -> Self {
+        Self {
+            path: EXAMPLE_PATH.into(),
+            size: EXAMPLE_DATA.len() as u64,
+        }
+    }
+}
+
 /// A file's contents.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct FileContent {
     /// Absolute path.
     pub path: String,
@@ -74,8 +102,20 @@ pub struct FileContent {
     pub size: u64,
 }
 
+impl poem_openapi::types::Example for FileContent {
+    fn example() -> Self {
+        Self {
+            path: EXAMPLE_PATH.into(),
+            data: EXAMPLE_DATA.into(),
+            encoding: Encoding::Utf8,
+            size: EXAMPLE_DATA.len() as u64,
+        }
+    }
+}
+
 /// One directory entry.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct FileEntry {
     /// Base name.
     pub name: String,
@@ -97,6 +137,22 @@ pub struct FileEntry {
     /// Target of a symlink.
     #[oai(nullable)]
     pub symlink_target: Option<String>,
+}
+
+impl poem_openapi::types::Example for FileEntry {
+    fn example() -> Self {
+        Self {
+            name: "script.py".into(),
+            path: EXAMPLE_PATH.into(),
+            kind: "file".into(),
+            size: EXAMPLE_DATA.len() as i64,
+            permissions: "-rw-r--r--".into(),
+            owner: "user".into(),
+            group: "user".into(),
+            modified_time: "2024-12-02T10:31:00Z".into(),
+            symlink_target: None,
+        }
+    }
 }
 
 impl From<EntryInfo> for FileEntry {
@@ -123,6 +179,7 @@ impl From<EntryInfo> for FileEntry {
 
 /// Whether a path exists.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Exists {
     /// The path asked about.
     pub path: String,
@@ -130,13 +187,32 @@ pub struct Exists {
     pub exists: bool,
 }
 
+impl poem_openapi::types::Example for Exists {
+    fn example() -> Self {
+        Self {
+            path: EXAMPLE_PATH.into(),
+            exists: true,
+        }
+    }
+}
+
 /// Confirmation of a removal.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Removed {
     /// The removed path.
     pub path: String,
     /// Always `removed`.
     pub status: String,
+}
+
+impl poem_openapi::types::Example for Removed {
+    fn example() -> Self {
+        Self {
+            path: EXAMPLE_PATH.into(),
+            status: "removed".into(),
+        }
+    }
 }
 
 fn check_path(path: &str) -> Result<(), ApiError> {
@@ -202,7 +278,7 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
         #[oai(default)] encoding: Query<Encoding>,
     ) -> Result<Json<FileContent>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
@@ -252,8 +328,8 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
-        depth: Query<Option<u32>>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "32")))] depth: Query<Option<u32>>,
     ) -> Result<Json<Vec<FileEntry>>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
@@ -278,7 +354,7 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
     ) -> Result<Json<Exists>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
@@ -306,7 +382,7 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
     ) -> Result<Json<Removed>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
@@ -331,7 +407,7 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
     ) -> Result<Binary<Body>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
@@ -356,7 +432,7 @@ impl FileApi {
         &self,
         state: Data<&AppState>,
         sandbox_id: Path<String>,
-        path: Query<String>,
+        #[oai(validator(min_length = 1, max_length = 4096))] path: Query<String>,
         body: Binary<Body>,
     ) -> Result<Json<WrittenFile>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;

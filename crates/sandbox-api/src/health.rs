@@ -14,6 +14,7 @@ enum HealthTags {
 
 /// The container engine as the server sees it.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct EngineHealth {
     /// Whether the engine answered.
     pub reachable: bool,
@@ -57,14 +58,20 @@ impl poem_openapi::types::Example for Health {
             version: crate::VERSION.into(),
             backend: "docker".into(),
             sandboxes: 2,
-            engine: EngineHealth {
-                reachable: true,
-                engine: Some("Docker Engine".into()),
-                version: Some("20.10.24".into()),
-                api_version: Some("1.41".into()),
-                endpoint: Some("unix:///var/run/docker.sock".into()),
-                error: None,
-            },
+            engine: poem_openapi::types::Example::example(),
+        }
+    }
+}
+
+impl poem_openapi::types::Example for EngineHealth {
+    fn example() -> Self {
+        EngineHealth {
+            reachable: true,
+            engine: Some("Docker Engine".into()),
+            version: Some("20.10.24".into()),
+            api_version: Some("1.41".into()),
+            endpoint: Some("unix:///var/run/docker.sock".into()),
+            error: None,
         }
     }
 }

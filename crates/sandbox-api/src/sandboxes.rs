@@ -21,7 +21,7 @@ enum SandboxTags {
 
 /// A request to create a sandbox.
 #[derive(Debug, Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct CreateSandboxRequest {
     /// Template name (`base`, `python`, or one from the server's configuration).
     /// Defaults to the server's default template.
@@ -138,11 +138,21 @@ impl poem_openapi::types::Example for TimeoutRequest {
 
 /// Confirmation that a sandbox was killed.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Killed {
     /// The killed sandbox.
     pub sandbox_id: String,
     /// Always `killed`.
     pub status: String,
+}
+
+impl poem_openapi::types::Example for Killed {
+    fn example() -> Self {
+        Killed {
+            sandbox_id: "clm3k9x0a1b2c3d4e5f6".into(),
+            status: "killed".into(),
+        }
+    }
 }
 
 /// Parses an E2B-style metadata filter: `k1=v1&k2=v2` (URL-encoded as one parameter).
