@@ -214,10 +214,12 @@ pub enum StreamInputEvent {
     Keepalive {},
 }
 
-/// Wrapper `{"event": ...}` of a StreamInput message.
+/// One StreamInput message. `event` is a proto oneof, so proto3 JSON puts its member
+/// at the top level: `{"start": {...}}`, `{"data": {...}}`, `{"keepalive": {}}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StreamInputRequest {
     /// The event.
+    #[serde(flatten)]
     pub event: StreamInputEvent,
 }
 

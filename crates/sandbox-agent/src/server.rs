@@ -464,9 +464,15 @@ async fn unary(
             let Some(sig) = r.signal.number() else {
                 return Err(RpcError::new(Code::InvalidArgument, "unsupported signal"));
             };
-            if !p.ended() {
-                p.signal(sig);
+            // As envd: a process that has ended is gone for signals (the SDK's kill()
+            // then returns false), though Connect still replays its end.
+            if p.ended() {
+                return Err(RpcError::new(
+                    Code::NotFound,
+                    format!("process with pid {} has already ended", p.pid),
+                ));
             }
+            p.signal(sig);
             Ok(connect::unary_ok(&empty))
         }
         ("process", "Update") => {

@@ -72,6 +72,21 @@ fn missing_cwd_is_invalid_argument_and_unknown_pid_not_found() {
 }
 
 #[test]
+fn signalling_an_ended_process_is_not_found() {
+    let a = Agent::start();
+    let mut s = a.start_sh("true", json!({}), &[]);
+    let pid = s.expect_start();
+    let c = s.collect();
+    assert_eq!(c.end.expect("end event")["exited"], true);
+    let (status, v) = a.rpc(
+        "process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
+    );
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["code"], "not_found");
+}
+
+#[test]
 fn stdin_input_reaches_process_and_close_stdin_ends_it() {
     let a = Agent::start();
     let mut s = a.start_sh("cat; echo done", json!({"stdin": true}), &[]);
@@ -108,10 +123,10 @@ fn stream_input_client_stream_writes_stdin() {
     // Client stream: start + data envelopes + end, in one chunked body.
     let mut body = Vec::new();
     for m in [
-        json!({"event": {"start": {"process": {"pid": pid}}}}),
-        json!({"event": {"data": {"input": {"stdin": enc(b"abc")}}}}),
-        json!({"event": {"keepalive": {}}}),
-        json!({"event": {"data": {"input": {"stdin": enc(b"def")}}}}),
+        json!({"start": {"process": {"pid": pid}}}),
+        json!({"data": {"input": {"stdin": enc(b"abc")}}}),
+        json!({"keepalive": {}}),
+        json!({"data": {"input": {"stdin": enc(b"def")}}}),
     ] {
         let p = m.to_string();
         body.push(0u8);

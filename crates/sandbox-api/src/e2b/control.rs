@@ -21,8 +21,10 @@ use crate::AppState;
 
 /// Header carrying the API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
-/// E2B's default sandbox lifetime when a create names none, seconds.
+/// E2B's default lifetime, seconds, when a v1 create or a resume names none.
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
+/// E2B's default lifetime, seconds, when a v2 create or a connect names none.
+const DEFAULT_TIMEOUT_V2_SECS: u64 = 300;
 /// Page size of `GET /v2/sandboxes` when the client names none.
 const DEFAULT_PAGE: usize = 100;
 /// Largest page of `GET /v2/sandboxes`.
@@ -251,16 +253,21 @@ pub async fn create_v2(Data(state): Data<&AppState>, body: Body) -> Response {
     answer(create_with(state, body, true).await)
 }
 
-async fn create_with(state: &AppState, body: Body, always_secure: bool) -> Answer {
+async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     let req: NewSandbox = parse_body(body).await?;
-    let timeout = timeout_secs(req.timeout, DEFAULT_TIMEOUT_SECS)?;
+    let default = if v2 {
+        DEFAULT_TIMEOUT_V2_SECS
+    } else {
+        DEFAULT_TIMEOUT_SECS
+    };
+    let timeout = timeout_secs(req.timeout, default)?;
     // E2B names templates by alias or id, optionally with a tag.
     let template = req.template_id.split(':').next().unwrap_or_default();
     let mut spec = SandboxSpec::new(template, timeout);
     spec.metadata = req.metadata.unwrap_or_default();
     spec.envs = req.env_vars.unwrap_or_default();
     spec.internet = req.allow_internet_access.unwrap_or(true);
-    spec.secure = always_secure || req.secure.unwrap_or(false);
+    spec.secure = v2 || req.secure.unwrap_or(false);
     let info = state.manager.create(spec).await.map_err(|e| match e {
         // E2B answers an unknown template with 400.
         Error::NotFound { what } => reject(StatusCode::BAD_REQUEST, format!("{what} not found")),
@@ -283,18 +290,25 @@ struct ListQuery {
     next_token: Option<String>,
 }
 
-/// Parses `k1=v1&k2=v2` (E2B sends the metadata filter URL-encoded in one parameter).
+/// Parses the `metadata` filter: `k1=v1&k2=v2` as a form, whose keys and values the
+/// SDKs escape once more before (Python `quote`, JS `encodeURIComponent`).
 fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
     let Some(raw) = raw else {
         return BTreeMap::new();
     };
+    let unescape = |s: &str| unescape_component(&percent_decode(s));
     raw.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
+            (unescape(k), unescape(v))
         })
         .collect()
+}
+
+/// Decodes `%XX` escapes only (`+` stays: the SDKs escape spaces as `%20` there).
+fn unescape_component(s: &str) -> String {
+    percent_decode(&s.replace('+', "%2B"))
 }
 
 /// Decodes `%XX` escapes (and `+` as space), leaving malformed escapes as they are.
@@ -505,7 +519,7 @@ pub async fn connect(Data(state): Data<&AppState>, Path(id): Path<String>, body:
         async {
             let id = parse_id(&id)?;
             let body: TimeoutBody = parse_body(body).await?;
-            let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_SECS)?;
+            let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_V2_SECS)?;
             let status = if state.manager.info(&id)?.state == SandboxState::Paused {
                 state.manager.resume(&id).await?;
                 StatusCode::CREATED
@@ -603,9 +617,11 @@ mod tests {
 
     #[test]
     fn metadata_filters_decode() {
-        let f = metadata_filter(Some("a=1&user%20id=x%3Dy&flag"));
+        // What `metadata` is once the query string is decoded: the Python SDK sends
+        // urlencode({quote(k): quote(v)}) for {"a": "1", "user id": "x=y&z+é", "flag": ""}.
+        let f = metadata_filter(Some("a=1&user%2520id=x%253Dy%2526z%252B%25C3%25A9&flag"));
         assert_eq!(f.get("a").map(String::as_str), Some("1"));
-        assert_eq!(f.get("user id").map(String::as_str), Some("x=y"));
+        assert_eq!(f.get("user id").map(String::as_str), Some("x=y&z+é"));
         assert_eq!(f.get("flag").map(String::as_str), Some(""));
         assert!(metadata_filter(None).is_empty());
     }
