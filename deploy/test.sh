@@ -2,9 +2,9 @@
 # The whole test suite on real engines. On a fresh Debian/Ubuntu machine (as root) it
 # installs and starts Docker Engine and Podman, builds the template images offline and
 # the static agent, then runs formatting and lint checks, every unit test, both
-# backends' conformance suites, the agent's suite and the server suites on Docker and
-# on Podman. Engines it had to start are stopped again at the end
-# (KEEP_ENGINES=1 keeps them).
+# backends' conformance suites, the agent's suite, the server suites and the official
+# E2B SDK suites on Docker and on Podman. Engines it had to start are stopped again at
+# the end (KEEP_ENGINES=1 keeps them).
 #
 #   deploy/test.sh
 set -euo pipefail
@@ -41,9 +41,13 @@ cargo test --workspace --no-fail-fast
 # Docker only: on Podman with CNI an offline sandbox is a declared 501 (Unsupported).
 step "schemathesis against the served OpenAPI document (Docker)"
 bash deploy/schemathesis.sh docker
+step "the official E2B SDKs (Python, two pinned versions; JS) on Docker"
+bash deploy/e2b-tests.sh docker
 step "the agent's suite inside sandbox containers (Docker, Podman)"
 bash deploy/agent-suite-in-container.sh docker
 bash deploy/agent-suite-in-container.sh podman
 step "server suites on Podman"
 COLIMA_E2B_TEST_BACKEND=podman cargo test -p tests --no-fail-fast
+step "the official E2B SDKs on Podman"
+bash deploy/e2b-tests.sh podman
 step "all suites passed"

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The official E2B SDKs, unchanged, against a real colima-e2b server on a real engine:
+# the Python suite (tests/e2b/test_sdk.py) once per pinned `e2b` version
+# (tests/e2b/requirements-<version>.txt) and the JS smoke test (tests/e2b/js, npm `e2b`).
+#
+#   deploy/e2b-tests.sh [docker|podman]
+#
+# Assumes the engine runs and the template images exist (deploy/engines.sh and
+# deploy/images.sh; deploy/test.sh runs both first). Builds the static agent and the
+# server, keeps one virtualenv per SDK version under $E2B_TESTS_CACHE
+# (/var/cache/colima-e2b) and the npm packages in tests/e2b/js/node_modules, both reused
+# while their pins are unchanged. Starts one server on a free port with its own owner and
+# state directory, points the SDKs at it with `colima-e2b env`, and on exit stops the
+# server and removes every container of that owner. Exits non-zero if any suite failed.
+#
+# E2B_SDK_VERSIONS="2.63.0" narrows the Python versions; PYTEST_ARGS passes more
+# arguments to pytest (e.g. "-k files -x"); E2B_SKIP_JS=1 skips the JS smoke test;
+# E2B_JUNIT_DIR keeps the pytest JUnit XML reports there; E2B_TESTS_NO_BUILD=1 uses the
+# existing builds (COLIMA_E2B_BIN or target/debug/colima-e2b, COLIMA_E2B_AGENT_BINARY or
+# the build-agent.sh output path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+engine=${1:-docker}
+case "$engine" in
+  docker | podman) ;;
+  *)
+    echo "usage: $0 [docker|podman]" >&2
+    exit 2
+    ;;
+esac
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+cache=${E2B_TESTS_CACHE:-/var/cache/colima-e2b}
+mkdir -p "$cache"
+
+versions=${E2B_SDK_VERSIONS:-}
+if [ -z "$versions" ]; then
+  versions=$(find tests/e2b -maxdepth 1 -name 'requirements-*.txt' -printf '%f\n' |
+    sed -e 's/^requirements-//' -e 's/\.txt$//' | sort -rV | tr '\n' ' ')
+fi
+[ -n "${versions// /}" ] || { echo "no tests/e2b/requirements-<version>.txt" >&2; exit 2; }
+
+sock=/var/run/docker.sock
+[ "$engine" = podman ] && sock=/run/podman/podman.sock
+if ! curl -fsS --max-time 5 --unix-socket "$sock" http://localhost/_ping >/dev/null 2>&1; then
+  echo "$engine does not answer on $sock: run deploy/engines.sh $engine first" >&2
+  exit 1
+fi
+
+# ----------------------------------------------------------------------------- build
+if [ "${E2B_TESTS_NO_BUILD:-0}" = 1 ]; then
+  export COLIMA_E2B_AGENT_BINARY=${COLIMA_E2B_AGENT_BINARY:-${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-gnu/agent/sandbox-agent}
+else
+  step "static agent and server"
+  COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
+  export COLIMA_E2B_AGENT_BINARY
+  cargo build -p colima-e2b --quiet
+fi
+bin=${COLIMA_E2B_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/colima-e2b}
+bin=$(realpath "$bin")
+
+# ----------------------------------------------------------------------------- Python venvs
+python=${PYTHON:-python3}
+"$python" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' 2>/dev/null || {
+  echo "$python is older than 3.11 (e2b 2.63.0 needs 3.11): set PYTHON=" >&2
+  exit 1
+}
+make_venv() { # dir
+  "$python" -m venv "$1" 2>/dev/null && return 0
+  # Debian's python3 needs python3-venv (ensurepip) for `-m venv`.
+  if command -v apt-get >/dev/null 2>&1; then
+    rm -rf "$1"
+    apt-get install -y -qq python3-venv >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null && apt-get install -y -qq python3-venv >/dev/null; }
+    "$python" -m venv "$1"
+  else
+    return 1
+  fi
+}
+venv_for() { # version -> prints the venv dir, creating or refreshing it
+  local ver=$1 req="$root/tests/e2b/requirements-$1.txt" dir="$cache/venv-e2b-$1" want
+  want="$(sha256sum "$req" | cut -d' ' -f1) $("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.colima-e2b-stamp" 2>/dev/null)" = "$want" ]; then
+    echo "$dir"
+    return
+  fi
+  echo "creating $dir" >&2
+  rm -rf "$dir"
+  make_venv "$dir" >&2
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req" >&2
+  echo "$want" >"$dir/.colima-e2b-stamp"
+  echo "$dir"
+}
+declare -A venv
+for ver in $versions; do
+  step "virtualenv for e2b==$ver"
+  venv[$ver]=$(venv_for "$ver")
+done
+
+# ----------------------------------------------------------------------------- npm
+if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
+  step "npm packages for tests/e2b/js"
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "node and npm are needed for the JS smoke test (E2B_SKIP_JS=1 skips it)" >&2
+    exit 1
+  fi
+  js=tests/e2b/js
+  want=$(cat "$js/package.json" "$js/package-lock.json" | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$js/node_modules/.colima-e2b-stamp" 2>/dev/null)" != "$want" ]; then
+    (cd "$js" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" >"$js/node_modules/.colima-e2b-stamp"
+  fi
+fi
+
+# ----------------------------------------------------------------------------- server
+owner="e2b-sdk-$$-$(date +%s)"
+state=$(mktemp -d "${TMPDIR:-/tmp}/colima-e2b-e2b-tests.XXXXXX")
+log="$state.log"
+port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+server=
+results=()
+failed=0
+
+server_env() {
+  env -u COLIMA_E2B_CONFIG \
+    COLIMA_E2B_OWNER="$owner" COLIMA_E2B_STATE_DIR="$state" COLIMA_E2B_LOG_LEVEL=info \
+    COLIMA_E2B_BACKEND="$engine" "$@"
+}
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -n "$server" ]; then
+    kill "$server" 2>/dev/null
+    for _ in $(seq 1 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+  fi
+  ids=$("$engine" ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
+  if [ -n "$ids" ]; then
+    echo "removing $(echo "$ids" | wc -w) leftover container(s) of $owner" >&2
+    # shellcheck disable=SC2086
+    "$engine" rm -f $ids >/dev/null 2>&1
+  fi
+  if [ "$failed" -ne 0 ] || [ "$rc" -ne 0 ]; then
+    echo "--- server log (last 200 lines of $log, kept) ---" >&2
+    tail -n 200 "$log" >&2 2>/dev/null
+  else
+    rm -f "$log"
+  fi
+  rm -rf "$state"
+  echo >&2
+  echo "==> E2B SDK suites on $engine:" >&2
+  local pass=0 fail=0 r
+  for r in "${results[@]}"; do
+    echo "    $r" >&2
+    case "$r" in PASS*) pass=$((pass + 1)) ;; *) fail=$((fail + 1)) ;; esac
+  done
+  if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    echo "    ERROR the script stopped early (exit $rc)" >&2
+    fail=$((fail + 1))
+  fi
+  echo "e2b-suites: $pass passed, $fail failed"
+  if [ "$fail" -ne 0 ]; then exit 1; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "server on 127.0.0.1:$port ($engine, owner $owner, log $log)"
+server_env "$bin" server --port "$port" --backend "$engine" </dev/null >"$log" 2>&1 &
+server=$!
+healthy=0
+for _ in $(seq 1 300); do
+  if curl -fsS --max-time 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+    healthy=1
+    break
+  fi
+  kill -0 "$server" 2>/dev/null || break
+  sleep 0.2
+done
+if [ "$healthy" != 1 ]; then
+  echo "the server did not become healthy (its log follows)" >&2
+  results+=("FAIL server startup")
+  failed=1
+  exit 1
+fi
+
+# Only what `colima-e2b env` prints configures the SDKs.
+unset E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN E2B_DEBUG E2B_ACCESS_TOKEN
+envout=$(server_env "$bin" env --port "$port")
+eval "$envout"
+export E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN
+for k in E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN; do
+  [ -n "${!k:-}" ] || { echo "colima-e2b env did not set $k; it printed:" >&2; echo "$envout" >&2; exit 1; }
+done
+echo "E2B_API_URL=$E2B_API_URL E2B_SANDBOX_URL=$E2B_SANDBOX_URL E2B_DOMAIN=$E2B_DOMAIN" >&2
+
+# ----------------------------------------------------------------------------- suites
+if [ -n "${E2B_JUNIT_DIR:-}" ]; then
+  mkdir -p "$E2B_JUNIT_DIR"
+  reports=$(realpath "$E2B_JUNIT_DIR")
+else
+  reports=$(mktemp -d "${TMPDIR:-/tmp}/e2b-junit.XXXXXX")
+fi
+for ver in $versions; do
+  step "Python SDK e2b==$ver: tests/e2b/test_sdk.py"
+  if ! "${venv[$ver]}/bin/python" tests/e2b/check_sdk_api.py; then
+    results+=("FAIL python e2b==$ver (the SDK lacks calls the suite makes: check_sdk_api.py)")
+    failed=1
+    continue
+  fi
+  set +e
+  # shellcheck disable=SC2086
+  (cd tests/e2b && "${venv[$ver]}/bin/python" -m pytest -q -p no:cacheprovider \
+    --junitxml="$reports/junit-e2b-$ver.xml" -o junit_suite_name="e2b-$ver" ${PYTEST_ARGS:-})
+  rc=$?
+  set -e
+  summary=$("${venv[$ver]}/bin/python" - "$reports/junit-e2b-$ver.xml" <<'EOF' 2>/dev/null || echo "no junit report"
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+s = r if r.tag == "testsuite" else r.find("testsuite")
+t, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+print(f"{t - f - e - k} passed, {f + e} failed, {k} skipped")
+EOF
+)
+  if [ "$rc" -eq 0 ]; then
+    results+=("PASS python e2b==$ver ($summary)")
+  else
+    results+=("FAIL python e2b==$ver ($summary, pytest exit $rc)")
+    failed=1
+  fi
+done
+
+if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
+  jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
+  step "JS SDK e2b@$jsver: tests/e2b/js/smoke.mjs"
+  if (cd tests/e2b/js && node smoke.mjs); then
+    results+=("PASS js e2b@$jsver smoke")
+  else
+    results+=("FAIL js e2b@$jsver smoke")
+    failed=1
+  fi
+fi
+[ -n "${E2B_JUNIT_DIR:-}" ] || rm -rf "$reports"
+exit "$failed"
