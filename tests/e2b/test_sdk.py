@@ -65,6 +65,8 @@ Commands
 Files
   test_files_text_bytes_stream            files.write(str/bytes), files.read(format=text/bytes/stream)
   test_files_write_files                  files.write_files([WriteEntry...]) -> [WriteInfo]
+  test_files_octet_stream_and_gzip        files.write(file-like -> octet-stream), write/read/
+                                          write_files(gzip=True)
   test_files_large_roundtrip              5 MiB files.write / files.read(bytes) + sha256 (also
                                           checked inside the sandbox with sha256sum)
   test_files_list_depth                   files.list(path, depth=1|3) -> EntryInfo
@@ -106,6 +108,7 @@ import asyncio
 import base64
 import hashlib
 import inspect
+import io
 import os
 import socket
 import time
@@ -806,6 +809,30 @@ def test_files_write_files(sbx, workdir):
     assert bytes(sbx.files.read(f"{workdir}/multi/b.bin", format="bytes")) == b"\x00\x01B"
     assert sbx.files.read(f"{workdir}/multi/sub/c.txt") == "C" * 1000
     assert sbx.files.write_files([]) == []
+
+
+def test_files_octet_stream_and_gzip(sbx, workdir):
+    data = os.urandom(256 * 1024) + b"compressible " * 20000
+    # A file-like object goes up as application/octet-stream (envd >= 0.5.7).
+    info = sbx.files.write(f"{workdir}/octet.bin", io.BytesIO(data))
+    assert info.path == f"{workdir}/octet.bin"
+    assert bytes(sbx.files.read(f"{workdir}/octet.bin", format="bytes")) == data
+    # gzip: Content-Encoding: gzip up, Accept-Encoding: gzip down.
+    sbx.files.write(f"{workdir}/gz.bin", data, gzip=True)
+    digest = hashlib.sha256(data).hexdigest()
+    assert sbx.commands.run(f"sha256sum {workdir}/gz.bin").stdout.split()[0] == digest
+    assert bytes(sbx.files.read(f"{workdir}/gz.bin", format="bytes", gzip=True)) == data
+    assert sbx.files.read(f"{workdir}/octet.bin", format="bytes", gzip=True) == data
+    infos = sbx.files.write_files(
+        [
+            {"path": f"{workdir}/gzm/a.txt", "data": "A" * 5000},
+            {"path": f"{workdir}/gzm/b.bin", "data": io.BytesIO(b"\x00B" * 3000)},
+        ],
+        gzip=True,
+    )
+    assert sorted(i.name for i in infos) == ["a.txt", "b.bin"]
+    assert sbx.files.read(f"{workdir}/gzm/a.txt") == "A" * 5000
+    assert bytes(sbx.files.read(f"{workdir}/gzm/b.bin", format="bytes")) == b"\x00B" * 3000
 
 
 def test_files_large_roundtrip(sbx, workdir):

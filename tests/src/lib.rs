@@ -4,6 +4,8 @@
 //! Each server gets its own owner name and state directory, so suites running in
 //! parallel never adopt or reap each other's sandboxes.
 
+pub mod raw;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;

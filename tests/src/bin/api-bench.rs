@@ -7,6 +7,8 @@
 //! COLIMA_E2B_BIN=target/release/colima-e2b target/release/api-bench [iterations] [docker podman]
 //! ```
 //! Starts one server per engine (a fresh owner each), prints medians and p90 in ms.
+//! With Docker, the same three steps done directly with bollard (default network, no
+//! limits, `sleep infinity`, the engine's exec) are measured in the same run as the floor.
 //!
 //! WebSocket first-output latency: a background command `sleep 0.3; date +%s%N; sleep 1`
 //! is followed over `WS /sandboxes/{id}/commands/stream/{pid}` (connected during the
@@ -19,6 +21,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use tests::raw::{self, stats};
 use tests::{OwnerCleanup, Server, ServerOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -29,13 +32,6 @@ const WS_SLEEP: &str = "0.3";
 
 /// The seed server's WebSocket polling interval, ms (its README, "WebSocket Efficiency").
 const SEED_POLL_MS: f64 = 100.0;
-
-fn stats(mut v: Vec<Duration>) -> (f64, f64) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let p = |q: f64| ms(v[((v.len() as f64 - 1.0) * q).round() as usize]);
-    (p(0.5), p(0.9))
-}
 
 async fn ok_json(resp: reqwest::Response) -> Result<Value, String> {
     let status = resp.status();
@@ -309,6 +305,45 @@ async fn bench(engine: &str, n: usize) -> Result<Vec<(String, (f64, f64))>, Stri
     ])
 }
 
+/// create+start -> exec `echo hi` -> force remove, straight to Docker with bollard.
+async fn raw_floor(n: usize) -> Result<Vec<(String, (f64, f64))>, String> {
+    let backend = backend_docker::DockerBackend::connect(Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let docker = backend.client();
+    let image = "colima-e2b/base:latest";
+    let (mut create, mut run, mut kill, mut total) = (vec![], vec![], vec![], vec![]);
+    for i in 0..n {
+        let name = format!("colima-e2b-api-bench-raw-{}-{i}", std::process::id());
+        let t0 = Instant::now();
+        raw::create_started(docker, &name, image)
+            .await
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let (out, code) = raw::exec(docker, &name, &["echo", "hi"], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let t2 = Instant::now();
+        raw::remove(docker, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let t3 = Instant::now();
+        if out != b"hi\n" || code != Some(0) {
+            return Err(format!("raw exec gave {out:?} {code:?}"));
+        }
+        create.push(t1 - t0);
+        run.push(t2 - t1);
+        kill.push(t3 - t2);
+        total.push(t3 - t0);
+    }
+    Ok(vec![
+        ("create+start".into(), stats(create)),
+        ("exec echo hi".into(), stats(run)),
+        ("remove (force)".into(), stats(kill)),
+        ("create+exec+remove".into(), stats(total)),
+    ])
+}
+
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -325,6 +360,11 @@ async fn main() -> Result<(), String> {
     for engine in &engines {
         results.push((engine.clone(), bench(engine, n).await?));
     }
+    let floor = if engines.iter().any(|e| e == "docker") {
+        Some(raw_floor(n).await?)
+    } else {
+        None
+    };
     println!(
         "HTTP API, template base, {n} lifecycles and {} exec/file rounds per engine",
         n * 4
@@ -350,5 +390,22 @@ async fn main() -> Result<(), String> {
         SEED_POLL_MS * 0.5,
         SEED_POLL_MS * 0.9
     );
+    if let Some(floor) = floor {
+        println!("\nDocker floor, same run: bollard directly (default network, no limits)");
+        for (name, (med, p90)) in &floor {
+            println!("{name:<30} {:>18}", format!("{med:.1} / {p90:.1}"));
+        }
+        let api = results
+            .iter()
+            .find(|(e, _)| e == "docker")
+            .and_then(|(_, r)| r.iter().find(|(n, _)| n == "create+run+kill"))
+            .map(|(_, (med, _))| *med);
+        if let (Some(api), Some((_, (raw, _)))) = (api, floor.last()) {
+            println!(
+                "API create+run+kill / bollard create+exec+remove: {:.2}x",
+                api / raw
+            );
+        }
+    }
     Ok(())
 }

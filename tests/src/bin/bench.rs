@@ -14,25 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend_docker::{DockerBackend, DockerConfig};
-use bollard::container::LogOutput;
-use bollard::exec::StartExecResults;
-use bollard::models::{ContainerCreateBody, ExecConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, DownloadFromContainerOptions, InspectContainerOptions,
-    RemoveContainerOptions, UploadToContainerOptions,
+    DownloadFromContainerOptions, InspectContainerOptions, UploadToContainerOptions,
 };
 use futures_util::StreamExt;
 use sandbox_core::agent_client::proto::{ProcessConfig, StartRequest};
 use sandbox_core::{
     AgentBinary, DeriveImage, ImageFile, ManagerConfig, SandboxBackend, SandboxManager, SandboxSpec,
 };
-
-fn stats(mut v: Vec<Duration>) -> (f64, f64) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let p = |q: f64| ms(v[((v.len() as f64 - 1.0) * q).round() as usize]);
-    (p(0.5), p(0.9))
-}
+use tests::raw::{self, stats};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,31 +40,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..n {
         let name = format!("colima-e2b-bench-raw-{}-{i}", std::process::id());
         let t = Instant::now();
-        docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                }),
-                ContainerCreateBody {
-                    image: Some(image.clone()),
-                    cmd: Some(vec!["sleep".into(), "infinity".into()]),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        docker.start_container(&name, None).await?;
+        raw::create_started(&docker, &name, &image).await?;
         raw_create.push(t.elapsed());
         let t = Instant::now();
-        docker
-            .remove_container(
-                &name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await?;
+        raw::remove(&docker, &name).await?;
         raw_remove.push(t.elapsed());
     }
 
@@ -283,29 +252,7 @@ async fn agent_bench(
                 a_echo.push(took);
             }
             let t = Instant::now();
-            let exec = docker
-                .create_exec(
-                    &name,
-                    ExecConfig {
-                        cmd: Some(vec!["echo".into(), "hi".into()]),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        user: Some("user".into()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            let mut stdout = Vec::new();
-            if let StartExecResults::Attached { mut output, .. } =
-                docker.start_exec(&exec.id, None).await?
-            {
-                while let Some(chunk) = output.next().await {
-                    if let LogOutput::StdOut { message } = chunk? {
-                        stdout.extend_from_slice(&message);
-                    }
-                }
-            }
-            let code = docker.inspect_exec(&exec.id).await?.exit_code;
+            let (stdout, code) = raw::exec(&docker, &name, &["echo", "hi"], Some("user")).await?;
             let took = t.elapsed();
             if stdout != b"hi\n" || code != Some(0) {
                 return Err(format!("engine exec gave {stdout:?} {code:?}").into());
