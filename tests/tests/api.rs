@@ -89,6 +89,24 @@ async fn seed_examples_write_a_script_and_run_it() {
             "{needle} missing from:\n{metrics}"
         );
     }
+
+    // A user the sandbox does not have is the client's mistake.
+    for path in ["commands/run", "commands/run/background"] {
+        let (status, v) = json_of(
+            server
+                .post(
+                    &format!("/sandboxes/{id}/{path}"),
+                    json!({"cmd": "true", "user": "nobody2"}),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (status, &v["code"]),
+            (422, &json!("invalid_argument")),
+            "{v}"
+        );
+    }
 }
 
 #[tokio::test]

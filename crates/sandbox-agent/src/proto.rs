@@ -579,6 +579,10 @@ pub struct InitRequest {
     pub default_workdir: Option<String>,
 }
 
+/// How the agent's `unauthenticated` error for an acting user that does not exist in the
+/// sandbox begins (envd answers an unknown user so; clients tell it from a bad token).
+pub const INVALID_USER: &str = "invalid user";
+
 #[cfg(test)]
 mod tests {
     use super::*;

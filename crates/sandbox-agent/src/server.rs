@@ -90,9 +90,9 @@ impl Agent {
         let name = req_user
             .or_else(|| self.init_state().default_user)
             .unwrap_or_else(|| self.cfg.default_user.clone());
-        self.users
-            .lookup(&name)
-            .ok_or_else(|| RpcError::new(Code::Unauthenticated, format!("invalid user: {name:?}")))
+        self.users.lookup(&name).ok_or_else(|| {
+            RpcError::new(Code::Unauthenticated, format!("{INVALID_USER}: {name:?}"))
+        })
     }
 }
 

@@ -65,25 +65,6 @@ impl poem_openapi::types::Example for RunCommandRequest {
     }
 }
 
-/// The agent answers a `user` that does not exist in the sandbox with `unauthenticated`
-/// (as E2B's envd does); in the native API that is invalid request data (422), not a
-/// failing agent (502).
-fn unknown_user(user: Option<&str>, e: Error) -> Error {
-    match e {
-        Error::Agent { code, message }
-            if user.is_some()
-                && code == "unauthenticated"
-                && message.starts_with("invalid user") =>
-        {
-            Error::InvalidArgument(format!(
-                "user {:?} does not exist in the sandbox",
-                user.unwrap_or_default()
-            ))
-        }
-        other => other,
-    }
-}
-
 impl RunCommandRequest {
     fn shell(self) -> ShellCommand {
         ShellCommand {
@@ -222,13 +203,11 @@ impl CommandApi {
         }
         let agent = state.manager.agent(&id).await?;
         let started = std::time::Instant::now();
-        let user = body.0.user.clone();
         let result = body
             .0
             .shell()
             .run(&agent, Duration::from_secs(timeout), MAX_OUTPUT)
-            .await
-            .map_err(|e| unknown_user(user.as_deref(), e));
+            .await;
         let outcome = match &result {
             Ok(o) if o.end.exit_code == 0 => "ok",
             Ok(_) => "nonzero",
@@ -272,13 +251,7 @@ impl CommandApi {
     ) -> Result<Json<BackgroundCommand>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         let agent = state.manager.agent(&id).await?;
-        let user = body.0.user.clone();
-        let pid = body
-            .0
-            .shell()
-            .spawn(&agent)
-            .await
-            .map_err(|e| unknown_user(user.as_deref(), e))?;
+        let pid = body.0.shell().spawn(&agent).await?;
         metrics::counter!("colima_e2b_commands_total", "outcome" => "background").increment(1);
         Ok(Json(BackgroundCommand { pid }))
     }

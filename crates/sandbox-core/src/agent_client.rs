@@ -532,6 +532,10 @@ pub fn error_from_code(code: &str, message: String, timeout: Option<Duration>) -
             retry_after: None,
         },
         "insufficient_storage" => Error::InsufficientStorage(message),
+        // The server's token was right; the acting user the client named does not exist.
+        "unauthenticated" if message.starts_with(proto::INVALID_USER) => {
+            Error::InvalidArgument(message)
+        }
         other => Error::Agent {
             code: other.to_string(),
             message,
@@ -814,6 +818,11 @@ mod tests {
         assert!(matches!(
             error_from_code("unauthenticated", "no".into(), None),
             Error::Agent { code, .. } if code == "unauthenticated"
+        ));
+        // An unknown acting user is the client's mistake, not a failing agent.
+        assert!(matches!(
+            error_from_code("unauthenticated", format!("{}: \"nobody2\"", proto::INVALID_USER), None),
+            Error::InvalidArgument(m) if m.contains("nobody2")
         ));
     }
 

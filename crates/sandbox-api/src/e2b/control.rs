@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use percent_encoding::percent_decode_str;
 use poem::http::{header, StatusCode};
 use poem::web::{Data, Path};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
@@ -281,8 +282,7 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
 }
 
 /// Query of the list calls.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default)]
 struct ListQuery {
     metadata: Option<String>,
     state: Option<String>,
@@ -293,58 +293,25 @@ struct ListQuery {
 /// Parses the `metadata` filter: `k1=v1&k2=v2` as a form, whose keys and values the
 /// SDKs escape once more before (Python `quote`, JS `encodeURIComponent`).
 fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
-    let Some(raw) = raw else {
-        return BTreeMap::new();
-    };
-    let unescape = |s: &str| unescape_component(&percent_decode(s));
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (unescape(k), unescape(v))
-        })
+    let unescape = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    form_pairs(raw.unwrap_or_default())
+        .into_iter()
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (unescape(&k), unescape(&v)))
         .collect()
 }
 
-/// Decodes `%XX` escapes only (`+` stays: the SDKs escape spaces as `%20` there).
-fn unescape_component(s: &str) -> String {
-    percent_decode(&s.replace('+', "%2B"))
-}
-
-/// Decodes `%XX` escapes (and `+` as space), leaving malformed escapes as they are.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The pairs of a URL-encoded form (malformed input reads as no pairs).
+fn form_pairs(raw: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str(raw).unwrap_or_default()
 }
 
 /// The query string of `req` as [`ListQuery`]; repeated `state` parameters are joined.
 fn list_query(req: &Request) -> ListQuery {
     let mut q = ListQuery::default();
     let mut states = Vec::new();
-    for pair in req.uri().query().unwrap_or_default().split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        match k {
+    for (k, v) in form_pairs(req.uri().query().unwrap_or_default()) {
+        match k.as_str() {
             "metadata" => q.metadata = Some(v),
             "state" => states.push(v),
             "limit" => q.limit = v.parse().ok(),
@@ -627,10 +594,10 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding_keeps_malformed_escapes() {
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%41+b"), "A b");
+    fn malformed_escapes_stay_as_they_are() {
+        let f = metadata_filter(Some("a=%252&b=%25zz"));
+        assert_eq!(f.get("a").map(String::as_str), Some("%2"));
+        assert_eq!(f.get("b").map(String::as_str), Some("%zz"));
     }
 
     #[test]
