@@ -122,8 +122,10 @@ server=
 results=()
 failed=0
 
+# Only ever called in a subshell (`&`, `$(...)`): it execs, so that `$!` is the server's
+# own pid and the EXIT trap's kill reaches the server, not a wrapper shell.
 server_env() {
-  env -u COLIMA_E2B_CONFIG \
+  exec env -u COLIMA_E2B_CONFIG \
     COLIMA_E2B_OWNER="$owner" COLIMA_E2B_STATE_DIR="$state" COLIMA_E2B_LOG_LEVEL=info \
     COLIMA_E2B_BACKEND="$engine" "$@"
 }
