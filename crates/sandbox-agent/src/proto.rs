@@ -579,6 +579,39 @@ pub struct InitRequest {
     pub default_workdir: Option<String>,
 }
 
+/// `GET /metrics`: the sandbox's resource use (its cgroup's, where readable) and the
+/// agent's own footprint. Fields an older agent does not send read as zero.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Metrics {
+    /// Unix seconds of the sample.
+    pub ts: u64,
+    /// CPUs the sandbox may use.
+    pub cpu_count: u64,
+    /// CPU use since the previous sample, percent of `cpu_count` CPUs.
+    pub cpu_used_pct: f64,
+    /// Memory the sandbox may use, bytes.
+    pub mem_total: u64,
+    /// Memory used, bytes.
+    pub mem_used: u64,
+    /// Page cache within the memory used, bytes.
+    pub mem_cache: u64,
+    /// `mem_total` in MiB.
+    pub mem_total_mib: u64,
+    /// `mem_used` in MiB.
+    pub mem_used_mib: u64,
+    /// Size of the filesystem holding `/`, bytes.
+    pub disk_total: u64,
+    /// Used on the filesystem holding `/`, bytes.
+    pub disk_used: u64,
+    /// The agent's resident memory, bytes.
+    pub agent_rss: u64,
+    /// Open streaming responses.
+    pub agent_streams: u64,
+    /// Commands still running.
+    pub agent_processes: u64,
+}
+
 /// How the agent's `unauthenticated` error for an acting user that does not exist in the
 /// sandbox begins (envd answers an unknown user so; clients tell it from a bad token).
 pub const INVALID_USER: &str = "invalid user";

@@ -279,21 +279,21 @@ fn metrics(agent: &Agent) -> Response<AgentBody> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let body = serde_json::json!({
-        "ts": ts,
-        "cpu_count": cpus.ceil().max(1.0) as u64,
-        "cpu_used_pct": (pct * 100.0).round() / 100.0,
-        "mem_total": mem_total,
-        "mem_used": mem_used,
-        "mem_cache": mem_cache,
-        "mem_total_mib": mem_total >> 20,
-        "mem_used_mib": mem_used >> 20,
-        "disk_total": disk_total,
-        "disk_used": disk_used,
-        "agent_rss": self_rss(),
-        "agent_streams": agent.streams.load(Ordering::SeqCst),
-        "agent_processes": agent.procs.running(),
-    });
+    let body = Metrics {
+        ts,
+        cpu_count: cpus.ceil().max(1.0) as u64,
+        cpu_used_pct: (pct * 100.0).round() / 100.0,
+        mem_total,
+        mem_used,
+        mem_cache,
+        mem_total_mib: mem_total >> 20,
+        mem_used_mib: mem_used >> 20,
+        disk_total,
+        disk_used,
+        agent_rss: self_rss(),
+        agent_streams: agent.streams.load(Ordering::SeqCst) as u64,
+        agent_processes: agent.procs.running() as u64,
+    };
     connect::json_response(
         StatusCode::OK,
         serde_json::to_vec(&body).unwrap_or_default(),

@@ -81,28 +81,6 @@ impl fmt::Debug for AgentClient {
     }
 }
 
-/// The agent's `GET /metrics` answer (fields it does not send read as zero).
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
-#[serde(default)]
-pub struct AgentMetrics {
-    /// Unix seconds of the sample.
-    pub ts: u64,
-    /// CPUs the sandbox sees.
-    pub cpu_count: u32,
-    /// CPU use since the previous sample, percent.
-    pub cpu_used_pct: f64,
-    /// Memory in bytes.
-    pub mem_total: u64,
-    /// Memory used, bytes.
-    pub mem_used: u64,
-    /// Page cache within the memory used, bytes.
-    pub mem_cache: u64,
-    /// Root filesystem size, bytes.
-    pub disk_total: u64,
-    /// Root filesystem used, bytes.
-    pub disk_used: u64,
-}
-
 /// What a whole command produced (see [`ProcessStream::collect_output`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessOutput {
@@ -201,7 +179,7 @@ impl AgentClient {
     }
 
     /// `GET /metrics`: resource usage as the sandbox sees it.
-    pub async fn metrics(&self) -> Result<AgentMetrics> {
+    pub async fn metrics(&self) -> Result<proto::Metrics> {
         let started = std::time::Instant::now();
         let result = async {
             let resp = self.send(self.request(Method::GET, "/metrics")).await?;

@@ -44,7 +44,8 @@ pub struct Reject {
 /// What the handlers' bodies return.
 type Answer = Result<Response, Reject>;
 
-fn reject(status: StatusCode, message: impl Into<String>) -> Reject {
+/// An E2B error with `status`.
+pub(crate) fn reject(status: StatusCode, message: impl Into<String>) -> Reject {
     Reject {
         status,
         message: message.into(),
@@ -67,20 +68,14 @@ impl Reject {
     }
 }
 
-/// Maps a core error to the status E2B uses for it.
+/// Maps a core error to the status E2B uses for it: the core's own status, but for
+/// the two E2B answers differently.
 impl From<Error> for Reject {
     fn from(e: Error) -> Self {
         let status = match &e {
-            Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            Error::ResourceExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::EngineUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Agent { .. } => StatusCode::BAD_GATEWAY,
-            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            e => StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         };
         if status.is_server_error() {
             tracing::warn!(error = %e, "E2B control plane call failed");

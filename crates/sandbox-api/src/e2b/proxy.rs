@@ -10,6 +10,7 @@ use sandbox_core::agent_client::{AGENT_PORT, TOKEN_HEADER};
 use sandbox_core::signature::FileOp;
 use sandbox_core::{Error, SandboxId};
 
+use super::control::reject;
 use super::E2b;
 use crate::AppState;
 
@@ -89,14 +90,7 @@ pub async fn route_by_host<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Res
         .and_then(|h| h.to_str().ok())
         .and_then(target_from_host);
     match (target, req.data::<AppState>().cloned()) {
-        (Some(target), Some(state)) => {
-            let path = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into());
-            Ok(forward(&state, &target, req, &path, true).await)
-        }
+        (Some(target), Some(state)) => Ok(forward(&state, &target, req, true).await),
         _ => next.call(req).await.map(IntoResponse::into_response),
     }
 }
@@ -107,27 +101,14 @@ pub async fn envd(req: Request) -> Response {
         return bad_gateway("", "the E2B layer is not configured");
     };
     let Some(target) = target_from_headers(req.headers()) else {
-        let body = serde_json::json!({
-            "code": 400,
-            "message": format!("the data plane needs the {SANDBOX_ID_HEADER} header"),
-        });
-        return Response::builder()
-            .status(StatusCode::BAD_REQUEST)
-            .content_type("application/json")
-            .body(body.to_string());
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!("the data plane needs the {SANDBOX_ID_HEADER} header"),
+        )
+        .into_response();
     };
-    let full = req.uri().path();
-    let rest = full.strip_prefix(super::ENVD_BASE).unwrap_or(full);
-    let mut path = if rest.starts_with('/') {
-        rest.to_string()
-    } else {
-        format!("/{rest}")
-    };
-    if let Some(q) = req.uri().query() {
-        path.push('?');
-        path.push_str(q);
-    }
-    forward(&state, &target, req, &path, true).await
+    // The router nested this endpoint under `/e2b/envd` and stripped that prefix.
+    forward(&state, &target, req, true).await
 }
 
 /// Query of a signed `/files` URL.
@@ -146,12 +127,7 @@ pub async fn signed_files(req: Request) -> Response {
     let Some(state) = req.data::<AppState>().cloned() else {
         return bad_gateway("", "the E2B layer is not configured");
     };
-    let unauthorized = |message: &str| {
-        Response::builder()
-            .status(StatusCode::UNAUTHORIZED)
-            .content_type("application/json")
-            .body(serde_json::json!({"code": 401, "message": message}).to_string())
-    };
+    let unauthorized = |message: &str| reject(StatusCode::UNAUTHORIZED, message).into_response();
     let query: SignedQuery = match serde_urlencoded::from_str(req.uri().query().unwrap_or("")) {
         Ok(q) => q,
         Err(_) => return unauthorized("a signed file URL needs path and signature"),
@@ -176,23 +152,13 @@ pub async fn signed_files(req: Request) -> Response {
         sandbox: id.to_string(),
         port: AGENT_PORT,
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/files".into());
-    forward(&state, &target, req, &path, false).await
+    forward(&state, &target, req, false).await
 }
 
-/// Proxies `req` to `target`, at `path` (with query) inside the sandbox. With `vouch`,
-/// requests to the agent of a sandbox that is not secure get its token added.
-pub async fn forward(
-    state: &AppState,
-    target: &Target,
-    mut req: Request,
-    path: &str,
-    vouch: bool,
-) -> Response {
+/// Proxies `req` to `target`, at the same path and query (as the router left them)
+/// inside the sandbox. With `vouch`, requests to the agent of a sandbox that is not
+/// secure get its token added.
+pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch: bool) -> Response {
     let sandbox = target.sandbox.as_str();
     let Some(e2b) = state.e2b.as_ref() else {
         return bad_gateway(sandbox, "the E2B layer is not configured");
@@ -210,6 +176,7 @@ pub async fn forward(
         Err(Error::NotFound { .. }) => return bad_gateway(sandbox, "The sandbox was not found"),
         Err(e) => return bad_gateway(sandbox, &e.to_string()),
     };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let url = format!("http://{addr}{path}");
     let mut headers = HeaderMap::new();
     for (name, value) in req.headers() {
@@ -303,9 +270,11 @@ async fn splice_upgrade(
     let downstream = match req.take_upgrade() {
         Ok(on_upgrade) => on_upgrade,
         Err(e) => {
-            return Ok(Response::builder()
-                .status(StatusCode::BAD_REQUEST)
-                .body(format!("cannot upgrade this connection: {e}")))
+            return Ok(reject(
+                StatusCode::BAD_REQUEST,
+                format!("cannot upgrade this connection: {e}"),
+            )
+            .into_response())
         }
     };
     tokio::spawn(async move {
