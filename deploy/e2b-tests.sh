@@ -29,6 +29,11 @@ case "$engine" in
     exit 2
     ;;
 esac
+# The engine's CLI on its standard socket: podman's local CLI may use another storage
+# than the service (deploy/engines.sh starts it on a storage of its own).
+engine_cli() {
+  if [ "$engine" = podman ]; then podman --remote --url unix:///run/podman/podman.sock "$@"; else docker "$@"; fi
+}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 cache=${E2B_TESTS_CACHE:-/var/cache/colima-e2b}
@@ -139,11 +144,11 @@ cleanup() {
     kill -9 "$server" 2>/dev/null
     wait "$server" 2>/dev/null
   fi
-  ids=$("$engine" ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
+  ids=$(engine_cli ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
   if [ -n "$ids" ]; then
     echo "removing $(echo "$ids" | wc -w) leftover container(s) of $owner" >&2
     # shellcheck disable=SC2086
-    "$engine" rm -f $ids >/dev/null 2>&1
+    engine_cli rm -f $ids >/dev/null 2>&1
   fi
   if [ "$failed" -ne 0 ] || [ "$rc" -ne 0 ]; then
     echo "--- server log (last 200 lines of $log, kept) ---" >&2

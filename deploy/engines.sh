@@ -4,12 +4,22 @@
 # answers is left alone. Engines this script starts are recorded in /run/colima-e2b so
 # that `deploy/engines.sh stop` stops only those.
 #
+# An engine this script starts gets its data root on a quota-capable filesystem in a
+# sparse loop file (deploy/storage.sh: XFS with project quotas for the overlay drivers,
+# else btrfs with qgroups for the btrfs drivers), so that per-sandbox disk quotas
+# (`--storage-opt size=`) work: dockerd --data-root /var/lib/colima-e2b/docker, podman
+# graphroot /var/lib/colima-e2b/podman (CONTAINERS_STORAGE_CONF=
+# /var/lib/colima-e2b/podman-storage.conf; or use `podman --remote`). An engine that
+# already answers keeps its own storage. COLIMA_E2B_QUOTA_STORAGE=off starts them on
+# their default data roots instead, as does a machine where neither filesystem works.
+#
 #   deploy/engines.sh [docker] [podman]      start (default: both)
 #   deploy/engines.sh stop [docker] [podman] stop what this script started
 set -euo pipefail
 
 log() { printf '[engines] %s\n' "$*" >&2; }
 run_dir=/run/colima-e2b
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 docker_sock=/var/run/docker.sock
 podman_sock=/run/podman/podman.sock
 
@@ -27,12 +37,15 @@ if $stop; then
     pid=$(cat "$pidfile")
     if kill "$pid" 2>/dev/null; then
       log "stopping $e (pid $pid)"
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && log "$e (pid $pid) is still running after 30 s"
     fi
     rm -f "$pidfile"
   done
   exit 0
 fi
+
+quota_storage_on() { case "${COLIMA_E2B_QUOTA_STORAGE:-on}" in off|0|false|no) return 1 ;; esac; }
 
 install_packages() { # engines...
   local pkgs=() e
@@ -44,6 +57,10 @@ install_packages() { # engines...
   done
   command -v runc >/dev/null 2>&1 || pkgs+=(runc)
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && quota_storage_on; then # deploy/storage.sh
+    command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
+    command -v mkfs.btrfs >/dev/null 2>&1 || pkgs+=(btrfs-progs)
+  fi
   [ ${#pkgs[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     log "missing: ${pkgs[*]}. Install them (or start Colima: \`colima start\`) and run again."
@@ -96,6 +113,38 @@ start() { # name socket logfile command...
   wait_for "$sock" "$name" "$logfile"
 }
 
+# Quota-capable storage for an engine about to be started: prints its mount point,
+# or nothing (default data root) when it is turned off or cannot be prepared.
+quota_storage() { # name
+  quota_storage_on && [ "$(id -u)" -eq 0 ] || return 0
+  local dir
+  if dir=$("$here/storage.sh" "$1"); then
+    echo "$dir"
+  else
+    log "no quota-capable storage for $1; it starts on its default data root (no disk quotas)"
+  fi
+}
+
+storage_driver() { # mount point -> the graph driver for its filesystem (docker's name)
+  case "$(findmnt -n -o FSTYPE --mountpoint "$1")" in
+    btrfs) echo btrfs ;;
+    *) echo overlay2 ;;
+  esac
+}
+
+podman_storage_conf() { # graphroot driver -> path of a storage.conf for it
+  local conf=/var/lib/colima-e2b/podman-storage.conf
+  cat >"$conf.tmp" <<CONF
+# colima-e2b: podman storage with quota support (written by deploy/engines.sh)
+[storage]
+driver = "$2"
+graphroot = "$1"
+runroot = "$run_dir/podman-storage"
+CONF
+  mv "$conf.tmp" "$conf"
+  echo "$conf"
+}
+
 missing=()
 for e in "${want[@]}"; do
   case "$e" in
@@ -109,9 +158,32 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 for e in "${want[@]}"; do
   case "$e" in
-    docker) start docker "$docker_sock" /tmp/colima-e2b-dockerd.log dockerd ;;
-    podman) answers "$podman_sock" || configure_podman
+    docker) cmd=(dockerd)
+            if ! answers "$docker_sock"; then
+              root=$(quota_storage docker)
+              if [ -n "$root" ] && grep -qsE '"(data-root|storage-driver)"' /etc/docker/daemon.json; then
+                log "/etc/docker/daemon.json sets data-root or storage-driver; dockerd keeps them"
+              elif [ -n "$root" ]; then
+                driver=$(storage_driver "$root")
+                log "docker data root: $root (storage driver $driver)"
+                cmd+=(--data-root "$root" --storage-driver "$driver")
+              fi
+            fi
+            start docker "$docker_sock" /tmp/colima-e2b-dockerd.log "${cmd[@]}" ;;
+    podman) cmd=(podman)
+            if ! answers "$podman_sock"; then
+              configure_podman
+              root=$(quota_storage podman)
+              if [ -n "$root" ]; then
+                driver=$(storage_driver "$root"); [ "$driver" = overlay2 ] && driver=overlay
+                conf=$(podman_storage_conf "$root" "$driver")
+                log "podman graphroot: $root (driver $driver, CONTAINERS_STORAGE_CONF=$conf)"
+                # A tmpdir of its own, so that it never shares state with a podman
+                # on the default storage (its /run/libpod).
+                cmd=(env "CONTAINERS_STORAGE_CONF=$conf" podman --tmpdir "$run_dir/libpod")
+              fi
+            fi
             start podman "$podman_sock" /tmp/colima-e2b-podman.log \
-              podman system service --time=0 "unix://$podman_sock" ;;
+              "${cmd[@]}" system service --time=0 "unix://$podman_sock" ;;
   esac
 done

@@ -26,10 +26,20 @@ if [ ${#engines[@]} -eq 0 ]; then
   exit 1
 fi
 
+# The CLIs talk to the engines' sockets, so images land in the storage the running
+# service uses (deploy/engines.sh may start podman on a storage of its own).
+cli() { # engine args...
+  local e=$1; shift
+  case "$e" in
+    podman) podman --remote --url unix:///run/podman/podman.sock "$@" ;;
+    *) "$e" "$@" ;;
+  esac
+}
+
 missing_in() { # engine -> prints images the engine lacks
   local e=$1 img
   for img in "${images[@]}"; do
-    "$e" image inspect "$img" >/dev/null 2>&1 || echo "$img"
+    cli "$e" image inspect "$img" >/dev/null 2>&1 || echo "$img"
   done
 }
 
@@ -52,7 +62,7 @@ build_rootfs() {
     --include=bash,python3-minimal,python3,procps,coreutils,ca-certificates \
     --customize-hook='echo "user:x:1000:1000:user:/home/user:/bin/bash" >> "$1/etc/passwd"' \
     --customize-hook='echo "user:x:1000:" >> "$1/etc/group"' \
-    --customize-hook='echo "user:*:19000:0:99999:7:::" >> "$1/etc/shadow"' \
+    --customize-hook='echo "user:*:19000:0:99999:7:::" >> "$1/etc/shadow" && chmod 0640 "$1/etc/shadow"' \
     --customize-hook='mkdir -p "$1/home/user" && chown 1000:1000 "$1/home/user" && chmod 755 "$1/home/user"' \
     --customize-hook='rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*' \
     bookworm "$cache/partial.tar"
@@ -69,7 +79,7 @@ for e in "${engines[@]}"; do
   for img in "${missing[@]}"; do
     log "importing $img into $e"
     quiet=(); [ "$e" = podman ] && quiet=(--quiet)
-    "$e" import "${quiet[@]}" \
+    cli "$e" import "${quiet[@]}" \
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'WORKDIR /home/user' \
       --change 'CMD ["sleep","infinity"]' \

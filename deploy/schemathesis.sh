@@ -20,6 +20,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engine=${1:-docker}
+# The engine's CLI on its standard socket: podman's local CLI may use another storage
+# than the service (deploy/engines.sh starts it on a storage of its own).
+engine_cli() {
+  if [ "$engine" = podman ]; then podman --remote --url unix:///run/podman/podman.sock "$@"; else docker "$@"; fi
+}
 command -v schemathesis >/dev/null 2>&1 ||
   python3 -m pip install --quiet --disable-pip-version-check schemathesis
 bin=${COLIMA_E2B_BIN:-${CARGO_TARGET_DIR:-target}/debug/colima-e2b}
@@ -41,10 +46,10 @@ cleanup() {
     kill "$server" 2>/dev/null || true
     wait "$server" 2>/dev/null || true
   fi
-  ids=$("$engine" ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null || true)
+  ids=$(engine_cli ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null || true)
   if [ -n "$ids" ]; then
     # shellcheck disable=SC2086
-    "$engine" rm -f $ids >/dev/null 2>&1 || true
+    engine_cli rm -f $ids >/dev/null 2>&1 || true
   fi
   if [ "$rc" -ne 0 ] && [ -f "$log" ]; then
     echo "--- server log (last 40 lines) ---" >&2

@@ -176,9 +176,41 @@ impl Server {
         format!("{}{}", self.url, path)
     }
 
+    /// The key `colima-e2b env` prints for this server (generated into its state
+    /// directory on first start).
+    pub fn api_key(&self) -> String {
+        let path = self
+            .options
+            .state_dir
+            .join(&self.options.owner)
+            .join("e2b-api-key");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
     /// What the server logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the server process, bytes (from `/proc`).
+    pub fn rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
     }
 
     /// Kills the process with SIGKILL, as a crash would.
@@ -222,6 +254,25 @@ impl Server {
         self.http.get(self.url(path)).send().await.expect("request")
     }
 
+    /// Creates a sandbox through the native API; returns its id (the create must succeed).
+    pub async fn create_sandbox(&self, body: serde_json::Value) -> String {
+        let (status, body) = json_of(self.post("/sandboxes/", body).await).await;
+        assert_eq!(status, 200, "create: {body}");
+        body["sandbox_id"].as_str().expect("sandbox_id").to_string()
+    }
+
+    /// Runs `cmd` in sandbox `id` through the native API; returns the status and answer.
+    pub async fn run(&self, id: &str, cmd: &str) -> (u16, serde_json::Value) {
+        json_of(
+            self.post(
+                &format!("/sandboxes/{id}/commands/run"),
+                serde_json::json!({"cmd": cmd, "timeout": 120}),
+            )
+            .await,
+        )
+        .await
+    }
+
     /// DELETEs a path.
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.http
@@ -238,14 +289,33 @@ impl Drop for Server {
     }
 }
 
-/// The container engine's CLI for checks from outside the server (`docker` or `podman`).
+/// The status and JSON body of a response (a body that is not JSON becomes a string).
+pub async fn json_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, body)
+}
+
+/// The container engine's name for checks from outside the server (`docker` or `podman`).
 pub fn engine_cli() -> String {
     std::env::var("COLIMA_E2B_TEST_BACKEND").unwrap_or_else(|_| "docker".into())
 }
 
+/// The engine's CLI, talking to the same service the server does (Podman's local CLI
+/// would read its own storage rather than the service's).
+pub fn engine_command() -> Command {
+    let engine = engine_cli();
+    let mut cmd = Command::new(&engine);
+    if engine == "podman" {
+        cmd.args(["--remote", "--url", "unix:///run/podman/podman.sock"]);
+    }
+    cmd
+}
+
 /// Whether the engine has a container for sandbox `id`, and its state.
 pub fn container_state(id: &str) -> Option<String> {
-    let out = Command::new(engine_cli())
+    let out = engine_command()
         .args([
             "inspect",
             "--format",
@@ -261,7 +331,7 @@ pub fn container_state(id: &str) -> Option<String> {
 
 /// Removes every container of `owner` (test cleanup); returns how many there were.
 pub fn remove_owner_containers(owner: &str) -> usize {
-    let out = Command::new(engine_cli())
+    let out = engine_command()
         .args([
             "ps",
             "-aq",
@@ -275,11 +345,7 @@ pub fn remove_owner_containers(owner: &str) -> usize {
         .map(String::from)
         .collect();
     if !ids.is_empty() {
-        let _ = Command::new(engine_cli())
-            .arg("rm")
-            .arg("-f")
-            .args(&ids)
-            .output();
+        let _ = engine_command().arg("rm").arg("-f").args(&ids).output();
     }
     ids.len()
 }
@@ -332,7 +398,10 @@ pub async fn test_backend() -> sandbox_core::DynBackend {
 pub async fn agent_manager(owner: &str) -> sandbox_core::SandboxManager {
     let agent = sandbox_core::AgentBinary::load(&agent_binary()).expect("agent binary loads");
     let mut templates = std::collections::BTreeMap::new();
-    templates.insert("base".to_string(), "colima-e2b/base:latest".to_string());
+    templates.insert(
+        "base".to_string(),
+        sandbox_core::Template::new("colima-e2b/base:latest"),
+    );
     let manager = sandbox_core::SandboxManager::new(
         test_backend().await,
         sandbox_core::ManagerConfig {

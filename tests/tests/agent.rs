@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sandbox_core::agent_client::proto::{
+use envd_proto::messages::{
     DataEvent, ProcessConfig, ProcessEvent, ProcessSelector, Signal, StartRequest,
 };
 use sandbox_core::{AgentClient, Error, SandboxManager, SandboxSpec};
@@ -113,7 +113,7 @@ async fn commands_run_as_user_in_home_by_default() {
 }
 
 #[tokio::test]
-async fn sigkill_kills_a_double_forked_setsid_child_b5() {
+async fn sigkill_kills_a_double_forked_setsid_child() {
     let owner = OwnerGuard::new();
     let (_m, agent) = sandbox(&owner, spec()).await;
     let mut stream = agent
@@ -151,7 +151,7 @@ async fn sigkill_kills_a_double_forked_setsid_child_b5() {
 }
 
 #[tokio::test]
-async fn a_command_past_its_deadline_is_killed_b4() {
+async fn a_command_past_its_deadline_is_killed() {
     let owner = OwnerGuard::new();
     let (_m, agent) = sandbox(&owner, spec()).await;
     let result = agent
@@ -182,7 +182,7 @@ async fn a_command_past_its_deadline_is_killed_b4() {
 }
 
 #[tokio::test]
-async fn endless_output_keeps_the_agent_bounded_b1() {
+async fn endless_output_keeps_the_agent_bounded() {
     let owner = OwnerGuard::new();
     let (_m, agent) = sandbox(&owner, spec()).await;
     let mut stream = agent
@@ -197,6 +197,12 @@ async fn endless_output_keeps_the_agent_bounded_b1() {
         match stream.next().await {
             Some(Ok(ProcessEvent::Data(DataEvent::Stdout(d)))) => received += d.len(),
             Some(Ok(_)) => {}
+            // A reader slower than `yes` for longer than the agent keeps output for it
+            // (memory, then a capped spill) is told what it missed; the command ran on.
+            Some(Err(Error::Agent { code, message })) if code == "data_loss" => {
+                assert!(received >= 4 << 20, "cut after {received} bytes: {message}");
+                break;
+            }
             other => panic!("endless output stopped: {other:?}"),
         }
     }
@@ -250,7 +256,7 @@ async fn a_wrong_or_missing_secret_is_refused() {
     let owner = OwnerGuard::new();
     let (_m, agent) = sandbox(&owner, spec()).await;
     let wrong = AgentClient::new(
-        sandbox_core::agent_client::http_client(),
+        sandbox_core::agent::http_client(),
         agent.addr(),
         "not-the-secret",
     );
@@ -284,7 +290,7 @@ async fn a_wrong_or_missing_secret_is_refused() {
 }
 
 #[tokio::test]
-async fn killing_the_sandbox_ends_a_streaming_command_with_a_clear_error_i3() {
+async fn killing_the_sandbox_ends_a_streaming_command_with_a_clear_error() {
     let owner = OwnerGuard::new();
     let m = agent_manager(&owner.0).await;
     let info = m.create(spec()).await.expect("create");

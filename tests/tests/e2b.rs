@@ -200,10 +200,7 @@ async fn lifecycle_pagination_pause_and_tokens() {
     )
     .await;
     assert!(open.get("envdAccessToken").is_none(), "{open}");
-    assert_eq!(
-        open["envdVersion"],
-        sandbox_core::agent_client::ENVD_VERSION
-    );
+    assert_eq!(open["envdVersion"], envd_proto::ENVD_VERSION);
     let mut ids = vec![open["sandboxID"].as_str().expect("id").to_string()];
     for _ in 0..2 {
         let v = create(
@@ -356,11 +353,20 @@ async fn lifecycle_pagination_pause_and_tokens() {
     .await;
     assert_eq!(s, 200);
     let sample = &m[0];
-    assert!(sample["memTotal"].as_u64().is_some_and(|t| t > 0), "{m}");
-    assert!(
-        sample["memUsed"].as_u64() <= sample["memTotal"].as_u64(),
-        "{m}"
+    let memory_mb = detail["memoryMB"].as_u64().expect("memoryMB");
+    assert_eq!(
+        sample["memTotal"].as_u64(),
+        Some(memory_mb << 20),
+        "memTotal is the sandbox's memory limit: {m}"
     );
+    let used = sample["memUsed"].as_u64().expect("memUsed");
+    assert!(used > 0 && used < memory_mb << 20, "memUsed {used} of {m}");
+    assert_eq!(sample["cpuCount"], detail["cpuCount"], "{m}");
+    let (disk_used, disk_total) = (
+        sample["diskUsed"].as_u64().expect("diskUsed"),
+        sample["diskTotal"].as_u64().expect("diskTotal"),
+    );
+    assert!(disk_used > 0 && disk_used <= disk_total, "{m}");
     let (s, _, _) = call(
         &server,
         post,

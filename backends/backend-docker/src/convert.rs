@@ -9,15 +9,6 @@ use bollard::models::{
 use sandbox_core::{ContainerInfo, Limits, SandboxState};
 use time::OffsetDateTime;
 
-/// Splits `repo[:tag]` (a registry port is not a tag) into repo and tag.
-pub(crate) fn split_image(image: &str) -> (&str, &str) {
-    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last_slash..].rfind(':') {
-        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
-        None => (image, "latest"),
-    }
-}
-
 fn state_of_inspect(s: Option<ContainerStateStatusEnum>) -> SandboxState {
     match s {
         Some(ContainerStateStatusEnum::RUNNING) => SandboxState::Running,
@@ -42,11 +33,32 @@ fn limits_of(h: &HostConfig) -> Option<Limits> {
         (_, Some(q), Some(p)) if q > 0 && p > 0 => q as f64 / p as f64,
         _ => return None,
     };
+    let disk_mb = h
+        .storage_opt
+        .as_ref()
+        .and_then(|o| o.get("size"))
+        .and_then(|s| parse_mib(s));
     Some(Limits {
         cpus,
         memory_mb: u64::try_from(h.memory?).ok()? / (1024 * 1024),
         pids: h.pids_limit?,
+        disk_mb,
     })
+}
+
+/// A size as the engine keeps it (`2048m`, `2g`, `1073741824`) in MiB.
+pub(crate) fn parse_mib(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let n: u64 = digits.parse().ok()?;
+    match s[digits.len()..].trim_end_matches('b') {
+        "" => Some(n >> 20),
+        "k" => Some(n >> 10),
+        "m" => Some(n),
+        "g" => n.checked_mul(1 << 10),
+        "t" => n.checked_mul(1 << 20),
+        _ => None,
+    }
 }
 
 fn labels(l: Option<std::collections::HashMap<String, String>>) -> BTreeMap<String, String> {
@@ -97,19 +109,14 @@ pub(crate) fn from_summary(c: ContainerSummary) -> ContainerInfo {
 
 #[cfg(test)]
 mod tests {
-    use super::split_image;
+    use super::parse_mib;
 
     #[test]
-    fn image_references_split_into_repo_and_tag() {
-        assert_eq!(split_image("python"), ("python", "latest"));
-        assert_eq!(split_image("python:3.12"), ("python", "3.12"));
-        assert_eq!(
-            split_image("localhost:5000/a/b"),
-            ("localhost:5000/a/b", "latest")
-        );
-        assert_eq!(
-            split_image("localhost:5000/a/b:v1"),
-            ("localhost:5000/a/b", "v1")
-        );
+    fn engine_sizes_read_as_mib() {
+        assert_eq!(parse_mib("2048m"), Some(2048));
+        assert_eq!(parse_mib("2g"), Some(2048));
+        assert_eq!(parse_mib("2GB"), Some(2048));
+        assert_eq!(parse_mib("1073741824"), Some(1024));
+        assert_eq!(parse_mib("junk"), None);
     }
 }

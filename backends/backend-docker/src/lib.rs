@@ -15,7 +15,7 @@
 
 mod convert;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -34,9 +34,11 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use sandbox_core::backend::image::{derive_with, DeriveSteps};
+use sandbox_core::backend::split_image;
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
-    Result, SandboxBackend, SandboxId,
+    ImageInfo, Result, SandboxBackend,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -74,10 +76,6 @@ pub struct DockerConfig {
     pub offline_network: String,
     /// How the server reaches the agent.
     pub agent_route: AgentRoute,
-    /// Open files per sandbox process.
-    pub nofile: i64,
-    /// Largest file a sandbox process may write, in MiB.
-    pub max_file_size_mb: i64,
 }
 
 impl Default for DockerConfig {
@@ -89,8 +87,6 @@ impl Default for DockerConfig {
             network: "colima-e2b".into(),
             offline_network: "colima-e2b-offline".into(),
             agent_route: AgentRoute::Auto,
-            nofile: 8192,
-            max_file_size_mb: 8192,
         }
     }
 }
@@ -103,6 +99,8 @@ pub struct DockerBackend {
     /// Ids of the (online, offline) sandbox networks, resolved once.
     networks: OnceCell<(String, String)>,
     published: bool,
+    /// The storage driver enforces per-container sizes (`--storage-opt size=`).
+    quota: bool,
 }
 
 impl fmt::Debug for DockerBackend {
@@ -124,22 +122,34 @@ fn home() -> Option<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from)
 }
 
-/// The engine addresses to try, in order, with where each came from.
+/// The engine addresses to try, in order, with where each came from (reading
+/// `DOCKER_HOST` and `HOME`; see [`candidates`]).
+pub fn candidate_endpoints(config: &DockerConfig) -> Vec<(String, &'static str)> {
+    candidates(
+        config,
+        std::env::var("DOCKER_HOST").ok().as_deref(),
+        home().as_deref(),
+    )
+}
+
+/// The engine addresses to try for `config`, given `DOCKER_HOST` and the home directory.
 ///
 /// An explicit address (configuration, then `DOCKER_HOST`) is used alone: silently
 /// falling back to another engine would surprise whoever set it. Otherwise the Colima
 /// socket comes first, then the system socket (Colima mode: the Colima socket only).
-pub fn candidate_endpoints(config: &DockerConfig) -> Vec<(String, &'static str)> {
+pub fn candidates(
+    config: &DockerConfig,
+    docker_host: Option<&str>,
+    home: Option<&std::path::Path>,
+) -> Vec<(String, &'static str)> {
     if let Some(h) = config.host.as_ref().filter(|h| !h.is_empty()) {
         return vec![(h.clone(), "configuration")];
     }
-    if let Ok(h) = std::env::var("DOCKER_HOST") {
-        if !h.is_empty() {
-            return vec![(h, "DOCKER_HOST")];
-        }
+    if let Some(h) = docker_host.filter(|h| !h.is_empty()) {
+        return vec![(h.to_string(), "DOCKER_HOST")];
     }
     let mut out = Vec::new();
-    if let Some(h) = home() {
+    if let Some(h) = home {
         let sock = h
             .join(".colima")
             .join(&config.colima_profile)
@@ -190,12 +200,15 @@ impl DockerBackend {
                             !cfg!(target_os = "linux") || endpoint.contains(".colima")
                         }
                     };
+                    let info = docker.info().await.ok().unwrap_or_default();
+                    let quota = storage_has_quota(&info);
                     return Ok(Self {
                         docker,
                         endpoint,
                         config,
                         networks: OnceCell::new(),
                         published,
+                        quota,
                     });
                 }
                 Err(e) => tried.push(format!("{endpoint} ({source}): {}", short_error(&e))),
@@ -321,8 +334,10 @@ impl DockerBackend {
     fn container_body(&self, spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
         let mib = 1024 * 1024;
         let memory = spec.limits.memory_mb as i64 * mib;
+        let profile = &spec.profile;
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let mut log_opts = HashMap::new();
-        log_opts.insert("max-size".to_string(), "1m".to_string());
+        log_opts.insert("max-size".to_string(), profile.log_max_bytes.to_string());
         log_opts.insert("max-file".to_string(), "1".to_string());
         let port_key = spec.agent_port.map(|p| format!("{p}/tcp"));
         let port_bindings = match (&port_key, self.published) {
@@ -342,27 +357,29 @@ impl DockerBackend {
         let host_config = HostConfig {
             privileged: Some(false),
             cap_drop: Some(vec!["ALL".into()]),
-            cap_add: Some(
-                sandbox_core::backend::SANDBOX_CAPABILITIES
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect(),
-            ),
+            cap_add: Some(profile.capabilities.clone()),
             security_opt: Some(vec!["no-new-privileges".into()]),
+            // Docker's default on cgroup v1 is the host's cgroup namespace.
+            cgroupns_mode: Some(bollard::models::HostConfigCgroupnsModeEnum::PRIVATE),
             memory: Some(memory),
             memory_swap: Some(memory),
             nano_cpus: Some((spec.limits.cpus * 1e9).round() as i64),
             pids_limit: Some(spec.limits.pids),
+            storage_opt: spec
+                .limits
+                .disk_mb
+                .map(|mb| HashMap::from([("size".to_string(), format!("{mb}m"))])),
+            shm_size: Some(clamp(profile.shm_bytes)),
             ulimits: Some(vec![
                 ResourcesUlimits {
                     name: Some("nofile".into()),
-                    soft: Some(self.config.nofile),
-                    hard: Some(self.config.nofile),
+                    soft: Some(clamp(profile.nofile)),
+                    hard: Some(clamp(profile.nofile)),
                 },
                 ResourcesUlimits {
                     name: Some("fsize".into()),
-                    soft: Some(self.config.max_file_size_mb * mib),
-                    hard: Some(self.config.max_file_size_mb * mib),
+                    soft: Some(clamp(profile.max_file_size)),
+                    hard: Some(clamp(profile.max_file_size)),
                 },
             ]),
             log_config: Some(HostConfigLogConfig {
@@ -387,7 +404,7 @@ impl DockerBackend {
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone().into_iter().collect()),
             user: spec.user.clone(),
-            hostname: Some("sandbox".into()),
+            hostname: Some(profile.hostname.clone()),
             exposed_ports: port_key.map(|k| vec![k]),
             host_config: Some(host_config),
             // The network id in the endpoint too: the engine resolves the network again
@@ -405,42 +422,8 @@ impl DockerBackend {
         }
     }
 
-    /// The archive and commit steps of [`SandboxBackend::derive_image`] on container `temp`.
-    async fn derive_in(&self, temp: &str, req: &DeriveImage) -> Result<()> {
-        let tar = req
-            .tar()
-            .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", req.tag)))?;
-        self.docker
-            .upload_to_container(
-                temp,
-                Some(UploadToContainerOptions {
-                    path: "/".into(),
-                    ..Default::default()
-                }),
-                bollard::body_full(tar.into()),
-            )
-            .await
-            .map_err(|e| self.map_err(&format!("container {temp}"), e))?;
-        let (repo, tag) = convert::split_image(&req.tag);
-        self.docker
-            .commit_container(
-                CommitContainerOptions {
-                    container: Some(temp.to_string()),
-                    repo: Some(repo.to_string()),
-                    tag: Some(tag.to_string()),
-                    changes: Some(req.commit_changes().join("\n")),
-                    pause: false,
-                    ..Default::default()
-                },
-                ContainerConfig::default(),
-            )
-            .await
-            .map_err(|e| self.map_err(&format!("image {}", req.tag), e))?;
-        Ok(())
-    }
-
     async fn pull(&self, image: &str) -> std::result::Result<(), BollardError> {
-        let (repo, tag) = convert::split_image(image);
+        let (repo, tag) = split_image(image);
         let options = CreateImageOptions {
             from_image: Some(repo.to_string()),
             tag: Some(tag.to_string()),
@@ -473,6 +456,27 @@ impl DockerBackend {
         tracing::info!(image, "pulled image");
         Ok(())
     }
+}
+
+/// Whether the engine's storage enforces `--storage-opt size=`: btrfs and zfs always,
+/// overlay2 only on XFS (mounted with project quotas, which the engine does not report;
+/// without them every sized create fails, naming the mount option).
+fn storage_has_quota(info: &bollard::models::SystemInfo) -> bool {
+    match info.driver.as_deref() {
+        Some("btrfs" | "zfs") => true,
+        Some("overlay2") => backing_filesystem(info).as_deref() == Some("xfs"),
+        _ => false,
+    }
+}
+
+/// The filesystem under the storage driver, when the engine says (overlay2 does).
+fn backing_filesystem(info: &bollard::models::SystemInfo) -> Option<String> {
+    info.driver_status
+        .as_ref()?
+        .iter()
+        .find(|kv| kv.first().map(String::as_str) == Some("Backing Filesystem"))?
+        .get(1)
+        .cloned()
 }
 
 /// The HTTP status of an engine error response, if it is one.
@@ -508,6 +512,10 @@ fn map_error(what: &str, e: BollardError) -> Error {
         } => match status_code {
             404 => Error::not_found(what),
             409 => Error::Conflict(format!("{what}: {message}")),
+            // Docker 20.10 answers 500 for a container in the wrong state.
+            500 if message.contains("is not paused") || message.contains("is already paused") => {
+                Error::Conflict(format!("{what}: {message}"))
+            }
             _ => Error::backend(NAME, format!("{what}: {message}")),
         },
         BollardError::SocketNotFoundError(_)
@@ -525,13 +533,27 @@ impl SandboxBackend for DockerBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        let mut caps = Capabilities::default();
+        caps.processes = true;
+        caps.pause = true;
+        caps.internal_networks = true;
+        // Published ports mean an engine in a VM, which may forward to our loopback.
+        caps.host_loopback_isolated = !self.published;
+        caps.disk_quota = self.quota;
+        // The sandbox networks have inter-container traffic off.
+        caps.isolated_sandboxes = true;
+        caps
     }
 
     async fn check(&self) -> Result<EngineInfo> {
         let v = self
             .docker
             .version()
+            .await
+            .map_err(|e| self.map_err("engine", e))?;
+        let info = self
+            .docker
+            .info()
             .await
             .map_err(|e| self.map_err("engine", e))?;
         Ok(EngineInfo {
@@ -543,17 +565,49 @@ impl SandboxBackend for DockerBackend {
             version: v.version.unwrap_or_default(),
             api_version: self.docker.client_version().to_string(),
             endpoint: self.endpoint.clone(),
+            cpus: info.ncpu.and_then(|n| u32::try_from(n).ok()),
+            memory_bytes: info.mem_total.and_then(|n| u64::try_from(n).ok()),
+            storage: info
+                .driver
+                .as_ref()
+                .map(|driver| match backing_filesystem(&info) {
+                    Some(fs) => format!("{driver} on {fs}"),
+                    None => driver.clone(),
+                }),
+            cgroup_version: info.cgroup_version.as_ref().and_then(|v| match v {
+                bollard::models::SystemInfoCgroupVersionEnum::_1 => Some(1),
+                bollard::models::SystemInfoCgroupVersionEnum::_2 => Some(2),
+                _ => None,
+            }),
         })
     }
 
-    async fn ensure_image(&self, image: &str) -> Result<()> {
+    async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
         match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(i) => Ok(Some(ImageInfo {
+                size: i.size.and_then(|s| u64::try_from(s).ok()),
+            })),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.map_err(&format!("image {image}"), e)),
+        }
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<ImageInfo> {
+        let info = |i: bollard::models::ImageInspect| ImageInfo {
+            size: i.size.and_then(|s| u64::try_from(s).ok()),
+        };
+        match self.docker.inspect_image(image).await {
+            Ok(i) => return Ok(info(i)),
             Err(e) if status(&e) == Some(404) => {}
             Err(e) => return Err(self.map_err(&format!("image {image}"), e)),
         }
         match self.pull(image).await {
-            Ok(()) => Ok(()),
+            Ok(()) => self
+                .docker
+                .inspect_image(image)
+                .await
+                .map(info)
+                .map_err(|e| self.map_err(&format!("image {image}"), e)),
             Err(e) => {
                 let why = short_error(&e);
                 match map_error("engine", e) {
@@ -570,44 +624,16 @@ impl SandboxBackend for DockerBackend {
     /// Container create (never started), archive upload, commit, remove: offline, and
     /// the image keeps the base's layers.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
-        match self.docker.inspect_image(&req.tag).await {
-            Ok(_) => return Ok(()),
-            Err(e) if status(&e) == Some(404) => {}
-            Err(e) => return Err(self.map_err(&format!("image {}", req.tag), e)),
-        }
-        let temp = format!("colima-e2b-derive-{}", SandboxId::generate());
-        let mut labels = HashMap::new();
-        labels.insert("dev.colima-e2b.derive".to_string(), "true".to_string());
-        self.docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(temp.clone()),
-                    ..Default::default()
-                }),
-                ContainerCreateBody {
-                    image: Some(req.base.clone()),
-                    entrypoint: Some(req.entrypoint.clone()),
-                    labels: Some(labels),
-                    network_disabled: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| match status(&e) {
-                Some(404) => Error::not_found(format!("image {}", req.base)),
-                _ => self.map_err(&format!("container {temp}"), e),
-            })?;
-        let result = self.derive_in(&temp, req).await;
-        if let Err(e) = self.remove(&temp).await {
-            tracing::warn!(container = %temp, error = %e, "could not remove the derive container");
-        }
-        if result.is_ok() {
-            tracing::info!(base = %req.base, image = %req.tag, "derived image");
-        }
-        result
+        derive_with(self, req).await
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
+        if spec.limits.disk_mb.is_some() && !self.quota {
+            return Err(Error::Unsupported {
+                backend: NAME,
+                operation: "a disk quota (the engine's storage has no quotas)",
+            });
+        }
         let (online, offline) = self.ensure_networks().await?;
         let network = if spec.internet { online } else { offline };
         let options = CreateContainerOptions {
@@ -734,6 +760,82 @@ impl SandboxBackend for DockerBackend {
     }
 }
 
+#[async_trait]
+impl DeriveSteps for DockerBackend {
+    async fn image_exists(&self, tag: &str) -> Result<bool> {
+        match self.docker.inspect_image(tag).await {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(404) => Ok(false),
+            Err(e) => Err(self.map_err(&format!("image {tag}"), e)),
+        }
+    }
+
+    async fn create_stopped(
+        &self,
+        name: &str,
+        base: &str,
+        entrypoint: &[String],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                }),
+                ContainerCreateBody {
+                    image: Some(base.to_string()),
+                    entrypoint: Some(entrypoint.to_vec()),
+                    labels: Some(labels.clone().into_iter().collect()),
+                    network_disabled: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(drop)
+            .map_err(|e| match status(&e) {
+                Some(404) => Error::not_found(format!("image {base}")),
+                _ => self.map_err(&format!("container {name}"), e),
+            })
+    }
+
+    async fn upload(&self, name: &str, archive: Vec<u8>) -> Result<()> {
+        self.docker
+            .upload_to_container(
+                name,
+                Some(UploadToContainerOptions {
+                    path: "/".into(),
+                    ..Default::default()
+                }),
+                bollard::body_full(archive.into()),
+            )
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    async fn commit(&self, name: &str, repo: &str, tag: &str, changes: &[String]) -> Result<()> {
+        self.docker
+            .commit_container(
+                CommitContainerOptions {
+                    container: Some(name.to_string()),
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                    changes: Some(changes.join("\n")),
+                    pause: false,
+                    ..Default::default()
+                },
+                ContainerConfig::default(),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| self.map_err(&format!("image {repo}:{tag}"), e))
+    }
+
+    async fn remove_temporary(&self, name: &str) -> Result<()> {
+        SandboxBackend::remove(self, name).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,28 +846,60 @@ mod tests {
             host: Some("unix:///tmp/x.sock".into()),
             ..Default::default()
         };
-        let c = candidate_endpoints(&config);
+        let c = candidates(&config, Some("tcp://elsewhere:2375"), None);
         assert_eq!(c, vec![("unix:///tmp/x.sock".to_string(), "configuration")]);
+        let c = candidates(
+            &DockerConfig::default(),
+            Some("tcp://elsewhere:2375"),
+            Some(std::path::Path::new("/home/u")),
+        );
+        assert_eq!(c, vec![("tcp://elsewhere:2375".to_string(), "DOCKER_HOST")]);
     }
 
     #[test]
     fn discovery_tries_colima_then_the_system_socket() {
-        if std::env::var_os("DOCKER_HOST").is_some() {
-            return; // DOCKER_HOST wins; covered by the server suite.
-        }
-        let c = candidate_endpoints(&DockerConfig::default());
-        assert!(c[0].0.ends_with(".colima/default/docker.sock"), "{c:?}");
+        let home = std::path::Path::new("/home/u");
+        let c = candidates(&DockerConfig::default(), None, Some(home));
         assert_eq!(
-            c.last().map(|c| c.0.as_str()),
-            Some("unix:///var/run/docker.sock")
+            c,
+            vec![
+                (
+                    "unix:///home/u/.colima/default/docker.sock".to_string(),
+                    "Colima"
+                ),
+                ("unix:///var/run/docker.sock".to_string(), "system socket"),
+            ]
         );
-        let colima = candidate_endpoints(&DockerConfig {
-            colima: true,
-            colima_profile: "work".into(),
-            ..Default::default()
-        });
-        assert_eq!(colima.len(), 1);
-        assert!(colima[0].0.ends_with(".colima/work/docker.sock"));
+        // An empty DOCKER_HOST counts as unset.
+        assert_eq!(
+            candidates(&DockerConfig::default(), Some(""), Some(home)),
+            c
+        );
+        let colima = candidates(
+            &DockerConfig {
+                colima: true,
+                colima_profile: "work".into(),
+                ..Default::default()
+            },
+            None,
+            Some(home),
+        );
+        assert_eq!(
+            colima,
+            vec![(
+                "unix:///home/u/.colima/work/docker.sock".to_string(),
+                "Colima"
+            )]
+        );
+        assert!(candidates(
+            &DockerConfig {
+                colima: true,
+                ..Default::default()
+            },
+            None,
+            None
+        )
+        .is_empty());
     }
 
     #[test]

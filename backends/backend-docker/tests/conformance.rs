@@ -1,11 +1,8 @@
-//! The shared backend conformance suite against the real Docker engine.
+//! The backend conformance suite against the real Docker engine, one test per check,
+//! plus the checks of connecting that only a concrete backend has.
 
 use backend_docker::{DockerBackend, DockerConfig};
-use sandbox_core::conformance::{self, Fixture};
-
-fn image() -> String {
-    std::env::var("COLIMA_E2B_TEST_IMAGE").unwrap_or_else(|_| "colima-e2b/base:latest".into())
-}
+use sandbox_core::conformance::Fixture;
 
 async fn backend() -> DockerBackend {
     DockerBackend::connect(DockerConfig::default())
@@ -17,13 +14,23 @@ async fn backend() -> DockerBackend {
         })
 }
 
+sandbox_core::conformance_tests!(backend().await, Fixture::from_env());
+
 #[tokio::test]
-async fn docker_passes_the_conformance_suite() {
-    let backend = backend().await;
-    let fixture = Fixture::new(image());
-    conformance::run_all(&backend, &fixture).await;
-    // The trait has no image removal: drop the derived probe image here.
-    let _ = std::process::Command::new("docker")
-        .args(["rmi", "-f", &fixture.derived_tag()])
-        .output();
+async fn unreachable_engine_names_what_was_tried() {
+    let err = DockerBackend::connect(DockerConfig {
+        host: Some("unix:///tmp/colima-e2b-no-such.sock".into()),
+        colima: true,
+        colima_profile: "nope".into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("no engine there");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, sandbox_core::Error::EngineUnavailable(_)),
+        "{msg}"
+    );
+    assert!(msg.contains("/tmp/colima-e2b-no-such.sock"), "{msg}");
+    assert!(msg.contains("colima start"), "{msg}");
 }

@@ -26,7 +26,7 @@
 //! - Rootless Podman (and remote engines) cannot route to container IPs, so the agent port
 //!   is published on 127.0.0.1 instead; rootless on cgroup v1 cannot pause or read stats.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -42,9 +42,10 @@ use containers_api::conn::{
 use futures_util::StreamExt;
 use podman_api::opts::{ContainerDeleteOpts, NetworkCreateOpts, PullOpts};
 use podman_api::{ApiVersion, Podman};
+use sandbox_core::backend::image::{derive_with, DeriveSteps};
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
-    Result, SandboxBackend, SandboxId, SandboxState,
+    ImageInfo, Result, SandboxBackend, SandboxState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -72,18 +73,13 @@ pub struct PodmanConfig {
     /// Always publish the agent port on 127.0.0.1, even where the container IP is
     /// reachable (rootless and remote engines publish regardless).
     pub publish_agent_port: bool,
-    /// Open files per process (soft = hard). Must not exceed the host's hard limit.
-    pub ulimit_nofile: u64,
-    /// Processes per user (soft = hard). The pids limit is the real per-sandbox cap; this
-    /// only has to stay within the host's hard limit, which runc cannot exceed.
+    /// Processes per user (soft = hard), given because libpod otherwise raises it to its
+    /// own maximum, which runc cannot set where the host's hard limit is lower. The pids
+    /// limit is the real per-sandbox cap.
     pub ulimit_nproc: u64,
-    /// Largest file a process may write, in bytes.
-    pub ulimit_fsize_bytes: u64,
-    /// Log driver: `k8s-file` (capped at `log_max_bytes`) or `none`. Sandbox output goes
-    /// through the agent, so the engine log only serves debugging.
+    /// Log driver: `k8s-file` (capped at the profile's log size) or `none`. Sandbox
+    /// output goes through the agent, so the engine log only serves debugging.
     pub log_driver: String,
-    /// Size cap of the `k8s-file` log.
-    pub log_max_bytes: u64,
     /// How long connecting may take per socket, in seconds.
     pub connect_timeout_secs: u64,
     /// How long pulling a missing image may take, in seconds.
@@ -97,11 +93,8 @@ impl Default for PodmanConfig {
             network: "colima-e2b".into(),
             offline_network: "colima-e2b-offline".into(),
             publish_agent_port: false,
-            ulimit_nofile: 8192,
             ulimit_nproc: 16384,
-            ulimit_fsize_bytes: 8 << 30,
             log_driver: "k8s-file".into(),
-            log_max_bytes: 1 << 20,
             connect_timeout_secs: 5,
             pull_timeout_secs: 900,
         }
@@ -116,6 +109,8 @@ struct HostFacts {
     network_backend: String,
     /// `v1` or `v2`.
     cgroup_version: String,
+    /// The storage driver enforces per-container sizes (`storage_opts.size`).
+    quota: bool,
 }
 
 /// The Podman implementation of [`SandboxBackend`].
@@ -335,6 +330,7 @@ impl PodmanBackend {
                 .unwrap_or(false),
             network_backend: text(&["networkBackend"]),
             cgroup_version: text(&["cgroupVersion"]),
+            quota: wire::storage_has_quota(&info),
         };
         Ok(Self {
             podman,
@@ -472,35 +468,15 @@ impl PodmanBackend {
         }
     }
 
-    /// The archive and commit steps of [`SandboxBackend::derive_image`] on container `temp`.
-    async fn derive_in(&self, temp: &str, req: &DeriveImage) -> Result<()> {
-        let tar = req
-            .tar()
-            .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", req.tag)))?;
-        self.podman
-            .containers()
-            .get(temp)
-            .copy_to("/", Body::from(tar))
+    async fn image_info_json(&self, image: &str) -> Result<ImageInfo> {
+        let v: Value = self
+            .raw
+            .get_json(format!("{API}/images/{}/json", path_segment(image)))
             .await
-            .map_err(|e| self.api_err(e, &format!("container {temp}")))?;
-        let (repo, tag) = wire::split_image(&req.tag);
-        let mut query = vec![
-            ("container", temp.to_string()),
-            ("repo", repo.to_string()),
-            ("tag", tag.to_string()),
-            ("pause", "false".to_string()),
-        ];
-        query.extend(req.commit_changes().into_iter().map(|c| ("changes", c)));
-        let query = containers_api::url::encoded_pairs(query);
-        self.raw
-            .post_string(
-                format!("{API}/commit?{query}"),
-                Payload::empty(),
-                Headers::none(),
-            )
-            .await
-            .map_err(|e| self.conn_err(e, &format!("image {}", req.tag)))?;
-        Ok(())
+            .map_err(|e| self.conn_err(e, &format!("image {image}")))?;
+        Ok(ImageInfo {
+            size: v.get("Size").and_then(Value::as_u64),
+        })
     }
 
     async fn start_and_inspect(&self, name: &str) -> Result<ContainerInfo> {
@@ -520,16 +496,20 @@ impl SandboxBackend for PodmanBackend {
         BACKEND
     }
 
-    /// Pause (cgroup freezer) and stats are unavailable only to rootless Podman on
-    /// cgroup v1, which gets no cgroup delegation. Internal networks and ports published
-    /// on 127.0.0.1 work everywhere (but see the CNI note on internal networks).
+    /// Pause (the cgroup freezer) is unavailable only to rootless Podman on cgroup v1,
+    /// which gets no cgroup delegation. Internal networks work everywhere (but see the
+    /// CNI note in `create`).
     fn capabilities(&self) -> Capabilities {
-        let cgroups = !(self.host.rootless && self.host.cgroup_version == "v1");
-        let mut caps = Capabilities::ALL;
-        caps.pause = cgroups;
-        caps.stats = cgroups;
+        let mut caps = Capabilities::default();
+        caps.processes = true;
+        caps.pause = !(self.host.rootless && self.host.cgroup_version == "v1");
         caps.internal_networks = true;
-        caps.published_ports = true;
+        // Rootless networking (slirp4netns, pasta) and remote engines may forward
+        // sandbox traffic to this host's loopback.
+        caps.host_loopback_isolated = self.local() && !self.host.rootless;
+        caps.disk_quota = self.host.quota;
+        // Podman 4.3 cannot turn off traffic between containers of one network.
+        caps.isolated_sandboxes = false;
         caps
     }
 
@@ -546,15 +526,40 @@ impl SandboxBackend for PodmanBackend {
                 .unwrap_or_default()
                 .to_string()
         };
+        let host = &info["host"];
+        let store = &info["store"];
+        let driver = store["graphDriverName"].as_str().unwrap_or_default();
+        let backing = store["graphStatus"]["Backing Filesystem"]
+            .as_str()
+            .unwrap_or_default();
         Ok(EngineInfo {
             engine: "Podman Engine".into(),
             version: field("Version"),
             api_version: field("APIVersion"),
             endpoint: self.endpoint.clone(),
+            cpus: host["cpus"].as_u64().and_then(|n| u32::try_from(n).ok()),
+            memory_bytes: host["memTotal"].as_u64(),
+            storage: (!driver.is_empty()).then(|| match backing {
+                "" => driver.to_string(),
+                fs => format!("{driver} on {fs}"),
+            }),
+            cgroup_version: match host["cgroupVersion"].as_str() {
+                Some("v1") => Some(1),
+                Some("v2") => Some(2),
+                _ => None,
+            },
         })
     }
 
-    async fn ensure_image(&self, image: &str) -> Result<()> {
+    async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
+        match self.image_info_json(image).await {
+            Ok(info) => Ok(Some(info)),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<ImageInfo> {
         let what = format!("image {image}");
         let exists = self
             .podman
@@ -564,7 +569,7 @@ impl SandboxBackend for PodmanBackend {
             .await
             .map_err(|e| self.api_err(e, &what))?;
         if exists {
-            return Ok(());
+            return self.image_info_json(image).await;
         }
         tracing::info!(image, "image not present locally, pulling");
         let opts = PullOpts::builder().reference(image).build();
@@ -603,7 +608,7 @@ impl SandboxBackend for PodmanBackend {
         match (pulled, failure) {
             (true, None) => {
                 tracing::info!(image, "pulled");
-                Ok(())
+                self.image_info_json(image).await
             }
             (_, failure) => Err(Error::not_found(format!(
                 "image {image} (not present locally and the pull failed: {})",
@@ -615,41 +620,16 @@ impl SandboxBackend for PodmanBackend {
     /// Container create (never started), archive upload, commit, remove: offline, and
     /// the image keeps the base's layers.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
-        let exists = self
-            .podman
-            .images()
-            .get(&req.tag)
-            .exists()
-            .await
-            .map_err(|e| self.api_err(e, &format!("image {}", req.tag)))?;
-        if exists {
-            return Ok(());
-        }
-        let temp = format!("colima-e2b-derive-{}", SandboxId::generate());
-        let body = serde_json::json!({
-            "name": temp,
-            "image": req.base,
-            "entrypoint": req.entrypoint,
-            "labels": { "dev.colima-e2b.derive": "true" },
-            "netns": { "nsmode": "none" },
-        });
-        self.raw
-            .post_string(
-                format!("{API}/containers/create"),
-                Payload::Json(body.to_string()),
-                Headers::none(),
-            )
-            .await
-            .map_err(|e| self.conn_err(e, &format!("image {}", req.base)))?;
-        let result = self.derive_in(&temp, req).await;
-        self.remove_quietly(&temp).await;
-        if result.is_ok() {
-            tracing::info!(base = %req.base, image = %req.tag, "derived image");
-        }
-        result
+        derive_with(self, req).await
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
+        if spec.limits.disk_mb.is_some() && !self.host.quota {
+            return Err(Error::Unsupported {
+                backend: BACKEND,
+                operation: "a disk quota (the engine's storage has no quotas)",
+            });
+        }
         if !spec.internet && spec.agent_port.is_some() && self.host.network_backend == "cni" {
             return Err(Error::Unsupported {
                 backend: BACKEND,
@@ -851,6 +831,76 @@ impl SandboxBackend for PodmanBackend {
                  {ips:?} is reachable from this host"
             ),
         ))
+    }
+}
+
+#[async_trait]
+impl DeriveSteps for PodmanBackend {
+    async fn image_exists(&self, tag: &str) -> Result<bool> {
+        self.podman
+            .images()
+            .get(tag)
+            .exists()
+            .await
+            .map_err(|e| self.api_err(e, &format!("image {tag}")))
+    }
+
+    async fn create_stopped(
+        &self,
+        name: &str,
+        base: &str,
+        entrypoint: &[String],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let body = serde_json::json!({
+            "name": name,
+            "image": base,
+            "entrypoint": entrypoint,
+            "labels": labels,
+            "netns": { "nsmode": "none" },
+        });
+        self.raw
+            .post_string(
+                format!("{API}/containers/create"),
+                Payload::Json(body.to_string()),
+                Headers::none(),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| self.conn_err(e, &format!("image {base}")))
+    }
+
+    async fn upload(&self, name: &str, archive: Vec<u8>) -> Result<()> {
+        self.podman
+            .containers()
+            .get(name)
+            .copy_to("/", Body::from(archive))
+            .await
+            .map_err(|e| self.api_err(e, &format!("container {name}")))
+    }
+
+    async fn commit(&self, name: &str, repo: &str, tag: &str, changes: &[String]) -> Result<()> {
+        let mut query = vec![
+            ("container", name.to_string()),
+            ("repo", repo.to_string()),
+            ("tag", tag.to_string()),
+            ("pause", "false".to_string()),
+        ];
+        query.extend(changes.iter().map(|c| ("changes", c.clone())));
+        let query = containers_api::url::encoded_pairs(query);
+        self.raw
+            .post_string(
+                format!("{API}/commit?{query}"),
+                Payload::empty(),
+                Headers::none(),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| self.conn_err(e, &format!("image {repo}:{tag}")))
+    }
+
+    async fn remove_temporary(&self, name: &str) -> Result<()> {
+        SandboxBackend::remove(self, name).await
     }
 }
 

@@ -21,6 +21,21 @@ use crate::PodmanConfig;
 
 /// CFS period used for the CPU quota, in microseconds.
 pub const CPU_PERIOD: u64 = 100_000;
+/// Label keeping a container's disk quota, which libpod's inspect does not report.
+pub const DISK_LABEL: &str = "dev.colima-e2b.podman.disk-mb";
+
+/// Whether libpod's storage enforces `storage_opts.size`: btrfs and zfs always, overlay
+/// only on XFS (with project quotas, which libpod does not report; without them every
+/// sized create fails, naming the mount option).
+pub fn storage_has_quota(info: &Value) -> bool {
+    let driver = str_at(info, &["store", "graphDriverName"]).unwrap_or_default();
+    let backing = str_at(info, &["store", "graphStatus", "Backing Filesystem"]).unwrap_or_default();
+    match driver {
+        "btrfs" | "zfs" => true,
+        "overlay" => backing == "xfs",
+        _ => false,
+    }
+}
 
 /// Where the sandbox is attached and whether its agent port is published on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +53,7 @@ pub fn create_body(
     place: &Placement,
 ) -> Result<Value> {
     spec.limits.validate()?;
+    let profile = &spec.profile;
     let mut env = Map::new();
     for entry in &spec.env {
         // libpod takes a map; a bare `KEY` would mean "inherit from the host" elsewhere.
@@ -50,14 +66,19 @@ pub fn create_body(
     let quota = (spec.limits.cpus * CPU_PERIOD as f64).round() as i64;
     let mut networks = Map::new();
     networks.insert(place.network.clone(), json!({}));
+    let mut labels = spec.labels.clone();
+    if let Some(mb) = spec.limits.disk_mb {
+        labels.insert(DISK_LABEL.to_string(), mb.to_string());
+    }
     let mut body = json!({
         "name": spec.name,
         "image": spec.image,
         "env": env,
-        "labels": spec.labels,
+        "labels": labels,
+        "shm_size": profile.shm_bytes,
         "privileged": false,
         "cap_drop": ["ALL"],
-        "cap_add": sandbox_core::backend::SANDBOX_CAPABILITIES,
+        "cap_add": profile.capabilities,
         "no_new_privileges": true,
         "seccomp_policy": "default",
         // Never inherit anything from the host or the podman service environment.
@@ -69,15 +90,18 @@ pub fn create_body(
             "cpu": { "quota": quota, "period": CPU_PERIOD },
             "pids": { "limit": spec.limits.pids },
         },
+        "hostname": profile.hostname,
         "r_limits": [
-            { "type": "nofile", "soft": config.ulimit_nofile, "hard": config.ulimit_nofile },
+            { "type": "nofile", "soft": profile.nofile, "hard": profile.nofile },
             // Given explicitly: libpod otherwise raises nproc to its own maximum, which
             // runc cannot set where the host's hard limit is lower.
             { "type": "nproc", "soft": config.ulimit_nproc, "hard": config.ulimit_nproc },
-            { "type": "fsize", "soft": config.ulimit_fsize_bytes, "hard": config.ulimit_fsize_bytes },
+            { "type": "fsize", "soft": profile.max_file_size, "hard": profile.max_file_size },
         ],
-        "log_configuration": log_config(config),
+        "log_configuration": log_config(config, profile.log_max_bytes),
         "netns": { "nsmode": "bridge" },
+        // Podman's default on cgroup v1 is the host's cgroup namespace.
+        "cgroupns": { "nsmode": "private" },
         "Networks": networks,
     });
     if !spec.command.is_empty() {
@@ -88,6 +112,9 @@ pub fn create_body(
     }
     if let Some(user) = &spec.user {
         body["user"] = json!(user);
+    }
+    if let Some(mb) = spec.limits.disk_mb {
+        body["storage_opts"] = json!({ "size": format!("{mb}m") });
     }
     if let (Some(port), true) = (spec.agent_port, place.publish_agent_port) {
         body["portmappings"] = json!([{
@@ -100,21 +127,12 @@ pub fn create_body(
     Ok(body)
 }
 
-fn log_config(config: &PodmanConfig) -> Value {
+fn log_config(config: &PodmanConfig, max_bytes: u64) -> Value {
     if config.log_driver == "k8s-file" {
         // conmon truncates the file at `size`, so container output cannot fill the disk.
-        json!({ "driver": "k8s-file", "size": config.log_max_bytes })
+        json!({ "driver": "k8s-file", "size": max_bytes })
     } else {
         json!({ "driver": config.log_driver })
-    }
-}
-
-/// Splits `repo[:tag]` (a registry port is not a tag) into repo and tag.
-pub fn split_image(image: &str) -> (&str, &str) {
-    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
-    match image[last_slash..].rfind(':') {
-        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
-        None => (image, "latest"),
     }
 }
 
@@ -174,6 +192,7 @@ pub fn applied_limits(inspect: &Value) -> Option<Limits> {
         cpus,
         memory_mb: (memory as u64) / (1024 * 1024),
         pids: pids as i64,
+        disk_mb: None,
     })
 }
 
@@ -192,7 +211,12 @@ pub fn info_from_inspect(v: &Value) -> ContainerInfo {
         labels: labels_of(v.get("Config").and_then(|c| c.get("Labels"))),
         state: state(str_at(v, &["State", "Status"]).unwrap_or("unknown")),
         created_at: parse_time(str_at(v, &["Created"])),
-        limits: applied_limits(v),
+        limits: applied_limits(v).map(|l| Limits {
+            disk_mb: labels_of(v.get("Config").and_then(|c| c.get("Labels")))
+                .get(DISK_LABEL)
+                .and_then(|mb| mb.parse().ok()),
+            ..l
+        }),
         env: v
             .get("Config")
             .and_then(|c| c.get("Env"))
@@ -307,10 +331,12 @@ mod tests {
                 cpus: 0.25,
                 memory_mb: 96,
                 pids: 50,
+                disk_mb: None,
             },
             internet: true,
             user: Some("user".into()),
             agent_port: Some(49983),
+            profile: Default::default(),
         }
     }
 
@@ -371,7 +397,8 @@ mod tests {
             Some(Limits {
                 cpus: 0.25,
                 memory_mb: 96,
-                pids: 50
+                pids: 50,
+                disk_mb: None,
             })
         );
     }

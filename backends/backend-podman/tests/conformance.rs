@@ -1,21 +1,17 @@
-//! The shared conformance suite and Podman-specific checks, against the real engine.
+//! The shared conformance suite (one test per check) and the Podman-specific checks
+//! (its inspect fields, networks, configuration), against the real engine.
 //!
 //! Needs a running Podman service (`bash deploy/engines.sh podman`) and the test image
 //! (`bash deploy/images.sh podman`); `COLIMA_E2B_TEST_IMAGE` overrides the image. Without
 //! an engine these tests fail: they never pass silently.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use backend_podman::{PodmanBackend, PodmanConfig};
-use sandbox_core::conformance::{run_all, Fixture, SUITE_LABEL};
-use sandbox_core::{ContainerSpec, Error, Limits, SandboxBackend, SandboxId, SandboxState};
+use sandbox_core::conformance::Fixture;
+use sandbox_core::{ContainerSpec, Error, SandboxBackend, SandboxProfile, SandboxState};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn image() -> String {
-    std::env::var("COLIMA_E2B_TEST_IMAGE").unwrap_or_else(|_| "colima-e2b/base:latest".into())
-}
 
 async fn connect(config: PodmanConfig) -> PodmanBackend {
     match PodmanBackend::connect(config).await {
@@ -31,23 +27,9 @@ async fn backend() -> PodmanBackend {
     connect(PodmanConfig::default()).await
 }
 
+/// A spec labelled for the suite, from the shared fixture.
 fn spec(suffix: &str) -> ContainerSpec {
-    let run = SandboxId::generate();
-    ContainerSpec {
-        name: format!("colima-e2b-podtest-{run}-{suffix}"),
-        image: image(),
-        command: vec!["sleep".into(), "infinity".into()],
-        env: vec!["PODTEST=1".into()],
-        labels: BTreeMap::from([(SUITE_LABEL.to_string(), run.to_string())]),
-        limits: Limits {
-            cpus: 0.5,
-            memory_mb: 64,
-            pids: 64,
-        },
-        internet: true,
-        user: None,
-        agent_port: None,
-    }
+    Fixture::from_env().spec(suffix)
 }
 
 /// Removes the container when the test ends, also when it panics.
@@ -71,20 +53,7 @@ impl Drop for Guard<'_> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_suite() {
-    let backend = backend().await;
-    eprintln!(
-        "conformance against {backend}, capabilities {:?}",
-        backend.capabilities()
-    );
-    let fixture = Fixture::new(image());
-    run_all(&backend, &fixture).await;
-    // The trait has no image removal: drop the derived probe image here.
-    let _ = std::process::Command::new("podman")
-        .args(["rmi", "-f", &fixture.derived_tag()])
-        .output();
-}
+sandbox_core::conformance_tests!(backend().await, Fixture::from_env());
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
@@ -97,7 +66,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn baseline_profile_is_applied() {
+async fn inspect_shows_the_baseline_profile() {
     let backend = backend().await;
     let s = spec("profile");
     let _guard = Guard(&backend, s.name.clone());
@@ -158,8 +127,9 @@ async fn baseline_profile_is_applied() {
         })
         .collect();
     let cfg = PodmanConfig::default();
-    let nofile = cfg.ulimit_nofile as i64;
-    let fsize = cfg.ulimit_fsize_bytes as i64;
+    let profile = SandboxProfile::default();
+    let nofile = profile.nofile as i64;
+    let fsize = profile.max_file_size as i64;
     assert!(
         ulimits.contains(&("RLIMIT_NOFILE".into(), nofile, nofile)),
         "{ulimits:?}"
@@ -309,12 +279,6 @@ async fn agent_is_reachable(config: PodmanConfig, suffix: &str) -> std::net::Soc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_address_accepts_connections() {
-    let addr = agent_is_reachable(PodmanConfig::default(), "agent").await;
-    eprintln!("agent reachable at {addr}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_agent_port_accepts_connections() {
     let config = PodmanConfig {
         publish_agent_port: true,
@@ -325,20 +289,6 @@ async fn published_agent_port_accepts_connections() {
         addr.ip().is_loopback(),
         "published address {addr} is not on 127.0.0.1"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn display_and_check_name_the_engine() {
-    let backend = backend().await;
-    assert_eq!(backend.name(), "podman");
-    assert!(
-        backend.to_string().starts_with("podman (unix://"),
-        "{backend}"
-    );
-    let info = backend.check().await.expect("check");
-    assert_eq!(info.engine, "Podman Engine");
-    assert!(!info.api_version.is_empty());
-    assert_eq!(info.endpoint, backend.endpoint());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,55 +304,4 @@ async fn missing_socket_is_engine_unavailable() {
         }
         other => panic!("expected engine unavailable, got {other:?}"),
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn name_conflict_keeps_the_existing_container() {
-    let backend = backend().await;
-    let s = spec("dup");
-    let _guard = Guard(&backend, s.name.clone());
-    let first = backend.create(&s).await.expect("create");
-    match backend.create(&s).await {
-        Err(Error::Conflict(_)) => {}
-        other => panic!("second create with the same name should conflict, got {other:?}"),
-    }
-    let still = backend
-        .inspect(&s.name)
-        .await
-        .expect("first container survives");
-    assert_eq!(still.id, first.id);
-    assert_eq!(still.state, SandboxState::Running);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_image_at_create_is_not_found_and_leaves_nothing() {
-    let backend = backend().await;
-    let mut s = spec("noimage");
-    s.image = "colima-e2b.invalid/no-such-image:never".into();
-    let _guard = Guard(&backend, s.name.clone());
-    match backend.create(&s).await {
-        Err(Error::NotFound { what }) => assert!(what.contains("no-such-image"), "{what}"),
-        other => panic!("create from a missing image should be not found, got {other:?}"),
-    }
-    assert!(matches!(
-        backend.inspect(&s.name).await,
-        Err(Error::NotFound { .. })
-    ));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pausing_twice_is_a_conflict() {
-    let backend = backend().await;
-    if !backend.capabilities().pause {
-        return;
-    }
-    let s = spec("pause2");
-    let _guard = Guard(&backend, s.name.clone());
-    backend.create(&s).await.expect("create");
-    backend.pause(&s.name).await.expect("pause");
-    assert!(matches!(
-        backend.pause(&s.name).await,
-        Err(Error::Conflict(_))
-    ));
-    backend.remove(&s.name).await.expect("remove paused");
 }

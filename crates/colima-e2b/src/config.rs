@@ -10,8 +10,7 @@ use std::str::FromStr;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use sandbox_core::AgentBinary;
-use sandbox_core::Limits;
+use sandbox_core::{AgentBinary, CommandLimits, Limits, SandboxProfile, Template};
 use serde::{Deserialize, Serialize};
 
 /// Which container engine to use.
@@ -74,14 +73,29 @@ pub struct Config {
     pub default_timeout: u64,
     /// Longest timeout a client may ask for, seconds.
     pub max_timeout: u64,
-    /// Default resource limits per sandbox.
-    pub limits: Limits,
-    /// Template name to image reference.
-    pub templates: BTreeMap<String, String>,
+    /// Resource limits per sandbox: defaults and the most a client may ask for.
+    pub limits: LimitsConfig,
+    /// Start even where the engine's storage cannot enforce disk quotas (one sandbox could
+    /// then fill the engine's disk).
+    pub allow_unlimited_disk: bool,
+    /// Seconds a client (WebSocket, stream, download) may take nothing before it is
+    /// dropped; the agent drops a stalled reader of a command after the same time.
+    pub stall_timeout: u64,
+    /// The baseline every sandbox container gets beyond its limits.
+    pub profile: ProfileConfig,
+    /// Commands of the native API.
+    pub commands: CommandsConfig,
+    /// File transfers of the native API.
+    pub files: FilesConfig,
+    /// Template name to template: an image reference, or a table with `image`, `user`
+    /// (default `user`) and `workdir`.
+    pub templates: BTreeMap<String, Template>,
     /// The static agent binary put into every sandbox (env COLIMA_E2B_AGENT_BINARY).
     /// Default: `sandbox-agent` next to the server executable, else the workspace's
     /// `target/x86_64-unknown-linux-gnu/agent/sandbox-agent` (deploy/build-agent.sh).
     pub agent_binary: Option<PathBuf>,
+    /// The perimeter: API keys, local development mode, host names and browser origins.
+    pub auth: AuthConfig,
     /// The E2B compatibility layer.
     pub e2b: E2bConfig,
     /// Docker backend settings.
@@ -95,8 +109,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         let mut templates = BTreeMap::new();
-        templates.insert("base".into(), "colima-e2b/base:latest".into());
-        templates.insert("python".into(), "colima-e2b/python:latest".into());
+        templates.insert("base".into(), Template::new("colima-e2b/base:latest"));
+        templates.insert("python".into(), Template::new("colima-e2b/python:latest"));
         Self {
             host: "127.0.0.1".into(),
             port: 8000,
@@ -109,9 +123,15 @@ impl Default for Config {
             default_template: "base".into(),
             default_timeout: 300,
             max_timeout: 24 * 3600,
-            limits: Limits::default(),
+            limits: LimitsConfig::default(),
+            allow_unlimited_disk: false,
+            stall_timeout: 30,
+            profile: ProfileConfig::default(),
+            commands: CommandsConfig::default(),
+            files: FilesConfig::default(),
             templates,
             agent_binary: None,
+            auth: AuthConfig::default(),
             e2b: E2bConfig::default(),
             #[cfg(feature = "docker")]
             docker: Default::default(),
@@ -119,6 +139,164 @@ impl Default for Config {
             podman: Default::default(),
         }
     }
+}
+
+/// `[limits]`: what a sandbox gets when it asks for nothing, and the most it may ask for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// CPU cores (fractions allowed).
+    pub cpus: f64,
+    /// Memory, MiB (swap limited to the same value).
+    pub memory_mb: u64,
+    /// Processes.
+    pub pids: i64,
+    /// Most CPUs a create may ask for; default: the engine host's CPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<f64>,
+    /// Most memory a create may ask for, MiB; default: the engine host's memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    /// Disk quota, MiB, over everything a sandbox can write (on btrfs storage its image
+    /// counts too). Writes past it fail inside with ENOSPC/EDQUOT; file APIs answer 507.
+    pub disk_mb: u64,
+    /// Largest disk quota a create may ask for, MiB.
+    pub max_disk_mb: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        Self {
+            cpus: l.cpus,
+            memory_mb: l.memory_mb,
+            pids: l.pids,
+            max_cpus: None,
+            max_memory_mb: None,
+            disk_mb: 2048,
+            max_disk_mb: 16384,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The default limits.
+    pub fn defaults(&self) -> Limits {
+        Limits {
+            cpus: self.cpus,
+            memory_mb: self.memory_mb,
+            pids: self.pids,
+            disk_mb: Some(self.disk_mb),
+        }
+    }
+}
+
+/// `[profile]`: per-process limits and the engine log of every sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Open files per process.
+    pub nofile: u64,
+    /// Largest file a process may write, MiB.
+    pub max_file_size_mb: u64,
+    /// Container log the engine keeps, KiB (output goes through the agent; the log only
+    /// serves debugging).
+    pub log_max_kb: u64,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        let p = SandboxProfile::default();
+        Self {
+            nofile: p.nofile,
+            max_file_size_mb: p.max_file_size >> 20,
+            log_max_kb: p.log_max_bytes >> 10,
+        }
+    }
+}
+
+impl ProfileConfig {
+    /// The profile the manager applies.
+    pub fn profile(&self) -> SandboxProfile {
+        SandboxProfile {
+            nofile: self.nofile,
+            max_file_size: self.max_file_size_mb.saturating_mul(1 << 20),
+            log_max_bytes: self.log_max_kb.saturating_mul(1 << 10),
+            ..SandboxProfile::default()
+        }
+    }
+}
+
+/// `[commands]`: foreground commands of the native API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Timeout of a command that names none, seconds.
+    pub default_timeout: u64,
+    /// Longest timeout a command may ask for, seconds.
+    pub max_timeout: u64,
+    /// Output kept per stream (stdout, stderr) of a foreground command, KiB.
+    pub max_output_kb: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        let c = CommandLimits::default();
+        Self {
+            default_timeout: c.default_timeout.as_secs(),
+            max_timeout: c.max_timeout.as_secs(),
+            max_output_kb: (c.max_output >> 10) as u64,
+        }
+    }
+}
+
+impl CommandsConfig {
+    /// The limits the manager applies.
+    pub fn limits(&self) -> CommandLimits {
+        CommandLimits {
+            default_timeout: std::time::Duration::from_secs(self.default_timeout),
+            max_timeout: std::time::Duration::from_secs(self.max_timeout),
+            max_output: usize::try_from(self.max_output_kb.saturating_mul(1 << 10))
+                .unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// `[files]`: file transfers of the native API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest raw upload (`PUT /sandboxes/{id}/files/raw`), MiB; past it the answer is 413
+    /// and the file is left as it was.
+    pub max_upload_mb: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_mb: 1024,
+        }
+    }
+}
+
+/// `[auth]`: one key store for every way in.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `auto` (default): a key is needed, but loopback peers with a loopback Host may go
+    /// without one (local development), except to drive sandboxes created secure.
+    /// `required`: a key on every request. `off`: no keys; refused on a non-loopback bind.
+    pub mode: sandbox_api::auth::AuthMode,
+    /// Named keys, any of which is accepted (several, for rotation), besides the key
+    /// `colima-e2b env` prints (`e2b.api_key`, else generated into the state directory).
+    /// Keys for E2B SDK clients look like `e2b_` + hex (the SDK checks that shape).
+    pub keys: BTreeMap<String, String>,
+    /// Host names the server answers for besides loopback names and the E2B domain
+    /// (`*.name` for subdomains); requests for any other name get 421 (DNS rebinding).
+    pub hosts: Vec<String>,
+    /// Browser origins allowed to call the API (`https://app.example.com`); requests
+    /// from any other origin get 403. Empty: same-origin only.
+    pub cors_origins: Vec<String>,
 }
 
 /// Settings of the E2B compatibility layer (`/e2b`).
@@ -158,6 +336,12 @@ const KEYS: &[&str] = &[
     "default_timeout",
     "max_timeout",
     "limits",
+    "allow_unlimited_disk",
+    "stall_timeout",
+    "auth",
+    "profile",
+    "commands",
+    "files",
     "templates",
     "agent_binary",
     "e2b",
@@ -241,7 +425,26 @@ pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Config, String> {
 impl Config {
     /// Checks values no type can: ranges and cross-field rules.
     pub fn validate(&self) -> Result<(), String> {
-        self.limits.validate().map_err(|e| format!("limits: {e}"))?;
+        self.limits
+            .defaults()
+            .validate()
+            .map_err(|e| format!("limits: {e}"))?;
+        if let Some(max) = self.limits.max_cpus {
+            if !(max.is_finite() && max >= self.limits.cpus) {
+                return Err("limits.max_cpus must be at least limits.cpus".into());
+            }
+        }
+        if !(1..=3600).contains(&self.stall_timeout) {
+            return Err("stall_timeout must be between 1 and 3600 seconds".into());
+        }
+        if self.limits.max_disk_mb < self.limits.disk_mb {
+            return Err("limits.max_disk_mb must be at least limits.disk_mb".into());
+        }
+        if let Some(max) = self.limits.max_memory_mb {
+            if max < self.limits.memory_mb {
+                return Err("limits.max_memory_mb must be at least limits.memory_mb".into());
+            }
+        }
         if !self.templates.contains_key(&self.default_template) {
             return Err(format!(
                 "default_template {:?} is not in [templates]",
@@ -250,6 +453,24 @@ impl Config {
         }
         if self.default_timeout == 0 || self.default_timeout > self.max_timeout {
             return Err("default_timeout must be between 1 and max_timeout".into());
+        }
+        let c = &self.commands;
+        if c.default_timeout == 0 || c.default_timeout > c.max_timeout {
+            return Err(
+                "commands.default_timeout must be between 1 and commands.max_timeout".into(),
+            );
+        }
+        if self.profile.nofile < 64 || self.profile.max_file_size_mb == 0 {
+            return Err(
+                "profile.nofile must be at least 64 and profile.max_file_size_mb at least 1".into(),
+            );
+        }
+        for (name, key) in &self.auth.keys {
+            if name.is_empty() || key.len() < 16 || key.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "auth.keys.{name}: keys must be at least 16 characters without spaces"
+                ));
+            }
         }
         if self.owner.is_empty()
             || !self
@@ -364,6 +585,23 @@ impl Config {
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))
             }
         }
+    }
+
+    /// Whether the server listens on loopback addresses only.
+    pub fn binds_loopback(&self) -> bool {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// Every key the server accepts, by name: the one `colima-e2b env` prints (`default`)
+    /// and `[auth.keys]`.
+    pub fn api_keys(&self) -> Result<Vec<(String, String)>, String> {
+        let mut keys = vec![("default".to_string(), self.e2b_api_key()?)];
+        keys.extend(self.auth.keys.iter().map(|(n, k)| (n.clone(), k.clone())));
+        Ok(keys)
     }
 
     /// Shell `export` lines that point the official E2B SDKs at this server.

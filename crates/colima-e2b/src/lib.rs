@@ -1,6 +1,9 @@
 //! The colima-e2b server binary's library: CLI, configuration, backend selection,
 //! startup and shutdown.
 
+pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod engine;
+pub mod listener;
 pub mod server;

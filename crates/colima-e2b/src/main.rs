@@ -59,6 +59,17 @@ enum Command {
     /// Print the shell exports that point the official E2B SDKs at this server:
     /// `eval "$(colima-e2b env)"`.
     Env(ConfigArgs),
+    /// Check the deployment and explain each finding with its fix (engine, auth and
+    /// exposure, disk quotas, isolation, cgroups, templates, state directory); exits 1
+    /// when a check fails.
+    Doctor(ConfigArgs),
+    /// Drive a running server's sandboxes: `list`, `kill ID`, `kill-processes ID`.
+    Sandbox {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: colima_e2b::client::SandboxCommand,
+    },
 }
 
 fn init_logging(filter: &str) {
@@ -88,6 +99,26 @@ fn main() -> ExitCode {
                 return Err("the E2B compatibility layer is disabled (e2b.enabled = false)".into());
             }
             c.e2b_env().map(|s| print!("{s}"))
+        }),
+        Command::Doctor(args) => args.load().and_then(|config| {
+            init_logging("warn");
+            let healthy = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?
+                .block_on(colima_e2b::doctor::run(&config))?;
+            if healthy {
+                Ok(())
+            } else {
+                Err("some checks failed (see above)".into())
+            }
+        }),
+        Command::Sandbox { config, command } => config.load().and_then(|config| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?
+                .block_on(colima_e2b::client::run(&config, command))
         }),
         Command::Server(args) => args.load().and_then(|config| {
             init_logging(&config.log_level);

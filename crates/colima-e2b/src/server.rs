@@ -2,18 +2,65 @@
 
 use std::time::Duration;
 
-use poem::http::uri::Scheme;
-use poem::listener::{Acceptor, TcpAcceptor, TcpListener};
-use poem::web::{LocalAddr, RemoteAddr};
+use poem::listener::TcpListener;
 use poem::Server;
 use sandbox_api::AppState;
 use sandbox_core::{ManagerConfig, SandboxManager};
 
+use sandbox_api::auth::{AuthMode, AuthSettings, Perimeter};
+
 use crate::config::Config;
+use crate::listener::GuardedAcceptor;
+
+/// The manager's configuration from the server's; `agent`: the build sandboxes run
+/// (`None` for a manager that only inspects, as `doctor`'s).
+pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>) -> ManagerConfig {
+    ManagerConfig {
+        owner: config.owner.clone(),
+        templates: config.templates.clone(),
+        default_template: config.default_template.clone(),
+        default_timeout: Duration::from_secs(config.default_timeout),
+        default_limits: config.limits.defaults(),
+        max_cpus: config.limits.max_cpus,
+        max_memory_mb: config.limits.max_memory_mb,
+        max_disk_mb: Some(config.limits.max_disk_mb),
+        profile: config.profile.profile(),
+        commands: config.commands.limits(),
+        max_concurrent_creates: config.max_concurrent_creates,
+        max_sandboxes: config.max_sandboxes,
+        max_timeout: Duration::from_secs(config.max_timeout),
+        state_dir: config.state_dir(),
+        agent,
+        agent_port: Some(sandbox_core::agent::AGENT_PORT),
+        stall_timeout: Duration::from_secs(config.stall_timeout),
+        ..ManagerConfig::default()
+    }
+}
+
+/// Host names the server answers for: configured ones, and the bind address when it is
+/// a name.
+fn auth_hosts(config: &Config) -> Vec<String> {
+    let mut hosts = config.auth.hosts.clone();
+    let bind = config.host.trim_start_matches('[').trim_end_matches(']');
+    if !bind.is_empty() && bind.parse::<std::net::IpAddr>().is_err() {
+        hosts.push(bind.to_string());
+    }
+    hosts
+}
 
 /// Starts everything and serves until a shutdown signal. Sandboxes are left running
 /// for the next start to re-adopt.
 pub async fn run(config: Config) -> Result<(), String> {
+    let loopback = config.binds_loopback();
+    if config.auth.mode == AuthMode::Off && !loopback {
+        return Err(format!(
+            "auth.mode = \"off\" with host {}: anyone who can reach that address, every \
+             sandbox included, could create sandboxes and run commands in them; refusing to \
+             start. Bind to 127.0.0.1 (--host 127.0.0.1) or turn auth back on",
+            config.host
+        ));
+    }
+    let keys = config.api_keys()?;
     let (agent_path, agent) = config.load_agent()?;
     tracing::info!(
         path = %agent_path.display(),
@@ -31,26 +78,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         endpoint = %engine.endpoint,
         "connected to the container engine"
     );
+    check_disk_quota(&config, backend.capabilities().disk_quota, &engine)?;
     let metrics = sandbox_api::metrics::install_recorder()?;
     metrics::gauge!("colima_e2b_info", "backend" => backend.name(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-    let manager = SandboxManager::new(
-        backend,
-        ManagerConfig {
-            owner: config.owner.clone(),
-            templates: config.templates.clone(),
-            default_template: config.default_template.clone(),
-            default_timeout: Duration::from_secs(config.default_timeout),
-            default_limits: config.limits,
-            max_concurrent_creates: config.max_concurrent_creates,
-            max_sandboxes: config.max_sandboxes,
-            max_timeout: Duration::from_secs(config.max_timeout),
-            state_dir: config.state_dir().map(|d| d.join("deadlines")),
-            agent: Some(agent),
-            agent_port: Some(sandbox_core::agent_client::AGENT_PORT),
-            ..ManagerConfig::default()
-        },
-    );
+    let trust_loopback = backend.capabilities().host_loopback_isolated;
+    let own_checks = crate::doctor::own_checks(&config, Some(trust_loopback));
+    let manager = SandboxManager::new(backend, manager_config(&config, Some(agent)));
     let report = manager
         .start()
         .await
@@ -59,6 +93,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         adopted = report.adopted,
         expired = report.expired,
         broken = report.broken,
+        unfinished = report.unfinished,
         "re-adopted this server's sandboxes"
     );
 
@@ -68,26 +103,32 @@ pub async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e} (use --port to pick another port)"))?;
     tracing::info!("listening on http://{addr} (docs at http://{addr}/docs)");
-    let e2b = if config.e2b.enabled {
-        let settings = sandbox_api::e2b::E2bSettings {
-            api_key: config.e2b_api_key()?,
-            domain: config.e2b_domain(),
-        };
-        tracing::info!(
-            api = %format!("{}/e2b", config.client_base_url()),
-            domain = %settings.domain,
-            "E2B compatibility on (`colima-e2b env` prints the SDK settings)"
-        );
-        Some(sandbox_api::e2b::E2b::new(settings))
-    } else {
-        None
-    };
+    log_exposure(&config, trust_loopback);
+    let perimeter = std::sync::Arc::new(Perimeter::new(AuthSettings {
+        mode: config.auth.mode,
+        keys,
+        hosts: auth_hosts(&config),
+        cors_origins: config.auth.cors_origins.clone(),
+        trust_loopback,
+        ..AuthSettings::default()
+    }));
+    let e2b = e2b_layer(&config);
     let app = sandbox_api::app(AppState {
         manager,
         metrics,
         e2b,
+        perimeter,
+        limits: sandbox_api::ApiLimits {
+            stall_timeout: Duration::from_secs(config.stall_timeout),
+            max_upload: config.files.max_upload_mb.saturating_mul(1 << 20),
+        },
+        health: sandbox_api::HealthFacts {
+            checks: std::sync::Arc::new(own_checks),
+            allow_unlimited_disk: config.allow_unlimited_disk,
+        },
     });
-    Server::new_with_acceptor(NoDelay(acceptor))
+    let acceptor = GuardedAcceptor::new(acceptor, Duration::from_secs(config.stall_timeout));
+    Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(5)))
         .await
         .map_err(|e| format!("server error: {e}"))?;
@@ -95,25 +136,66 @@ pub async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Accepts connections with Nagle's algorithm off: streamed events (command output,
-/// proxied envd frames) are small writes that must leave at once, not wait for the
-/// client's delayed ACK (about 40 ms each).
-struct NoDelay(TcpAcceptor);
-
-impl Acceptor for NoDelay {
-    type Io = tokio::net::TcpStream;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
+/// Without quota support the server refuses to start, unless told to go without.
+fn check_disk_quota(
+    config: &Config,
+    supported: bool,
+    engine: &sandbox_core::EngineInfo,
+) -> Result<(), String> {
+    if supported {
+        return Ok(());
     }
-
-    async fn accept(&mut self) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
-        let (io, local, remote, scheme) = self.0.accept().await?;
-        if let Err(e) = io.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Ok((io, local, remote, scheme))
+    let storage = engine.storage.as_deref().unwrap_or("unknown storage");
+    if !config.allow_unlimited_disk {
+        return Err(format!(
+            "the engine's storage ({storage}) cannot enforce per-sandbox disk quotas, so one \
+             sandbox could fill the engine's disk; refusing to start. Fix: run the engine on \
+             storage with quotas (`bash deploy/engines.sh` prepares btrfs, or XFS with project \
+             quotas, for an engine it starts itself; an engine you run already needs its data \
+             root on such storage), or set allow_unlimited_disk = true \
+             (env COLIMA_E2B_ALLOW_UNLIMITED_DISK=true) to run without disk quotas"
+        ));
     }
+    tracing::warn!(%storage, "the engine's storage cannot enforce disk quotas: sandboxes have none (allow_unlimited_disk)");
+    Ok(())
+}
+
+/// Says at startup who may use the server and how.
+fn log_exposure(config: &Config, trust_loopback: bool) {
+    match (config.auth.mode, config.binds_loopback()) {
+        (AuthMode::Auto, true) if trust_loopback => tracing::info!(
+            "auth: local development mode: loopback clients need no key (but for sandboxes \
+             created secure); set auth.mode = \"required\" to always require one"
+        ),
+        (AuthMode::Auto, true) => tracing::info!(
+            "auth: sandboxes of this engine can reach the host's loopback, so every request \
+             needs a key; `colima-e2b env` prints it"
+        ),
+        (AuthMode::Off, _) => tracing::warn!("auth: off; any local process may use this server"),
+        (_, false) => tracing::warn!(
+            "listening on {}, beyond loopback: every request from another host or a sandbox \
+             needs an API key (`Authorization: Bearer <key>` or `X-API-KEY`); \
+             `colima-e2b env` prints it",
+            config.host
+        ),
+        (AuthMode::Required, true) => tracing::info!("auth: a key is required on every request"),
+    }
+}
+
+/// The E2B compatibility layer, when it is on.
+fn e2b_layer(config: &Config) -> Option<sandbox_api::e2b::E2b> {
+    if !config.e2b.enabled {
+        return None;
+    }
+    let settings = sandbox_api::e2b::E2bSettings {
+        domain: config.e2b_domain(),
+    };
+    tracing::info!(
+        api = %format!("{}/e2b", config.client_base_url()),
+        domain = %settings.domain,
+        "E2B compatibility on (`colima-e2b env` prints the SDK settings)"
+    );
+    Some(sandbox_api::e2b::E2b::new(settings))
 }
 
 async fn shutdown_signal() {

@@ -6,8 +6,7 @@ use std::sync::Mutex;
 use base64::Engine as _;
 use hyper::HeaderMap;
 
-/// Header carrying the per-sandbox secret (what the E2B SDK sends).
-pub const TOKEN_HEADER: &str = "x-access-token";
+pub use envd_proto::TOKEN_HEADER;
 
 /// The secret every request (but /health) must carry.
 #[derive(Debug, Default)]
@@ -55,7 +54,7 @@ impl Secret {
     }
 }
 
-pub use crate::signature::{ct_eq, file_signature, FileOp};
+pub use envd_proto::signature::{ct_eq, file_signature, FileOp};
 
 /// Why a `/files` request without the access token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

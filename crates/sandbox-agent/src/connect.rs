@@ -1,11 +1,14 @@
-//! Connect protocol framing (JSON codec): unary bodies and errors, stream envelopes,
-//! end-of-stream messages, and the response body type used by the whole server.
+//! Connect responses and request bodies on hyper: the response body type used by the
+//! whole server, unary answers and errors, streaming responses. The framing itself is
+//! the protocol crate's (`envd_proto::codec`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -14,135 +17,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::proto::ConnectErrorBody;
+use envd_proto::codec::{self, EnvelopeDecoder};
+use envd_proto::error::REASON_HEADER;
+use envd_proto::{Code, EnvdError, Reason, MAX_UNARY_ANSWER, STREAM_CONTENT_TYPE};
 
-/// Envelope flag: the message is compressed (we never accept compressed messages).
-pub const FLAG_COMPRESSED: u8 = 0x01;
-/// Envelope flag: end of stream.
-pub const FLAG_END_STREAM: u8 = 0x02;
 /// Largest request message we accept (SendInput chunks, file paths, ...).
 pub const MAX_MESSAGE: usize = 8 << 20;
-
-/// Connect error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Code {
-    Canceled,
-    Unknown,
-    InvalidArgument,
-    DeadlineExceeded,
-    NotFound,
-    AlreadyExists,
-    PermissionDenied,
-    ResourceExhausted,
-    FailedPrecondition,
-    Aborted,
-    OutOfRange,
-    Unimplemented,
-    Internal,
-    Unavailable,
-    DataLoss,
-    Unauthenticated,
-}
-
-impl Code {
-    /// The wire name (`not_found`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::Canceled => "canceled",
-            Code::Unknown => "unknown",
-            Code::InvalidArgument => "invalid_argument",
-            Code::DeadlineExceeded => "deadline_exceeded",
-            Code::NotFound => "not_found",
-            Code::AlreadyExists => "already_exists",
-            Code::PermissionDenied => "permission_denied",
-            Code::ResourceExhausted => "resource_exhausted",
-            Code::FailedPrecondition => "failed_precondition",
-            Code::Aborted => "aborted",
-            Code::OutOfRange => "out_of_range",
-            Code::Unimplemented => "unimplemented",
-            Code::Internal => "internal",
-            Code::Unavailable => "unavailable",
-            Code::DataLoss => "data_loss",
-            Code::Unauthenticated => "unauthenticated",
-        }
-    }
-
-    /// HTTP status for a unary error, per the Connect spec.
-    pub fn http_status(self) -> StatusCode {
-        let n = match self {
-            Code::Canceled => 499,
-            Code::Unknown | Code::Internal | Code::DataLoss => 500,
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
-            Code::DeadlineExceeded => 504,
-            Code::NotFound => 404,
-            Code::AlreadyExists | Code::Aborted => 409,
-            Code::PermissionDenied => 403,
-            Code::ResourceExhausted => 429,
-            Code::Unimplemented => 501,
-            Code::Unavailable => 503,
-            Code::Unauthenticated => 401,
-        };
-        StatusCode::from_u16(n).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-    }
-}
-
-/// An RPC error with a Connect code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RpcError {
-    /// Code.
-    pub code: Code,
-    /// Message for humans.
-    pub message: String,
-}
-
-impl RpcError {
-    /// Builds an error.
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// Maps an I/O error on `what` to the closest code.
-    pub fn io(e: &std::io::Error, what: &str) -> Self {
-        use std::io::ErrorKind as K;
-        let code = match e.kind() {
-            K::NotFound => Code::NotFound,
-            K::PermissionDenied => Code::PermissionDenied,
-            K::AlreadyExists => Code::AlreadyExists,
-            K::InvalidInput | K::InvalidData => Code::InvalidArgument,
-            _ => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
-                Some(libc::ENOTDIR)
-                | Some(libc::EISDIR)
-                | Some(libc::ENAMETOOLONG)
-                | Some(libc::ELOOP)
-                | Some(libc::EXDEV)
-                | Some(libc::ENOTEMPTY) => Code::InvalidArgument,
-                Some(libc::EPERM) | Some(libc::EROFS) => Code::PermissionDenied,
-                _ => Code::Internal,
-            },
-        };
-        Self::new(code, format!("{what}: {e}"))
-    }
-
-    fn body(&self) -> ConnectErrorBody {
-        ConnectErrorBody {
-            code: self.code.as_str().to_string(),
-            message: self.message.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for RpcError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code.as_str(), self.message)
-    }
-}
-
-impl std::error::Error for RpcError {}
 
 /// Response body: a whole buffer, or a stream of chunks fed by a task.
 #[derive(Debug)]
@@ -151,6 +31,108 @@ pub enum AgentBody {
     Full(Option<Bytes>),
     /// Chunks from a channel; the stream ends when every sender is gone.
     Chan(mpsc::Receiver<Bytes>),
+    /// A Connect stream fed by a [`StreamSender`].
+    Stream(StreamBody),
+}
+
+/// The receiving side of a [`StreamSender`]: its frames in order, except that a final
+/// frame set by [`StreamSender::abandon`] goes out before anything still queued.
+#[derive(Debug)]
+pub struct StreamBody {
+    rx: mpsc::Receiver<Bytes>,
+    last: Arc<Mutex<Option<Bytes>>>,
+    done: bool,
+}
+
+impl StreamBody {
+    fn take_last(&mut self) -> Option<Bytes> {
+        let b = self.last.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if b.is_some() {
+            self.done = true;
+        }
+        b
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(b) = self.take_last() {
+            return Poll::Ready(Some(b));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(b)) => Poll::Ready(Some(b)),
+            // The sender sets the final frame before it goes away.
+            Poll::Ready(None) => Poll::Ready(self.take_last()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Why a frame could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The client went away.
+    Gone,
+    /// The client did not take a frame for the stall timeout.
+    Stalled,
+}
+
+/// Feeds one streaming response, never waiting longer than the stall timeout for a
+/// client that stopped reading.
+#[derive(Debug)]
+pub struct StreamSender {
+    tx: mpsc::Sender<Bytes>,
+    last: Arc<Mutex<Option<Bytes>>>,
+    stall: Duration,
+}
+
+/// Frames queued per stream beyond what the HTTP connection has taken (the frames share
+/// their bytes with the output ring, so this is a count, not a copy).
+const STREAM_QUEUE: usize = 2;
+
+/// A streaming response and its sender.
+pub fn stream_channel(stall: Duration) -> (StreamSender, Response<AgentBody>) {
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let last = Arc::new(Mutex::new(None));
+    let body = StreamBody {
+        rx,
+        last: last.clone(),
+        done: false,
+    };
+    let mut r = Response::new(AgentBody::Stream(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(STREAM_CONTENT_TYPE),
+    );
+    (StreamSender { tx, last, stall }, r)
+}
+
+impl StreamSender {
+    /// Sends one frame in order.
+    pub async fn send(&self, b: Bytes) -> Result<(), SendError> {
+        match tokio::time::timeout(self.stall, self.tx.send(b)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendError::Gone),
+            Err(_) => Err(SendError::Stalled),
+        }
+    }
+
+    /// Ends the stream with `last` ahead of anything still queued (a stalled client
+    /// gets the reason if it ever reads again; the connection is closed if it does not).
+    pub fn abandon(self, last: Bytes) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
+    }
+
+    /// Resolves when the client is gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
+    /// The stall timeout.
+    pub fn stall(&self) -> Duration {
+        self.stall
+    }
 }
 
 impl AgentBody {
@@ -176,6 +158,7 @@ impl Body for AgentBody {
         match self.get_mut() {
             AgentBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             AgentBody::Chan(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+            AgentBody::Stream(s) => s.poll(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -187,7 +170,7 @@ impl Body for AgentBody {
         match self {
             AgentBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             AgentBody::Full(None) => SizeHint::with_exact(0),
-            AgentBody::Chan(_) => SizeHint::default(),
+            AgentBody::Chan(_) | AgentBody::Stream(_) => SizeHint::default(),
         }
     }
 }
@@ -203,81 +186,95 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<AgentBody> {
     r
 }
 
-/// A 200 unary response with the message as JSON.
+/// A 200 unary response with the message as JSON, refused when it would not fit the
+/// largest answer a client reads.
 pub fn unary_ok<T: Serialize>(msg: &T) -> Response<AgentBody> {
     match serde_json::to_vec(msg) {
-        Ok(v) => json_response(StatusCode::OK, v),
-        Err(e) => unary_err(&RpcError::new(Code::Internal, e.to_string())),
+        Ok(v) => unary_json(v),
+        Err(e) => unary_err(&EnvdError::new(Code::Internal, e.to_string())),
     }
 }
 
-/// A unary error: non-2xx status with `{"code","message"}`.
-pub fn unary_err(err: &RpcError) -> Response<AgentBody> {
-    let body = serde_json::to_vec(&err.body()).unwrap_or_default();
-    json_response(err.code.http_status(), body)
+/// A 200 unary response with an already serialized message (same size check).
+pub fn unary_json(v: Vec<u8>) -> Response<AgentBody> {
+    if v.len() > MAX_UNARY_ANSWER {
+        return unary_err(
+            &EnvdError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "the answer ({} bytes) is larger than the largest answer ({} MiB)",
+                    v.len(),
+                    MAX_UNARY_ANSWER >> 20
+                ),
+            )
+            .with_reason(Reason::TooLarge),
+        );
+    }
+    json_response(StatusCode::OK, v)
 }
 
-/// Frames one message.
-pub fn envelope(flags: u8, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + payload.len());
-    b.put_u8(flags);
-    b.put_u32(payload.len() as u32);
-    b.put_slice(payload);
-    b.freeze()
-}
-
-/// Frames a stream message holding `msg` as JSON.
-pub fn message_envelope<T: Serialize>(msg: &T) -> Bytes {
-    envelope(
-        0,
-        &serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec()),
-    )
-}
-
-/// The end-of-stream envelope: `{}` or `{"error":{...}}`.
-pub fn end_stream(err: Option<&RpcError>) -> Bytes {
-    let body = match err {
-        None => b"{}".to_vec(),
-        Some(e) => serde_json::to_vec(&serde_json::json!({ "error": e.body() }))
-            .unwrap_or_else(|_| b"{}".to_vec()),
-    };
-    envelope(FLAG_END_STREAM, &body)
-}
-
-/// A streaming response whose envelopes come from `rx`.
-pub fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<AgentBody> {
-    let mut r = Response::new(AgentBody::Chan(rx));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/connect+json"),
-    );
+fn with_reason(mut r: Response<AgentBody>, err: &EnvdError) -> Response<AgentBody> {
+    if let Some(reason) = err.reason {
+        r.headers_mut().insert(
+            REASON_HEADER,
+            hyper::header::HeaderValue::from_static(reason.as_str()),
+        );
+    }
     r
 }
 
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// A unary error: non-2xx status with `{"code","message"}`, the reason in a header.
+pub fn unary_err(err: &EnvdError) -> Response<AgentBody> {
+    with_reason(
+        json_response(status(err.code.http_status()), err.connect_json()),
+        err,
+    )
+}
+
+/// Errors answered by the REST endpoints (`/files`, `/init`).
+pub trait RestResponse {
+    /// envd's status and `{"code": <status>, "message"}`, the reason in a header.
+    fn rest_response(&self) -> Response<AgentBody>;
+}
+
+impl RestResponse for EnvdError {
+    fn rest_response(&self) -> Response<AgentBody> {
+        with_reason(
+            json_response(status(self.rest_status()), self.rest_json()),
+            self,
+        )
+    }
+}
+
 /// A streaming call that failed before it started: 200 with only the end-of-stream error.
-pub fn stream_err(err: &RpcError) -> Response<AgentBody> {
-    let mut r = Response::new(AgentBody::full(end_stream(Some(err))));
+pub fn stream_err(err: &EnvdError) -> Response<AgentBody> {
+    let mut r = Response::new(AgentBody::full(codec::end_stream(Some(err))));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/connect+json"),
+        hyper::header::HeaderValue::from_static(STREAM_CONTENT_TYPE),
     );
     r
 }
 
 /// Reads a whole body, refusing more than `max` bytes.
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, RpcError> {
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, EnvdError> {
     match http_body_util::Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                Err(RpcError::new(
+                Err(EnvdError::new(
                     Code::ResourceExhausted,
                     format!("request body larger than {max} bytes"),
-                ))
+                )
+                .with_reason(Reason::TooLarge))
             } else {
-                Err(RpcError::new(
+                Err(EnvdError::new(
                     Code::Canceled,
                     format!("reading request: {e}"),
                 ))
@@ -287,104 +284,27 @@ pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, RpcError> {
 }
 
 /// Parses a JSON message; an empty body is the empty message.
-pub fn parse_json<T: DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
+pub fn parse_json<T: DeserializeOwned>(b: &[u8]) -> Result<T, EnvdError> {
     let b = if b.iter().all(|c| c.is_ascii_whitespace()) {
         &b"{}"[..]
     } else {
         b
     };
     serde_json::from_slice(b)
-        .map_err(|e| RpcError::new(Code::InvalidArgument, format!("invalid request: {e}")))
-}
-
-/// Incremental decoder of a stream of envelopes (request bodies may arrive in any chunks).
-#[derive(Debug, Default)]
-pub struct EnvelopeDecoder {
-    buf: BytesMut,
-}
-
-impl EnvelopeDecoder {
-    /// Adds bytes.
-    pub fn push(&mut self, b: &[u8]) {
-        self.buf.extend_from_slice(b);
-    }
-
-    /// Takes the next complete envelope: (flags, payload).
-    pub fn next_envelope(&mut self) -> Result<Option<(u8, Bytes)>, RpcError> {
-        if self.buf.len() < 5 {
-            return Ok(None);
-        }
-        let flags = self.buf[0];
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(RpcError::new(
-                Code::ResourceExhausted,
-                format!("message of {len} bytes is larger than {MAX_MESSAGE}"),
-            ));
-        }
-        if flags & FLAG_COMPRESSED != 0 {
-            return Err(RpcError::new(
-                Code::Unimplemented,
-                "compressed messages are not supported",
-            ));
-        }
-        if self.buf.len() < 5 + len {
-            return Ok(None);
-        }
-        self.buf.advance(5);
-        Ok(Some((flags, self.buf.split_to(len).freeze())))
-    }
-
-    /// Bytes buffered but not yet a whole envelope.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
+        .map_err(|e| EnvdError::new(Code::InvalidArgument, format!("invalid request: {e}")))
 }
 
 /// Reads the single request message of a server-streaming call.
-pub async fn read_stream_request<T: DeserializeOwned>(body: Incoming) -> Result<T, RpcError> {
-    let b = read_body(body, MAX_MESSAGE + 5).await?;
-    let mut d = EnvelopeDecoder::default();
+pub async fn read_stream_request<T: DeserializeOwned>(body: Incoming) -> Result<T, EnvdError> {
+    let b = read_body(body, MAX_MESSAGE + codec::HEADER_LEN).await?;
+    let mut d = EnvelopeDecoder::new(MAX_MESSAGE);
     d.push(&b);
     match d.next_envelope()? {
-        Some((_, payload)) => parse_json(&payload),
+        Some(envelope) => parse_json(&envelope.payload),
         None if b.is_empty() => parse_json(b"{}"),
-        None => Err(RpcError::new(
+        None => Err(EnvdError::new(
             Code::InvalidArgument,
             "truncated request envelope",
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decoder_handles_split_envelopes() {
-        let e1 = envelope(0, b"{\"a\":1}");
-        let e2 = end_stream(None);
-        let mut all = e1.to_vec();
-        all.extend_from_slice(&e2);
-        let mut d = EnvelopeDecoder::default();
-        let mut got = Vec::new();
-        for chunk in all.chunks(3) {
-            d.push(chunk);
-            while let Ok(Some(m)) = d.next_envelope() {
-                got.push(m);
-            }
-        }
-        assert_eq!(got.len(), 2);
-        assert_eq!(&got[0].1[..], b"{\"a\":1}");
-        assert_eq!(got[1].0, FLAG_END_STREAM);
-        assert_eq!(d.pending(), 0);
-    }
-
-    #[test]
-    fn error_end_stream_carries_code() {
-        let e = end_stream(Some(&RpcError::new(Code::DeadlineExceeded, "late")));
-        let v: serde_json::Value = serde_json::from_slice(&e[5..]).unwrap_or_default();
-        assert_eq!(v["error"]["code"], "deadline_exceeded");
-        assert_eq!(e[0], FLAG_END_STREAM);
     }
 }

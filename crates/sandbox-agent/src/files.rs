@@ -14,10 +14,11 @@ use hyper::body::Incoming;
 use hyper::{HeaderMap, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::connect::{AgentBody, Code, RpcError};
-use crate::proto::{EntryInfo, FileType, WriteInfo};
+use crate::connect::{AgentBody, RestResponse};
 use crate::sys::FsIdentity;
 use crate::users::{Names, User, UserDb};
+use envd_proto::messages::{EntryInfo, FileType, WriteInfo};
+use envd_proto::{Code, EnvdError, Reason, MAX_UNARY_ANSWER};
 
 /// Most entries ListDir returns (bounded memory).
 pub const MAX_LIST_ENTRIES: usize = 100_000;
@@ -25,10 +26,10 @@ pub const MAX_LIST_ENTRIES: usize = 100_000;
 const IO_CHUNK: usize = 64 << 10;
 
 /// Runs `f` on a blocking thread with the user's filesystem identity.
-pub async fn run_as<T, F>(user: &User, f: F) -> Result<T, RpcError>
+pub async fn run_as<T, F>(user: &User, f: F) -> Result<T, EnvdError>
 where
     T: Send + 'static,
-    F: FnOnce() -> Result<T, RpcError> + Send + 'static,
+    F: FnOnce() -> Result<T, EnvdError> + Send + 'static,
 {
     let (uid, gid, switch) = (user.uid, user.gid, user.switch);
     tokio::task::spawn_blocking(move || {
@@ -36,20 +37,20 @@ where
         f()
     })
     .await
-    .map_err(|e| RpcError::new(Code::Internal, format!("worker failed: {e}")))?
+    .map_err(|e| EnvdError::new(Code::Internal, format!("worker failed: {e}")))?
 }
 
 /// Resolves a client path: `~` and relative paths against the user's home, then `.`/`..`
 /// removed lexically. NUL bytes are refused.
-pub fn resolve(user: &User, raw: &str) -> Result<PathBuf, RpcError> {
+pub fn resolve(user: &User, raw: &str) -> Result<PathBuf, EnvdError> {
     if raw.contains('\0') {
-        return Err(RpcError::new(
+        return Err(EnvdError::new(
             Code::InvalidArgument,
             "path contains a NUL byte",
         ));
     }
     if raw.is_empty() {
-        return Err(RpcError::new(Code::InvalidArgument, "path is empty"));
+        return Err(EnvdError::new(Code::InvalidArgument, "path is empty"));
     }
     let joined = if raw == "~" {
         user.home.clone()
@@ -180,101 +181,144 @@ fn entry_from_metadata(path: &Path, md: &Metadata, names: &Names) -> EntryInfo {
     }
 }
 
-fn not_found_or(e: &io::Error, path: &Path) -> RpcError {
+fn not_found_or(e: &io::Error, path: &Path) -> EnvdError {
     if e.kind() == io::ErrorKind::NotFound {
-        RpcError::new(Code::NotFound, format!("{} not found", path.display()))
+        EnvdError::new(Code::NotFound, format!("{} not found", path.display()))
     } else {
-        RpcError::io(e, &path.display().to_string())
+        EnvdError::from_io(e, &path.display().to_string())
     }
 }
 
 /// Stat.
-pub fn stat(path: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+pub fn stat(path: &Path, names: &Names) -> Result<EntryInfo, EnvdError> {
     entry_info(path, names).map_err(|e| not_found_or(&e, path))
 }
 
+fn listing_too_large(path: &Path, depth: u32, what: String) -> EnvdError {
+    EnvdError::new(
+        Code::ResourceExhausted,
+        format!(
+            "the listing of {} at depth {depth} {what}; list with a smaller depth or a deeper path",
+            path.display()
+        ),
+    )
+    .with_reason(Reason::TooLarge)
+}
+
 /// ListDir: entries below `path` down to `depth` levels (0 counts as 1), not following
-/// symlinks into other directories.
-pub fn list_dir(path: &Path, depth: u32, names: &Names) -> Result<Vec<EntryInfo>, RpcError> {
+/// symlinks into other directories, as the serialized answer (`{"entries":[...]}`).
+/// A listing that would not fit the largest answer a client reads
+/// ([`MAX_UNARY_ANSWER`]) or has more than [`MAX_LIST_ENTRIES`] entries is refused with
+/// `resource_exhausted` before it is built further.
+pub fn list_dir(path: &Path, depth: u32, names: &Names) -> Result<Vec<u8>, EnvdError> {
     let md = std::fs::metadata(path).map_err(|e| not_found_or(&e, path))?;
     if !md.is_dir() {
-        return Err(RpcError::new(
+        return Err(EnvdError::new(
             Code::InvalidArgument,
             format!("{} is not a directory", path.display()),
         ));
     }
     let depth = depth.max(1);
-    let mut out = Vec::new();
+    const TAIL: &[u8] = b"]}";
+    let mut out = br#"{"entries":["#.to_vec();
+    let mut count = 0usize;
     let mut stack = vec![(path.to_path_buf(), 1u32)];
     while let Some((dir, level)) = stack.pop() {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if dir == path => return Err(RpcError::io(&e, &dir.display().to_string())),
+            Err(e) if dir == path => {
+                return Err(EnvdError::from_io(&e, &dir.display().to_string()))
+            }
             Err(_) => continue,
         };
-        let mut children: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        let mut children: Vec<PathBuf> = Vec::new();
+        for e in rd.flatten() {
+            if children.len() + count >= MAX_LIST_ENTRIES {
+                return Err(listing_too_large(
+                    path,
+                    depth,
+                    format!("has more than {MAX_LIST_ENTRIES} entries"),
+                ));
+            }
+            children.push(e.path());
+        }
         children.sort();
         for child in children {
             let Ok(md) = std::fs::symlink_metadata(&child) else {
                 continue;
             };
-            if out.len() >= MAX_LIST_ENTRIES {
-                return Err(RpcError::new(
-                    Code::ResourceExhausted,
-                    format!("more than {MAX_LIST_ENTRIES} entries; use a smaller depth"),
-                ));
-            }
             if md.is_dir() && level < depth {
                 stack.push((child.clone(), level + 1));
             }
-            out.push(entry_from_metadata(&child, &md, names));
+            let entry = serde_json::to_vec(&entry_from_metadata(&child, &md, names))
+                .map_err(|e| EnvdError::new(Code::Internal, e.to_string()))?;
+            if out.len() + 1 + entry.len() + TAIL.len() > MAX_UNARY_ANSWER {
+                return Err(listing_too_large(
+                    path,
+                    depth,
+                    format!(
+                        "is larger than the largest answer ({} MiB) after {count} entries",
+                        MAX_UNARY_ANSWER >> 20
+                    ),
+                ));
+            }
+            if count > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&entry);
+            count += 1;
         }
     }
+    out.extend_from_slice(TAIL);
     Ok(out)
 }
 
 /// MakeDir with parents.
-pub fn make_dir(path: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+pub fn make_dir(path: &Path, names: &Names) -> Result<EntryInfo, EnvdError> {
     match std::fs::metadata(path) {
         Ok(md) if md.is_dir() => {
-            return Err(RpcError::new(
+            return Err(EnvdError::new(
                 Code::AlreadyExists,
                 format!("directory {} already exists", path.display()),
             ))
         }
         Ok(_) => {
-            return Err(RpcError::new(
+            return Err(EnvdError::new(
                 Code::InvalidArgument,
                 format!("{} exists and is not a directory", path.display()),
             ))
         }
         Err(_) => {}
     }
-    std::fs::create_dir_all(path).map_err(|e| RpcError::io(&e, &path.display().to_string()))?;
+    std::fs::create_dir_all(path)
+        .map_err(|e| EnvdError::from_io(&e, &path.display().to_string()))?;
     stat(path, names)
 }
 
 /// Move (rename), creating the destination's parent directories.
-pub fn rename(src: &Path, dst: &Path, names: &Names) -> Result<EntryInfo, RpcError> {
+pub fn rename(src: &Path, dst: &Path, names: &Names) -> Result<EntryInfo, EnvdError> {
     std::fs::symlink_metadata(src).map_err(|e| not_found_or(&e, src))?;
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)
-            .map_err(|e| RpcError::io(&e, &parent.display().to_string()))?;
+            .map_err(|e| EnvdError::from_io(&e, &parent.display().to_string()))?;
     }
     std::fs::rename(src, dst)
-        .map_err(|e| RpcError::io(&e, &format!("moving {}", src.display())))?;
+        .map_err(|e| EnvdError::from_io(&e, &format!("moving {}", src.display())))?;
     stat(dst, names)
 }
 
 /// Remove, recursively; a missing path is fine.
-pub fn remove(path: &Path) -> Result<(), RpcError> {
+pub fn remove(path: &Path) -> Result<(), EnvdError> {
     if path == Path::new("/") {
-        return Err(RpcError::new(Code::InvalidArgument, "refusing to remove /"));
+        return Err(EnvdError::new(
+            Code::InvalidArgument,
+            "refusing to remove /",
+        ));
     }
     let md = match std::fs::symlink_metadata(path) {
         Ok(md) => md,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(RpcError::io(&e, &path.display().to_string())),
+        Err(e) => return Err(EnvdError::from_io(&e, &path.display().to_string())),
     };
     let r = if md.is_dir() {
         std::fs::remove_dir_all(path)
@@ -283,7 +327,7 @@ pub fn remove(path: &Path) -> Result<(), RpcError> {
     };
     match r {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(RpcError::io(&e, &path.display().to_string()))
+            Err(EnvdError::from_io(&e, &path.display().to_string()))
         }
         _ => Ok(()),
     }
@@ -291,102 +335,16 @@ pub fn remove(path: &Path) -> Result<(), RpcError> {
 
 // ---------------------------------------------------------------- REST /files
 
-/// Error of a REST call: status + message, sent as `{"code": <status>, "message"}`.
-#[derive(Debug)]
-pub struct HttpError {
-    /// Status.
-    pub status: StatusCode,
-    /// Message.
-    pub message: String,
-}
-
-impl HttpError {
-    /// Builds one.
-    pub fn new(status: u16, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            message: message.into(),
-        }
-    }
-
-    fn io(e: &io::Error, what: &str) -> Self {
-        let status = match e.kind() {
-            io::ErrorKind::NotFound => 404,
-            io::ErrorKind::PermissionDenied => 403,
-            _ => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => 507,
-                Some(libc::EISDIR)
-                | Some(libc::ENOTDIR)
-                | Some(libc::ENAMETOOLONG)
-                | Some(libc::ELOOP)
-                | Some(libc::ENXIO)
-                | Some(libc::EINVAL) => 400,
-                Some(libc::EPERM) | Some(libc::EROFS) => 403,
-                Some(libc::EFBIG) => 413,
-                _ => 500,
-            },
-        };
-        Self::new(status, format!("{what}: {e}"))
-    }
-
-    fn from_rpc(e: RpcError) -> Self {
-        let status = match e.code {
-            Code::NotFound => 404,
-            Code::PermissionDenied => 403,
-            Code::InvalidArgument | Code::FailedPrecondition => 400,
-            Code::ResourceExhausted => 507,
-            Code::Unauthenticated => 401,
-            _ => 500,
-        };
-        Self::new(status, e.message)
-    }
-
-    /// As a response.
-    pub fn response(&self) -> Response<AgentBody> {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "code": self.status.as_u16(),
-            "message": self.message,
-        }))
-        .unwrap_or_default();
-        crate::connect::json_response(self.status, body)
-    }
-}
-
-/// Query parameters, percent-decoded.
-pub fn parse_query(q: Option<&str>) -> Result<Vec<(String, String)>, HttpError> {
-    fn dec(s: &str) -> Result<String, HttpError> {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    let h = b
-                        .get(i + 1..i + 3)
-                        .and_then(|h| std::str::from_utf8(h).ok())
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                        .ok_or_else(|| HttpError::new(400, "bad percent-encoding in query"))?;
-                    out.push(h);
-                    i += 2;
-                }
-                c => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8(out).map_err(|_| HttpError::new(400, "query is not UTF-8"))
-    }
-    let mut v = Vec::new();
-    for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
-        v.push((dec(k)?, dec(val)?));
-    }
-    Ok(v)
+/// Query parameters, percent-decoded (`+` is a space; malformed escapes stay as written).
+pub fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
 }
 
 /// Which response encoding the client accepts: Ok(true) for gzip, Err when only
 /// unsupported encodings are acceptable (406).
-pub fn wants_gzip(headers: &HeaderMap) -> Result<bool, HttpError> {
+pub fn wants_gzip(headers: &HeaderMap) -> Result<bool, EnvdError> {
     let Some(v) = headers.get(hyper::header::ACCEPT_ENCODING) else {
         return Ok(false);
     };
@@ -414,7 +372,7 @@ pub fn wants_gzip(headers: &HeaderMap) -> Result<bool, HttpError> {
     } else if identity_ok {
         Ok(false)
     } else {
-        Err(HttpError::new(
+        Err(EnvdError::from_rest_status(
             406,
             format!("unsupported Accept-Encoding {v:?}"),
         ))
@@ -423,23 +381,23 @@ pub fn wants_gzip(headers: &HeaderMap) -> Result<bool, HttpError> {
 
 /// Opens a regular file for reading (FIFOs and devices are refused: reading them
 /// could block forever or never end).
-fn open_regular(path: &Path) -> Result<File, HttpError> {
+fn open_regular(path: &Path) -> Result<File, EnvdError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32)
         .open(path)
-        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+        .map_err(|e| EnvdError::from_io(&e, &path.display().to_string()))?;
     let md = f
         .metadata()
-        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
+        .map_err(|e| EnvdError::from_io(&e, &path.display().to_string()))?;
     if md.is_dir() {
-        return Err(HttpError::new(
+        return Err(EnvdError::from_rest_status(
             400,
             format!("{} is a directory", path.display()),
         ));
     }
     if !md.is_file() {
-        return Err(HttpError::new(
+        return Err(EnvdError::from_rest_status(
             400,
             format!("{} is not a regular file", path.display()),
         ));
@@ -451,14 +409,14 @@ fn open_regular(path: &Path) -> Result<File, HttpError> {
 pub async fn download(user: &User, path: PathBuf, headers: &HeaderMap) -> Response<AgentBody> {
     let gzip = match wants_gzip(headers) {
         Ok(g) => g,
-        Err(e) => return e.response(),
+        Err(e) => return e.rest_response(),
     };
     let p = path.clone();
     let opened = run_as(user, move || Ok(open_regular(&p))).await;
     let mut file = match opened {
         Ok(Ok(f)) => f,
-        Ok(Err(e)) => return e.response(),
-        Err(e) => return HttpError::from_rpc(e).response(),
+        Ok(Err(e)) => return e.rest_response(),
+        Err(e) => return e.rest_response(),
     };
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     tokio::task::spawn_blocking(move || {
@@ -527,7 +485,9 @@ impl<W: Write> Write for Capped<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Some(cap) = self.cap {
             if self.written + buf.len() as u64 > cap {
-                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::FBIG.raw_os_error(),
+                ));
             }
         }
         let n = self.inner.write(buf)?;
@@ -540,82 +500,192 @@ impl<W: Write> Write for Capped<W> {
     }
 }
 
-/// One file being written by a blocking thread fed through a small channel.
-struct Upload {
-    tx: mpsc::Sender<Bytes>,
-    done: tokio::task::JoinHandle<Result<WriteInfo, HttpError>>,
+/// What the writer thread of an upload receives.
+enum Feed {
+    /// More body bytes.
+    Data(Bytes),
+    /// The body is complete: put the file in place.
+    Commit,
 }
 
-fn open_for_write(path: &Path) -> Result<File, HttpError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| HttpError::io(&e, &parent.display().to_string()))?;
+/// One file being written by a blocking thread fed through a small channel. Without an
+/// explicit commit (the client went away, the body was bad) nothing replaces the target.
+struct Upload {
+    tx: mpsc::Sender<Feed>,
+    done: tokio::task::JoinHandle<Result<WriteInfo, EnvdError>>,
+}
+
+/// Symlinks followed when resolving an upload's target (the kernel's own limit).
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// The file an upload to `path` writes: a symlink is followed (inside the sandbox, where
+/// the agent runs) to the file it names, even one that does not exist yet.
+fn upload_target(path: &Path) -> Result<PathBuf, EnvdError> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_SYMLINK_HOPS {
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.file_type().is_symlink() => {
+                let t = std::fs::read_link(&p)
+                    .map_err(|e| EnvdError::from_io(&e, &p.display().to_string()))?;
+                p = match p.parent() {
+                    Some(dir) if t.is_relative() => dir.join(t),
+                    _ => t,
+                };
+            }
+            _ => return Ok(p),
+        }
     }
-    // O_NONBLOCK: opening a FIFO without a reader fails instead of hanging.
+    Err(EnvdError::from_io(
+        &io::Error::from(rustix::io::Errno::LOOP),
+        &path.display().to_string(),
+    ))
+}
+
+/// A fresh temporary name next to `target` (same directory, so the rename is atomic).
+fn temp_name(target: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = target
+        .file_name()
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Keep the name within NAME_MAX whatever the target's length.
+    let short: String = base.chars().take(64).collect();
+    let name = format!(".{short}.colima-e2b-upload-{}-{n}", std::process::id());
+    target.with_file_name(name)
+}
+
+/// The temporary file an upload writes into: created by the acting user (this thread's
+/// fs identity), exclusively, readable by nobody else while partial. Returns it with
+/// the mode the finished file gets (the old file's, else 0644).
+fn begin_write(target: &Path) -> Result<(PathBuf, File, u32), EnvdError> {
+    let shown = || target.display().to_string();
+    let mode = match std::fs::symlink_metadata(target) {
+        Ok(md) if md.is_dir() => {
+            return Err(EnvdError::from_rest_status(
+                400,
+                format!("{} is a directory", shown()),
+            ))
+        }
+        Ok(md) if !md.is_file() => {
+            return Err(EnvdError::from_rest_status(
+                400,
+                format!("{} is not a regular file", shown()),
+            ))
+        }
+        // The new file takes the old one's permission bits, never set-id bits.
+        Ok(md) => md.mode() & 0o777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0o644,
+        Err(e) => return Err(EnvdError::from_io(&e, &shown())),
+    };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| EnvdError::from_io(&e, &parent.display().to_string()))?;
+    }
+    let temp = temp_name(target);
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
-    let md = f
-        .metadata()
-        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
-    if !md.is_file() {
-        return Err(HttpError::new(
-            400,
-            format!("{} is not a regular file", path.display()),
-        ));
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+        .open(&temp)
+        .map_err(|e| EnvdError::from_io(&e, &shown()))?;
+    Ok((temp, f, mode))
+}
+
+/// Puts the finished temporary file in place of `target`.
+fn commit(temp: &Path, target: &Path, file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    match std::fs::rename(temp, target) {
+        Ok(()) => Ok(()),
+        // A bind-mounted file (/etc/hosts in a container) cannot be replaced, only
+        // rewritten: copy into it, no longer atomically.
+        Err(e) if matches!(e.raw_os_error(), Some(n) if n == rustix::io::Errno::BUSY.raw_os_error() || n == rustix::io::Errno::XDEV.raw_os_error()) =>
+        {
+            let mut src = File::open(temp)?;
+            let mut dst = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32,
+                )
+                .open(target)?;
+            io::copy(&mut src, &mut dst)?;
+            std::fs::remove_file(temp)
+        }
+        Err(e) => Err(e),
     }
-    f.set_len(0)
-        .map_err(|e| HttpError::io(&e, &path.display().to_string()))?;
-    Ok(f)
 }
 
 fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upload {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let (tx, mut rx) = mpsc::channel::<Feed>(4);
     let (uid, gid, switch) = (user.uid, user.gid, user.switch);
     let done = tokio::task::spawn_blocking(move || {
         let _id = switch.then(|| FsIdentity::enter(uid, gid));
-        let file = open_for_write(&path)?;
+        let target = upload_target(&path)?;
+        let (temp, file, mode) = begin_write(&target)?;
         let sink = Capped {
-            inner: file,
+            inner: &file,
             written: 0,
             cap,
         };
+        let mut committed = false;
         let result = (|| -> io::Result<()> {
+            let mut feed = |w: &mut dyn Write| -> io::Result<()> {
+                while let Some(f) = rx.blocking_recv() {
+                    match f {
+                        Feed::Data(b) => w.write_all(&b)?,
+                        Feed::Commit => {
+                            committed = true;
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(())
+            };
             if gzip {
                 let mut dec = flate2::write::MultiGzDecoder::new(sink);
-                while let Some(b) = rx.blocking_recv() {
-                    dec.write_all(&b)?;
-                }
+                feed(&mut dec)?;
                 dec.try_finish()?;
                 dec.get_mut().flush()
             } else {
                 let mut sink = sink;
-                while let Some(b) = rx.blocking_recv() {
-                    sink.write_all(&b)?;
-                }
+                feed(&mut sink)?;
                 sink.flush()
             }
         })();
-        if let Err(e) = result {
-            // Do not leave a partial file behind (it may be what filled the disk).
-            let _ = std::fs::remove_file(&path);
-            return Err(if e.raw_os_error() == Some(libc::EFBIG) && cap.is_some() {
-                HttpError::new(
-                    413,
-                    format!("upload larger than {} bytes", cap.unwrap_or(0)),
-                )
-            } else if e.kind() == io::ErrorKind::InvalidInput
-                || e.kind() == io::ErrorKind::InvalidData
-            {
-                HttpError::new(400, format!("invalid gzip body: {e}"))
+        let result = result.and_then(|()| {
+            if committed {
+                commit(&temp, &target, &file, mode)
             } else {
-                HttpError::io(&e, &path.display().to_string())
-            });
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upload ended before its body did",
+                ))
+            }
+        });
+        if let Err(e) = result {
+            // The old file stays as it was; the partial one goes (it may be what filled
+            // the disk).
+            let _ = std::fs::remove_file(&temp);
+            return Err(
+                if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) && cap.is_some()
+                {
+                    EnvdError::from_rest_status(
+                        413,
+                        format!("upload larger than {} bytes", cap.unwrap_or(0)),
+                    )
+                } else if e.kind() == io::ErrorKind::InvalidInput
+                    || e.kind() == io::ErrorKind::InvalidData
+                {
+                    EnvdError::from_rest_status(400, format!("invalid gzip body: {e}"))
+                } else if e.kind() == io::ErrorKind::UnexpectedEof && e.raw_os_error().is_none() {
+                    EnvdError::from_rest_status(400, e.to_string())
+                } else {
+                    EnvdError::from_io(&e, &path.display().to_string())
+                },
+            );
         }
         Ok(WriteInfo {
             name: path
@@ -632,14 +702,25 @@ fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upl
 impl Upload {
     /// Feeds a chunk; false when the writer already stopped (its error comes from finish).
     async fn feed(&self, b: Bytes) -> bool {
-        self.tx.send(b).await.is_ok()
+        self.tx.send(Feed::Data(b)).await.is_ok()
     }
 
-    async fn finish(self) -> Result<WriteInfo, HttpError> {
+    /// The body is complete: the file replaces its target, or the writer's error.
+    async fn finish(self) -> Result<WriteInfo, EnvdError> {
+        let _ = self.tx.send(Feed::Commit).await;
+        self.result().await
+    }
+
+    /// The body failed: nothing is replaced, the temporary file goes.
+    async fn abort(self) {
+        let _ = self.result().await;
+    }
+
+    async fn result(self) -> Result<WriteInfo, EnvdError> {
         drop(self.tx);
         self.done
             .await
-            .map_err(|e| HttpError::new(500, format!("writer failed: {e}")))?
+            .map_err(|e| EnvdError::from_rest_status(500, format!("writer failed: {e}")))?
     }
 }
 
@@ -660,7 +741,7 @@ pub async fn upload(
             StatusCode::OK,
             serde_json::to_vec(&infos).unwrap_or_default(),
         ),
-        Err(e) => e.response(),
+        Err(e) => e.rest_response(),
     }
 }
 
@@ -671,7 +752,7 @@ async fn upload_inner(
     body: Incoming,
     cap: Option<u64>,
     only_query_path: bool,
-) -> Result<Vec<WriteInfo>, HttpError> {
+) -> Result<Vec<WriteInfo>, EnvdError> {
     let ctype = headers
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -686,20 +767,21 @@ async fn upload_inner(
         "" | "identity" => false,
         "gzip" | "x-gzip" => true,
         other => {
-            return Err(HttpError::new(
+            return Err(EnvdError::from_rest_status(
                 415,
                 format!("unsupported Content-Encoding {other:?}"),
             ))
         }
     };
-    let resolve_path = |raw: &str| resolve(user, raw).map_err(HttpError::from_rpc);
+    let resolve_path = |raw: &str| resolve(user, raw);
 
     if ctype
         .to_ascii_lowercase()
         .starts_with("multipart/form-data")
     {
-        let boundary = multer::parse_boundary(&ctype)
-            .map_err(|e| HttpError::new(400, format!("bad multipart Content-Type: {e}")))?;
+        let boundary = multer::parse_boundary(&ctype).map_err(|e| {
+            EnvdError::from_rest_status(400, format!("bad multipart Content-Type: {e}"))
+        })?;
         let stream = http_body_util::BodyDataStream::new(body);
         let mut mp = multer::Multipart::new(stream, boundary);
         let mut out = Vec::new();
@@ -708,10 +790,15 @@ async fn upload_inner(
             let field = match mp.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(HttpError::new(400, format!("bad multipart body: {e}"))),
+                Err(e) => {
+                    return Err(EnvdError::from_rest_status(
+                        400,
+                        format!("bad multipart body: {e}"),
+                    ))
+                }
             };
             if only_query_path && !out.is_empty() {
-                return Err(HttpError::new(
+                return Err(EnvdError::from_rest_status(
                     401,
                     "a signed upload URL writes only its own path (one file)",
                 ));
@@ -720,7 +807,7 @@ async fn upload_inner(
                 (Some(q), _) if !q.is_empty() => q,
                 (_, Some(f)) if !f.is_empty() => f.to_string(),
                 _ => {
-                    return Err(HttpError::new(
+                    return Err(EnvdError::from_rest_status(
                         400,
                         "multipart part without a file name or ?path=",
                     ))
@@ -738,20 +825,29 @@ async fn upload_inner(
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = up.finish().await;
-                        return Err(HttpError::new(400, format!("bad multipart body: {e}")));
+                        up.abort().await;
+                        return Err(EnvdError::from_rest_status(
+                            400,
+                            format!("bad multipart body: {e}"),
+                        ));
                     }
                 }
             }
             out.push(up.finish().await?);
         }
         if out.is_empty() {
-            return Err(HttpError::new(400, "no file in multipart body"));
+            return Err(EnvdError::from_rest_status(
+                400,
+                "no file in multipart body",
+            ));
         }
         Ok(out)
     } else {
         let Some(raw) = query_path.filter(|p| !p.is_empty()) else {
-            return Err(HttpError::new(400, "missing ?path= for a raw upload"));
+            return Err(EnvdError::from_rest_status(
+                400,
+                "missing ?path= for a raw upload",
+            ));
         };
         let path = resolve_path(&raw)?;
         let up = begin_upload(user, path, gzip, cap);
@@ -766,8 +862,11 @@ async fn upload_inner(
                     }
                 }
                 Err(e) => {
-                    let _ = up.finish().await;
-                    return Err(HttpError::new(400, format!("reading upload: {e}")));
+                    up.abort().await;
+                    return Err(EnvdError::from_rest_status(
+                        400,
+                        format!("reading upload: {e}"),
+                    ));
                 }
             }
         }
@@ -825,10 +924,13 @@ mod tests {
 
     #[test]
     fn query_is_percent_decoded() {
-        let q = parse_query(Some("path=%2Ftmp%2Fa+b&username=user")).unwrap_or_default();
+        let q = parse_query(Some("path=%2Ftmp%2Fa+b&username=user"));
         assert_eq!(q[0], ("path".into(), "/tmp/a b".into()));
-        assert!(parse_query(Some("path=%zz")).is_err());
-        assert!(parse_query(Some("path=%2")).is_err());
+        assert_eq!(q[1], ("username".into(), "user".into()));
+        assert_eq!(
+            parse_query(Some("path=%zz")),
+            vec![("path".into(), "%zz".into())]
+        );
     }
 
     #[test]

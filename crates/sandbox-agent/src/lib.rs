@@ -1,8 +1,6 @@
 //! The in-sandbox agent: an envd-compatible process and filesystem daemon that runs as
-//! PID 1 in every sandbox container and serves E2B's data plane on port 49983.
-//!
-//! Wire types live in [`proto`] so other crates can reuse them as a client: with
-//! `default-features = false` (no `daemon` feature) the crate is only those types.
+//! PID 1 in every sandbox container and serves E2B's data plane on port 49983. Its wire
+//! protocol is `envd_proto`'s, shared with the server.
 //!
 //! Starting it (see `--help`): `sandbox-agent [--listen 0.0.0.0:49983]`, with the
 //! per-sandbox secret in env `COLIMA_E2B_AGENT_SECRET` (removed from the environment
@@ -12,27 +10,31 @@
 //! `download_url`/`upload_url`, see `auth::file_signature`), which grants that one file
 //! operation. `POST /init` may set the secret when none is set, or rotate it when the
 //! request carries the current one.
+//!
+//! Every command runs under its own supervisor (the agent binary re-executed, see
+//! [`supervisor`]), so the command's whole process tree can be found and killed by
+//! parentage ([`tree`]); `POST /processes/kill-all` ends every user process of the
+//! sandbox (as a host process: only the agent's own descendants) and answers
+//! `{"killed": N}`. Output goes to one bounded ring per command that never waits for a
+//! reader ([`output`]); what a lagging reader still needs when the ring drops it goes to a
+//! bounded spill on disk ([`spill`], `--spill-bytes`, `--spill-total-bytes`), and a reader
+//! behind even that ends with `data_loss`. A stream reader that takes nothing for
+//! `--stall-timeout-ms` is dropped.
+//!
+//! The library exists for the agent's own integration tests; nothing else links it.
 
-#[cfg(feature = "daemon")]
 pub mod auth;
-#[cfg(feature = "daemon")]
 pub mod config;
-#[cfg(feature = "daemon")]
 pub mod connect;
-#[cfg(feature = "daemon")]
 pub mod files;
-#[cfg(feature = "daemon")]
+pub mod output;
 pub mod process;
-pub mod proto;
-#[cfg(feature = "daemon")]
 pub mod server;
-pub mod signature;
-#[cfg(feature = "daemon")]
+pub mod spill;
+pub mod supervisor;
 pub mod sys;
-#[cfg(feature = "daemon")]
+pub mod tree;
 pub mod users;
-#[cfg(feature = "daemon")]
 pub mod watch;
 
-/// The envd version whose features this agent implements (the SDK gates features on it).
-pub const ENVD_VERSION: &str = "0.5.7";
+pub use envd_proto::ENVD_VERSION;

@@ -4,6 +4,9 @@ use sandbox_agent::config::{Config, SECRET_ENV, SECRET_FILE_ENV, USAGE};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(sandbox_agent::supervisor::SUPERVISE_ARG) {
+        sandbox_agent::supervisor::main(&args[1..]);
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{USAGE}");
         return;
@@ -23,9 +26,12 @@ fn main() {
     std::env::remove_var(SECRET_ENV);
     std::env::remove_var(SECRET_FILE_ENV);
     let agent = sandbox_agent::server::Agent::new(cfg);
+    // Blocking threads never retire: at the pids limit no new one can start, and tokio
+    // panics when it needs a thread and has none (an idle one is reused instead).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)
+        .thread_keep_alive(std::time::Duration::from_secs(u64::from(u32::MAX)))
         .build()
     {
         Ok(rt) => rt,
@@ -34,6 +40,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let warm = rt.block_on(async { tokio::task::spawn_blocking(|| ()).await });
+    if warm.is_err() {
+        eprintln!("sandbox-agent: cannot start a worker thread");
+        std::process::exit(1);
+    }
     if let Err(e) = rt.block_on(sandbox_agent::server::run(agent)) {
         eprintln!("sandbox-agent: {e}");
         std::process::exit(1);

@@ -1,210 +1,97 @@
-//! Processes: spawning (own session, optional pty, user switch), output fan-out with
-//! bounded buffers, stdin, signals to whole process groups, and PID-1 reaping.
+//! Commands: starting them under their own supervisor (see [`crate::supervisor`]), their
+//! output (one bounded ring per command, see [`crate::output`]), stdin and pty, kills of
+//! their whole tree (see [`crate::tree`]), and reaping.
 //!
-//! Reaping: one SIGCHLD-driven `waitpid(-1)` loop collects every child. Statuses of
-//! commands we spawned go to their waiter; anything else (re-parented orphans) is just
-//! collected. Spawning holds the same lock as the reaper, so a child that dies at once
-//! cannot be reaped before it is registered (nor under std's feet while it checks exec).
+//! Reaping: one SIGCHLD-driven `waitpid(-1)` loop collects the agent's children, which
+//! are the supervisors (and, as PID 1, orphans whose supervisor died). A command's exit
+//! status comes from its supervisor, which reaps the command's own tree. Two locks keep
+//! the reaper out of the way: forks (std checks exec success, then waits for a failed
+//! child itself) and kills (a supervisor's pid must not be reaped, and so reused, while
+//! its tree is being killed by that pid).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use rustix::pipe::PipeFlags;
+use rustix::process::Signal;
+use tokio::sync::watch;
 
-use crate::connect::{Code, RpcError};
-use crate::proto::{DataEvent, EndEvent, ProcessConfig, ProcessEvent, ProcessInfo};
+use crate::output::{Output, Reader, Stream};
+use crate::spill::Spill;
+use crate::supervisor::{self, Spec};
 use crate::sys::{self, AsyncFdIo, ExitKind};
+use crate::tree::{self, ProcStat, Snapshot};
 use crate::users::User;
+use envd_proto::messages::{EndEvent, ProcessConfig, ProcessInfo};
+use envd_proto::{Code, EnvdError};
 
-/// Environment variable marking every command's processes, so that children that left
-/// the process group (setsid + double fork) can still be found and killed.
-pub const MARKER_ENV: &str = "COLIMA_E2B_CMD_ID";
 /// Bytes read from a pipe at a time (also the largest data event).
 const READ_CHUNK: usize = 32 << 10;
-/// Messages queued per subscriber before the producer waits for it (backpressure).
-const SUB_QUEUE: usize = 16;
 /// After the command exits, how long to keep draining pipes held open by its children.
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
-/// Ended processes kept so that Connect still yields their end event.
+/// Ended commands kept so that Connect still yields their end event.
 const KEEP_ENDED: usize = 64;
-/// How long an ended process is kept.
+/// How long an ended command is kept.
 const KEEP_ENDED_FOR: Duration = Duration::from_secs(300);
-/// Output kept for an ended process.
-const ENDED_RING: usize = 64 << 10;
+/// After SIGTERM, how long a command's tree may take to end before it is killed.
+pub const TERM_GRACE: Duration = Duration::from_secs(3);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Which stream a chunk came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    /// stdout pipe.
-    Stdout,
-    /// stderr pipe.
-    Stderr,
-    /// pty master.
-    Pty,
-}
-
-/// One thing a subscriber receives.
-#[derive(Debug, Clone)]
-pub enum Msg {
-    /// Output.
-    Data(Stream, Bytes),
-    /// The end (always last).
-    End(EndEvent),
-}
-
-impl Msg {
-    /// As a wire event.
-    pub fn to_event(&self) -> ProcessEvent {
-        match self {
-            Msg::Data(Stream::Stdout, b) => ProcessEvent::Data(DataEvent::Stdout(b.to_vec())),
-            Msg::Data(Stream::Stderr, b) => ProcessEvent::Data(DataEvent::Stderr(b.to_vec())),
-            Msg::Data(Stream::Pty, b) => ProcessEvent::Data(DataEvent::Pty(b.to_vec())),
-            Msg::End(e) => ProcessEvent::End(e.clone()),
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Out {
-    ring: VecDeque<(Stream, Bytes)>,
-    ring_bytes: usize,
-    /// Bytes evicted from the ring (a late subscriber misses them).
-    dropped: u64,
-    subs: Vec<mpsc::Sender<Msg>>,
-    end: Option<EndEvent>,
-}
-
-/// What a new subscriber gets: the buffered past, then live messages.
-#[derive(Debug)]
-pub struct Subscription {
-    /// Buffered output (and the end, if the process already ended).
-    pub replay: Vec<Msg>,
-    /// Live messages; closed once the process ended.
-    pub rx: mpsc::Receiver<Msg>,
-    /// Output bytes no longer buffered (truncation flag for reconnecting clients).
-    pub dropped: u64,
-}
-
 /// A command started through Start.
 #[derive(Debug)]
 pub struct Proc {
-    /// Pid (also its process group and session id).
+    /// The command's own pid (what clients see; its session and process group id).
     pub pid: u32,
+    /// Its supervisor's pid: every process of the command descends from it.
+    pub supervisor: u32,
     /// Tag given at Start.
     pub tag: Option<String>,
     /// How it was started.
     pub config: ProcessConfig,
-    marker: String,
     pty: Option<Arc<AsyncFdIo>>,
     stdin: tokio::sync::Mutex<Option<Arc<AsyncFdIo>>>,
-    out: Mutex<Out>,
-    ring_cap: usize,
+    /// Its output, shared by every reader.
+    pub output: Arc<Output>,
     /// Set when its deadline killed it.
     pub timed_out: AtomicBool,
+    /// Set once it is past the ended-process limits and kept only while its tree lives.
+    forgotten: AtomicBool,
     exited: watch::Receiver<bool>,
+    tree_gone: watch::Receiver<bool>,
 }
 
 impl Proc {
-    /// Subscribes to output; with `replay`, the buffered past comes first.
-    pub fn subscribe(&self, replay: bool) -> Subscription {
-        let (tx, rx) = mpsc::channel(SUB_QUEUE);
-        let mut out = lock(&self.out);
-        let mut past: Vec<Msg> = if replay {
-            out.ring
-                .iter()
-                .map(|(s, b)| Msg::Data(*s, b.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        match &out.end {
-            Some(e) => past.push(Msg::End(e.clone())),
-            None => out.subs.push(tx),
-        }
-        Subscription {
-            replay: past,
-            rx,
-            dropped: out.dropped,
-        }
+    /// A reader of its output; with `replay`, from the oldest byte still buffered.
+    pub fn reader(&self, replay: bool) -> Reader {
+        self.output.reader(replay)
     }
 
-    /// True once the end event exists.
+    /// True once the end event exists (the command itself has exited).
     pub fn ended(&self) -> bool {
-        lock(&self.out).end.is_some()
+        self.output.end_event().is_some()
     }
 
     /// The end event, once ended.
     pub fn end_event(&self) -> Option<EndEvent> {
-        lock(&self.out).end.clone()
+        self.output.end_event()
     }
 
-    async fn push(&self, stream: Stream, data: Bytes) {
-        let subs = {
-            let mut out = lock(&self.out);
-            out.ring_bytes += data.len();
-            out.ring.push_back((stream, data.clone()));
-            while out.ring_bytes > self.ring_cap {
-                match out.ring.pop_front() {
-                    Some((_, b)) => {
-                        out.ring_bytes -= b.len();
-                        out.dropped += b.len() as u64;
-                    }
-                    None => break,
-                }
-            }
-            out.subs.retain(|s| !s.is_closed());
-            out.subs.clone()
-        };
-        // Waiting on slow subscribers throttles the command (its pipe fills up) instead
-        // of buffering without bound; a subscriber that went away fails at once.
-        for s in subs {
-            let _ = s.send(Msg::Data(stream, data.clone())).await;
-        }
-    }
-
-    async fn finish(&self, end: EndEvent) {
-        let subs = {
-            let mut out = lock(&self.out);
-            out.end = Some(end.clone());
-            while out.ring_bytes > ENDED_RING {
-                match out.ring.pop_front() {
-                    Some((_, b)) => {
-                        out.ring_bytes -= b.len();
-                        out.dropped += b.len() as u64;
-                    }
-                    None => break,
-                }
-            }
-            out.ring.shrink_to_fit();
-            std::mem::take(&mut out.subs)
-        };
-        for s in subs {
-            let _ = s.send(Msg::End(end.clone())).await;
-        }
-    }
-
-    /// Signals the whole process group, plus any process carrying our marker that
-    /// escaped the group (setsid, double fork).
-    pub fn signal(&self, sig: i32) {
-        let _ = sys::kill_group(self.pid, sig);
-        for pid in find_marked(&self.marker) {
-            let _ = sys::kill_pid(pid, sig);
-        }
+    /// True while anything of the command's tree is alive (its supervisor is).
+    pub fn tree_alive(&self) -> bool {
+        !*self.tree_gone.borrow()
     }
 
     /// Writes to stdin (pipe) or to the pty.
-    pub async fn write_input(&self, to_pty: bool, data: &[u8]) -> Result<(), RpcError> {
+    pub async fn write_input(&self, to_pty: bool, data: &[u8]) -> Result<(), EnvdError> {
         let target = if to_pty {
             self.pty.clone()
         } else {
@@ -214,7 +101,7 @@ impl Proc {
             }
         };
         let Some(fd) = target else {
-            return Err(RpcError::new(
+            return Err(EnvdError::new(
                 Code::FailedPrecondition,
                 if to_pty {
                     "process has no pty"
@@ -225,11 +112,11 @@ impl Proc {
         };
         fd.write_all(data)
             .await
-            .map_err(|e| RpcError::new(Code::FailedPrecondition, format!("writing input: {e}")))
+            .map_err(|e| EnvdError::new(Code::FailedPrecondition, format!("writing input: {e}")))
     }
 
     /// Closes stdin (for a pty: sends EOF, ^D).
-    pub async fn close_stdin(&self) -> Result<(), RpcError> {
+    pub async fn close_stdin(&self) -> Result<(), EnvdError> {
         if self.stdin.lock().await.take().is_some() {
             return Ok(());
         }
@@ -240,15 +127,15 @@ impl Proc {
     }
 
     /// Resizes the pty.
-    pub fn resize(&self, cols: u32, rows: u32) -> Result<(), RpcError> {
+    pub fn resize(&self, cols: u32, rows: u32) -> Result<(), EnvdError> {
         let Some(p) = &self.pty else {
-            return Err(RpcError::new(
+            return Err(EnvdError::new(
                 Code::FailedPrecondition,
                 "process has no pty",
             ));
         };
-        sys::set_winsize(p.raw(), clamp16(cols), clamp16(rows))
-            .map_err(|e| RpcError::io(&e, "resizing pty"))
+        sys::set_winsize(p.fd(), clamp16(cols), clamp16(rows))
+            .map_err(|e| EnvdError::from_io(&e, "resizing pty"))
     }
 
     /// List entry.
@@ -260,7 +147,7 @@ impl Proc {
         }
     }
 
-    /// Resolves once the process has exited.
+    /// Resolves once the command itself has exited.
     pub async fn wait_exited(&self) {
         let mut rx = self.exited.clone();
         let _ = rx.wait_for(|e| *e).await;
@@ -269,66 +156,6 @@ impl Proc {
 
 fn clamp16(v: u32) -> u16 {
     u16::try_from(v).unwrap_or(u16::MAX)
-}
-
-/// Opens `/proc/<pid>/environ`. Reading another user's environ needs CAP_SYS_PTRACE,
-/// which sandboxes do not get; the kernel's check compares the caller's fs ids instead,
-/// so on refusal the open is retried with this thread's fs ids set to the process's own.
-fn open_environ(pid: u32) -> Option<std::fs::File> {
-    let path = format!("/proc/{pid}/environ");
-    match std::fs::File::open(&path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let ids = |key: &str| -> Option<Vec<u32>> {
-                let line = status.lines().find(|l| l.starts_with(key))?;
-                line[key.len()..]
-                    .split_whitespace()
-                    .take(3)
-                    .map(|v| v.parse().ok())
-                    .collect()
-            };
-            let (uids, gids) = (ids("Uid:")?, ids("Gid:")?);
-            // Real, effective and saved ids must all match for the kernel to allow it.
-            if uids.windows(2).any(|w| w[0] != w[1]) || gids.windows(2).any(|w| w[0] != w[1]) {
-                return None;
-            }
-            // Synchronous and restored on drop, before this thread runs anything else.
-            let _as_owner = sys::FsIdentity::enter(*uids.first()?, *gids.first()?);
-            std::fs::File::open(&path).ok()
-        }
-        Err(_) => None,
-    }
-}
-
-/// Pids of processes whose initial environment holds `marker` (`NAME=value`).
-fn find_marked(marker: &str) -> Vec<u32> {
-    use std::io::Read;
-    let me = std::process::id();
-    let needle = marker.as_bytes();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || pid <= 1 {
-            continue;
-        }
-        let Some(f) = open_environ(pid) else {
-            continue;
-        };
-        let mut buf = Vec::new();
-        if f.take(1 << 20).read_to_end(&mut buf).is_err() {
-            continue;
-        }
-        if buf.split(|b| *b == 0).any(|kv| kv == needle) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// Everything needed to start a command.
@@ -348,45 +175,199 @@ pub struct SpawnSpec {
     pub stdin: bool,
     /// Tag.
     pub tag: Option<String>,
-    /// Kill the command (SIGKILL, whole group) at this instant.
+    /// Kill the command's tree at this instant.
     pub deadline: Option<Instant>,
 }
 
 /// All commands, running and recently ended.
 #[derive(Debug)]
 pub struct ProcessTable {
-    /// Held by the reaper while it collects and by spawn until the child is registered.
-    waiters: Mutex<HashMap<u32, oneshot::Sender<i32>>>,
+    /// Held by every fork of the agent and by the reaper.
+    spawn_lock: Mutex<()>,
+    /// Read-held by kills, write-held by the reaper (see the module docs).
+    gate: RwLock<()>,
+    reap_pending: AtomicBool,
+    /// Live supervisors: never targets of a kill-all.
+    supervisors: Mutex<HashSet<u32>>,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     ended: Mutex<VecDeque<(u32, Instant)>>,
-    next_id: AtomicU64,
     ring_cap: usize,
+    spill: Option<Arc<Spill>>,
+}
+
+/// How a [`ProcessTable::kill_all`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KillAllReport {
+    /// Processes killed.
+    pub killed: usize,
 }
 
 impl ProcessTable {
-    /// A table keeping up to `ring_cap` output bytes per process.
-    pub fn new(ring_cap: usize) -> Self {
+    /// A table keeping up to `ring_cap` output bytes per command in memory and, for
+    /// readers that lag, more in `spill`.
+    pub fn new(ring_cap: usize, spill: Option<Arc<Spill>>) -> Self {
         Self {
-            waiters: Mutex::new(HashMap::new()),
+            spawn_lock: Mutex::new(()),
+            gate: RwLock::new(()),
+            reap_pending: AtomicBool::new(false),
+            supervisors: Mutex::new(HashSet::new()),
             procs: Mutex::new(HashMap::new()),
             ended: Mutex::new(VecDeque::new()),
-            next_id: AtomicU64::new(1),
             ring_cap: ring_cap.max(READ_CHUNK),
+            spill,
         }
     }
 
-    /// Collects every terminated child (call on SIGCHLD).
+    /// Collects every terminated child (call on SIGCHLD). While a kill runs it only
+    /// notes that reaping is due; the kill reaps when it is done.
     pub fn reap(&self) {
-        let mut w = lock(&self.waiters);
-        while let Some((pid, status)) = sys::reap_one() {
-            if let Some(tx) = w.remove(&pid) {
-                let _ = tx.send(status);
-            }
+        let _forks = lock(&self.spawn_lock);
+        let Ok(_gate) = self.gate.try_write() else {
+            self.reap_pending.store(true, Ordering::SeqCst);
+            return;
+        };
+        self.reap_pending.store(false, Ordering::SeqCst);
+        let mut sups = lock(&self.supervisors);
+        while let Some((pid, _)) = sys::reap_one() {
+            sups.remove(&pid);
         }
     }
 
-    /// Finds a process by pid or tag (running or recently ended).
-    pub fn find(&self, pid: Option<u32>, tag: Option<&str>) -> Result<Arc<Proc>, RpcError> {
+    /// Runs a kill on a blocking thread with the reaper held off.
+    async fn with_gate<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ProcessTable) -> T + Send + 'static,
+    ) -> Option<T> {
+        let table = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let _gate = table.gate.read().unwrap_or_else(|p| p.into_inner());
+            f(&table)
+        })
+        .await
+        .ok();
+        if self.reap_pending.load(Ordering::SeqCst) {
+            self.reap();
+        }
+        out
+    }
+
+    /// Ends a command's whole tree: SIGKILL freezes and kills every descendant of its
+    /// supervisor; SIGTERM reaches every one once and, after [`TERM_GRACE`], whatever is
+    /// left is killed. Returns how many processes got the signal.
+    pub async fn signal(self: &Arc<Self>, proc: &Arc<Proc>, sig: Signal) -> usize {
+        if sig == Signal::KILL {
+            return self.kill_tree(proc.supervisor).await;
+        }
+        let sup = proc.supervisor;
+        let n = self
+            .with_gate(move |_| tree::signal_once(&move |s: &Snapshot| s.descendants(sup), sig))
+            .await
+            .unwrap_or(0);
+        let (table, p) = (self.clone(), proc.clone());
+        tokio::spawn(async move {
+            let mut gone = p.tree_gone.clone();
+            let ended = tokio::time::timeout(TERM_GRACE, gone.wait_for(|g| *g))
+                .await
+                .is_ok();
+            if !ended {
+                table.kill_tree(p.supervisor).await;
+            }
+        });
+        n
+    }
+
+    /// Process groups a kill must never signal whole: the agent's own (the supervisors'
+    /// first moments are in it) and the supervisors' (a command's first moments are).
+    fn protected_group(&self, pgid: u32) -> bool {
+        let own = rustix::process::getpgrp()
+            .as_raw_nonzero()
+            .get()
+            .unsigned_abs();
+        pgid == own || lock(&self.supervisors).contains(&pgid)
+    }
+
+    /// Freezes and kills every descendant of `supervisor`.
+    async fn kill_tree(self: &Arc<Self>, supervisor: u32) -> usize {
+        // The first stop right here, before any hop to another thread: a fork bomb leaves
+        // each thread of the sandbox a sliver of CPU. (The reaper runs on this thread, so
+        // the supervisor's pid cannot be reaped and reused meanwhile.)
+        let first = tree::children_groups(supervisor);
+        for g in first.iter().filter(|g| !self.protected_group(**g)) {
+            let _ = sys::kill_group(*g, Signal::STOP);
+        }
+        self.with_gate(move |t| {
+            let scope = move |s: &Snapshot| s.descendants(supervisor);
+            let protected = |g: u32| t.protected_group(g);
+            tree::freeze_and_kill(
+                &scope,
+                &first,
+                &protected,
+                Instant::now() + tree::KILL_DEADLINE,
+            )
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// The processes a kill-all addresses: as PID 1 every process of the sandbox, else
+    /// only the agent's own descendants (a host process must not touch the host's); never
+    /// the agent or a supervisor (they end by themselves once their command's tree has).
+    fn everything_scope(&self) -> impl Fn(&Snapshot) -> Vec<ProcStat> + '_ {
+        let me = std::process::id();
+        move |s: &Snapshot| {
+            let sups = lock(&self.supervisors);
+            let all = if me == 1 {
+                s.all_but(me)
+            } else {
+                s.descendants(me)
+            };
+            all.into_iter().filter(|p| !sups.contains(&p.pid)).collect()
+        }
+    }
+
+    /// Ends every user process of the sandbox (see `everything_scope`).
+    pub async fn kill_all(self: &Arc<Self>) -> KillAllReport {
+        let killed = self
+            .with_gate(|t| {
+                let scope = t.everything_scope();
+                let protected = |g: u32| t.protected_group(g);
+                let sups: Vec<u32> = lock(&t.supervisors).iter().copied().collect();
+                let first: Vec<u32> = sups.into_iter().flat_map(tree::children_groups).collect();
+                tree::freeze_and_kill(
+                    &scope,
+                    &first,
+                    &protected,
+                    Instant::now() + tree::KILL_DEADLINE,
+                )
+            })
+            .await
+            .unwrap_or(0);
+        KillAllReport { killed }
+    }
+
+    /// Agent shutdown: SIGTERM to every user process, a moment to exit, then kill-all.
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.with_gate(|t| tree::signal_once(&t.everything_scope(), Signal::TERM))
+            .await;
+        for _ in 0..20 {
+            if self.running() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill_all().await;
+        // Let the supervisors report and go.
+        for _ in 0..20 {
+            self.reap();
+            if lock(&self.supervisors).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Finds a command by pid or tag (running or recently ended).
+    pub fn find(&self, pid: Option<u32>, tag: Option<&str>) -> Result<Arc<Proc>, EnvdError> {
         let procs = lock(&self.procs);
         let found = match (pid, tag) {
             (Some(p), _) if p != 0 => procs.get(&p).cloned(),
@@ -396,14 +377,14 @@ impl ProcessTable {
                 .max_by_key(|p| (!p.ended(), p.pid))
                 .cloned(),
             _ => {
-                return Err(RpcError::new(
+                return Err(EnvdError::new(
                     Code::InvalidArgument,
                     "process selector needs a pid or a tag",
                 ))
             }
         };
         found.ok_or_else(|| {
-            RpcError::new(
+            EnvdError::new(
                 Code::NotFound,
                 match (pid, tag) {
                     (Some(p), _) if p != 0 => format!("process with pid {p} not found"),
@@ -413,7 +394,7 @@ impl ProcessTable {
         })
     }
 
-    /// Running processes.
+    /// Running commands.
     pub fn list(&self) -> Vec<ProcessInfo> {
         let mut v: Vec<ProcessInfo> = lock(&self.procs)
             .values()
@@ -422,14 +403,6 @@ impl ProcessTable {
             .collect();
         v.sort_by_key(|p| p.pid);
         v
-    }
-
-    /// Signals every running command (agent shutdown).
-    pub fn signal_all(&self, sig: i32) {
-        let procs: Vec<Arc<Proc>> = lock(&self.procs).values().cloned().collect();
-        for p in procs.iter().filter(|p| !p.ended()) {
-            p.signal(sig);
-        }
     }
 
     /// Number of commands not yet ended.
@@ -442,26 +415,32 @@ impl ProcessTable {
         let now = Instant::now();
         let mut procs = lock(&self.procs);
         while let Some((pid, at)) = ended.front().copied() {
-            if ended.len() > KEEP_ENDED || now.duration_since(at) > KEEP_ENDED_FOR {
-                ended.pop_front();
-                if procs.get(&pid).is_some_and(|p| p.ended()) {
-                    procs.remove(&pid);
-                }
-            } else {
+            if ended.len() <= KEEP_ENDED && now.duration_since(at) <= KEEP_ENDED_FOR {
                 break;
+            }
+            ended.pop_front();
+            let Some(p) = procs.get(&pid).cloned() else {
+                continue;
+            };
+            if !p.ended() {
+                continue;
+            }
+            if p.tree_alive() {
+                // Leftovers still run: keep it killable, but not its output.
+                p.forgotten.store(true, Ordering::SeqCst);
+                p.output.discard();
+            } else {
+                procs.remove(&pid);
             }
         }
     }
 
-    /// Starts a command; the returned subscription sees all of its output.
-    pub fn start(self: &Arc<Self>, spec: SpawnSpec) -> Result<(Arc<Proc>, Subscription), RpcError> {
+    /// Starts a command; the returned reader sees all of its output.
+    pub async fn start(
+        self: &Arc<Self>,
+        spec: SpawnSpec,
+    ) -> Result<(Arc<Proc>, Reader), EnvdError> {
         self.forget_old();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("{MARKER_ENV}={}-{id}", std::process::id());
-        let mut cmd = Command::new(&spec.config.cmd);
-        cmd.args(&spec.config.args);
-        cmd.current_dir(&spec.cwd);
-        cmd.env_clear();
         let mut env: BTreeMap<OsString, OsString> = spec.base_env.into_iter().collect();
         env.entry("PATH".into()).or_insert_with(|| {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
@@ -476,146 +455,154 @@ impl ProcessTable {
         }
         for (k, v) in &spec.config.envs {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(RpcError::new(
+                return Err(EnvdError::new(
                     Code::InvalidArgument,
                     format!("invalid environment variable {k:?}"),
                 ));
             }
             env.insert(k.into(), v.into());
         }
-        let (k, v) = marker.split_once('=').unwrap_or((MARKER_ENV, ""));
-        env.insert(k.into(), v.into());
-        cmd.envs(env);
 
-        let mut pty_master = None;
-        let mut stdin_writer = None;
-        if let Some((cols, rows)) = spec.pty {
-            let (m, s) = sys::openpty(cols, rows).map_err(|e| RpcError::io(&e, "openpty"))?;
-            let dup = |s: &OwnedFd| s.try_clone().map_err(|e| RpcError::io(&e, "dup"));
-            cmd.stdin(Stdio::from(dup(&s)?));
-            cmd.stdout(Stdio::from(dup(&s)?));
-            cmd.stderr(Stdio::from(s));
-            pty_master = Some(m);
+        let io_err = |what: &'static str| move |e: std::io::Error| EnvdError::from_io(&e, what);
+        let pipe = || {
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC)
+                .map_err(|e| EnvdError::from_io(&e.into(), "pipe"))
+        };
+        let mut ours: Vec<(Stream, OwnedFd)> = Vec::new();
+        let mut stdin_ours = None;
+        let stdio: [Stdio; 3] = if let Some((cols, rows)) = spec.pty {
+            let (m, s) = sys::openpty(cols, rows).map_err(io_err("openpty"))?;
+            let dup = |s: &OwnedFd| s.try_clone().map_err(io_err("dup"));
+            let io = [Stdio::from(dup(&s)?), Stdio::from(dup(&s)?), Stdio::from(s)];
+            ours.push((Stream::Pty, m));
+            io
         } else {
-            cmd.stdin(if spec.stdin {
-                Stdio::piped()
+            let stdin = if spec.stdin {
+                let (r, w) = pipe()?;
+                stdin_ours = Some(w);
+                Stdio::from(r)
             } else {
                 Stdio::null()
-            });
-            cmd.stdout(Stdio::piped());
-            cmd.stderr(Stdio::piped());
-        }
+            };
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            ours.push((Stream::Stdout, out_r));
+            ours.push((Stream::Stderr, err_r));
+            [stdin, Stdio::from(out_w), Stdio::from(err_w)]
+        };
         let creds = spec.user.switch.then(|| sys::Creds {
             uid: spec.user.uid,
             gid: spec.user.gid,
             groups: spec.user.groups.clone(),
         });
-        sys::configure_child(&mut cmd, creds, spec.pty.is_some());
-
-        let (exit_tx, exit_rx) = oneshot::channel();
-        let mut child = {
-            let mut waiters = lock(&self.waiters);
-            let child = cmd.spawn().map_err(|e| {
-                RpcError::new(
-                    Code::InvalidArgument,
-                    format!("cannot start {:?}: {e}", spec.config.cmd),
-                )
-            })?;
-            waiters.insert(child.id(), exit_tx);
-            child
+        let sup_spec = Spec {
+            program: spec.config.cmd.clone().into(),
+            args: spec.config.args.iter().map(OsString::from).collect(),
+            env: env.into_iter().collect(),
+            cwd: spec.cwd.clone(),
+            creds,
+            pty: spec.pty.is_some(),
         };
-        drop(cmd); // closes our copies of the pty slave
-        let pid = child.id();
+        let started = supervisor::launch(&sup_spec, stdio, &self.spawn_lock, |sup| {
+            lock(&self.supervisors).insert(sup);
+        })
+        .await?;
+        let pid = started.pid;
 
         let wrap = |fd: OwnedFd| AsyncFdIo::new(fd).map(Arc::new);
         let mut readers: Vec<(Stream, Arc<AsyncFdIo>)> = Vec::new();
-        let pty = match pty_master {
-            Some(m) => {
-                let m = wrap(m).map_err(|e| RpcError::io(&e, "pty"))?;
-                readers.push((Stream::Pty, m.clone()));
-                Some(m)
+        let mut pty = None;
+        for (stream, fd) in ours {
+            let fd = wrap(fd).map_err(io_err("output pipe"))?;
+            if stream == Stream::Pty {
+                pty = Some(fd.clone());
             }
+            readers.push((stream, fd));
+        }
+        let stdin_writer = match stdin_ours {
+            Some(w) => Some(wrap(w).map_err(io_err("stdin"))?),
             None => None,
         };
-        if let Some(s) = child.stdin.take() {
-            stdin_writer = Some(wrap(OwnedFd::from(s)).map_err(|e| RpcError::io(&e, "stdin"))?);
-        }
-        if let Some(s) = child.stdout.take() {
-            readers.push((
-                Stream::Stdout,
-                wrap(OwnedFd::from(s)).map_err(|e| RpcError::io(&e, "stdout"))?,
-            ));
-        }
-        if let Some(s) = child.stderr.take() {
-            readers.push((
-                Stream::Stderr,
-                wrap(OwnedFd::from(s)).map_err(|e| RpcError::io(&e, "stderr"))?,
-            ));
-        }
-        drop(child); // never waited on through std: the reaper owns exit statuses
 
         let (exited_tx, exited_rx) = watch::channel(false);
+        let (tree_tx, tree_rx) = watch::channel(false);
         let proc = Arc::new(Proc {
             pid,
+            supervisor: started.supervisor,
             tag: spec.tag,
             config: spec.config,
-            marker,
             pty,
             stdin: tokio::sync::Mutex::new(stdin_writer),
-            out: Mutex::new(Out::default()),
-            ring_cap: self.ring_cap,
+            output: Output::with_spill(self.ring_cap, self.spill.clone()),
             timed_out: AtomicBool::new(false),
+            forgotten: AtomicBool::new(false),
             exited: exited_rx.clone(),
+            tree_gone: tree_rx,
         });
-        let sub = proc.subscribe(false);
+        let reader = proc.reader(false);
         lock(&self.procs).insert(pid, proc.clone());
 
         let mut handles = Vec::new();
         for (stream, fd) in readers {
             handles.push(tokio::spawn(read_output(
-                proc.clone(),
+                proc.output.clone(),
                 stream,
                 fd,
                 exited_rx.clone(),
             )));
         }
         if let Some(deadline) = spec.deadline {
-            let p = proc.clone();
+            let (table, p) = (self.clone(), proc.clone());
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         p.timed_out.store(true, Ordering::SeqCst);
-                        p.signal(libc::SIGKILL);
+                        table.signal(&p, Signal::KILL).await;
                     }
                     _ = p.wait_exited() => {}
                 }
             });
         }
-        let table = self.clone();
-        let p = proc.clone();
+        let (table, p) = (self.clone(), proc.clone());
+        let mut status = started.status;
         tokio::spawn(async move {
-            let status = exit_rx.await.unwrap_or(-1);
+            let exit = status.exit().await;
             let _ = exited_tx.send(true);
             for h in handles {
                 let _ = h.await;
             }
             p.stdin.lock().await.take();
-            let mut end = end_event(sys::decode_status(status));
+            let mut end = match exit {
+                Some(kind) => end_event(kind),
+                // Only a root command (or the OOM killer) can kill a supervisor.
+                None => EndEvent {
+                    error: Some("the command's supervisor ended unexpectedly".into()),
+                    ..end_event(ExitKind::Signal(9))
+                },
+            };
             if p.timed_out.load(Ordering::SeqCst) {
                 end.error = Some("command timed out (deadline exceeded)".into());
             }
-            p.finish(end).await;
+            p.output.finish(end);
             lock(&table.ended).push_back((p.pid, Instant::now()));
+            status.closed().await;
+            let _ = tree_tx.send(true);
+            if p.forgotten.load(Ordering::SeqCst) {
+                let mut procs = lock(&table.procs);
+                if procs.get(&p.pid).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    procs.remove(&p.pid);
+                }
+            }
         });
-        Ok((proc, sub))
+        Ok((proc, reader))
     }
 }
 
-/// Pumps one output descriptor into the process's subscribers until EOF, or until the
-/// command has exited and the pipe stayed quiet for a moment (a background child may
-/// hold it open forever).
+/// Drains one output descriptor into the ring until EOF, or until the command has
+/// exited and the pipe stayed quiet for a moment (a background child may hold it open
+/// forever). Never waits for a reader.
 async fn read_output(
-    proc: Arc<Proc>,
+    output: Arc<Output>,
     stream: Stream,
     fd: Arc<AsyncFdIo>,
     mut exited: watch::Receiver<bool>,
@@ -634,7 +621,11 @@ async fn read_output(
             },
             () = &mut stop => break,
         };
-        proc.push(stream, Bytes::copy_from_slice(&buf[..n])).await;
+        output.push(stream, &buf[..n]);
+        // One chunk per turn: readers on this single-threaded runtime get to take each
+        // chunk before the next (without this, tokio's I/O budget lets the drain run
+        // ~128 chunks ahead, and a reader that keeps up would still fall behind).
+        tokio::task::yield_now().await;
     }
 }
 
@@ -681,7 +672,7 @@ pub fn resolve_cwd(
     user: &User,
     cwd: Option<&str>,
     default: Option<&str>,
-) -> Result<PathBuf, RpcError> {
+) -> Result<PathBuf, EnvdError> {
     let raw = cwd
         .filter(|c| !c.is_empty())
         .or(default.filter(|c| !c.is_empty()));
@@ -689,13 +680,19 @@ pub fn resolve_cwd(
         None => user.home.clone(),
         Some(c) => crate::files::resolve(user, c)?,
     };
-    if !Path::new(&p).is_dir() {
-        return Err(RpcError::new(
+    match std::fs::metadata(Path::new(&p)) {
+        Ok(md) if md.is_dir() => Ok(p),
+        // As envd: a cwd that does not exist is the caller's mistake.
+        Ok(_) => Err(EnvdError::new(
             Code::InvalidArgument,
-            format!("cwd {} does not exist or is not a directory", p.display()),
-        ));
+            format!("cwd {} is not a directory", p.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(EnvdError::new(
+            Code::InvalidArgument,
+            format!("cwd {} does not exist", p.display()),
+        )),
+        Err(e) => Err(EnvdError::from_io(&e, &format!("cwd {}", p.display()))),
     }
-    Ok(p)
 }
 
 #[cfg(test)]

@@ -1,27 +1,40 @@
 //! HTTP/1.1 server: authentication, routing of Connect RPCs and REST endpoints,
 //! the streaming pumps, and the agent's lifecycle (reaper, SIGTERM).
+//!
+//! Slow clients: each stream's pump hands frames to its response through a queue of two
+//! and waits at most the stall timeout for room; a client that takes nothing for that
+//! long is dropped, its stream ended with `deadline_exceeded` ("the reader stalled")
+//! ahead of anything still queued, which it gets if it ever reads again. Any connection
+//! whose socket takes nothing for twice the stall timeout while the agent has bytes for
+//! it (that stream's, a download's) is closed, so a vanished client holds no memory or
+//! worker.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::ffi::OsString;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::mpsc;
+use rustix::process::Signal;
 
 use crate::auth::{self, FileOp, Secret, SignatureError};
 use crate::config::{Config, SECRET_ENV, SECRET_FILE_ENV};
-use crate::connect::{self, AgentBody, Code, RpcError, MAX_MESSAGE};
-use crate::files::{self, HttpError};
-use crate::process::{self, Msg, Proc, ProcessTable, SpawnSpec, Subscription};
-use crate::proto::*;
+use crate::connect::{self, AgentBody, RestResponse, SendError, StreamSender, MAX_MESSAGE};
+use crate::files;
+use crate::output::{Next, Reader};
+use crate::process::{self, Proc, ProcessTable, SpawnSpec};
+use crate::spill::Spill;
 use crate::users::{User, UserDb};
 use crate::watch::{Watcher, WatcherRegistry};
+use envd_proto::codec;
+use envd_proto::messages::*;
+use envd_proto::{Code, EnvdError};
 
 /// Largest accepted keepalive interval and Connect timeout we honour.
 const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
@@ -63,14 +76,23 @@ impl Agent {
     /// Builds the agent from its configuration.
     pub fn new(cfg: Config) -> Arc<Self> {
         let base_env = std::env::vars_os()
-            .filter(|(k, _)| k != SECRET_ENV && k != SECRET_FILE_ENV)
+            .filter(|(k, _)| {
+                k != SECRET_ENV && k != SECRET_FILE_ENV && k != envd_proto::STALL_TIMEOUT_ENV
+            })
             .collect();
         Arc::new(Self {
             secret: Secret::new(cfg.secret.clone()),
             users: UserDb::new(cfg.etc_dir.clone(), cfg.home_override.clone()),
             init: Mutex::new(InitState::default()),
             base_env,
-            procs: Arc::new(ProcessTable::new(cfg.output_buffer_bytes)),
+            procs: Arc::new(ProcessTable::new(
+                cfg.output_buffer_bytes,
+                Spill::new(
+                    cfg.spill_dir.clone(),
+                    cfg.spill_bytes,
+                    cfg.spill_total_bytes,
+                ),
+            )),
             watchers: WatcherRegistry::default(),
             streams: AtomicUsize::new(0),
             cpu_prev: Mutex::new(None),
@@ -86,12 +108,13 @@ impl Agent {
     }
 
     /// The acting user of a request: Basic auth, else `username` (REST), else the default.
-    fn acting_user(&self, req_user: Option<String>) -> Result<User, RpcError> {
+    fn acting_user(&self, req_user: Option<String>) -> Result<User, EnvdError> {
         let name = req_user
             .or_else(|| self.init_state().default_user)
             .unwrap_or_else(|| self.cfg.default_user.clone());
         self.users.lookup(&name).ok_or_else(|| {
-            RpcError::new(Code::Unauthenticated, format!("{INVALID_USER}: {name:?}"))
+            EnvdError::new(Code::Unauthenticated, format!("invalid user: {name:?}"))
+                .with_reason(envd_proto::Reason::InvalidUser)
         })
     }
 }
@@ -162,7 +185,7 @@ pub async fn handle(
             _ => Err(SignatureError::Missing),
         };
         if let Err(e) = verdict {
-            let err = RpcError::new(Code::Unauthenticated, e.message());
+            let err = EnvdError::new(Code::Unauthenticated, e.message());
             let stream = is_stream(&req);
             drain(req.into_body()).await;
             return Ok(if rpc && stream {
@@ -170,7 +193,7 @@ pub async fn handle(
             } else if rpc {
                 connect::unary_err(&err)
             } else {
-                HttpError::new(401, err.message).response()
+                err.rest_response()
             });
         }
         signed = true;
@@ -190,18 +213,29 @@ pub async fn handle(
         }
         (Method::POST, "/init") => init(agent, req).await,
         (Method::GET, "/metrics") => metrics(&agent),
-        _ => HttpError::new(404, format!("no route for {path}")).response(),
+        (Method::POST, envd_proto::KILL_ALL_PATH) => {
+            drain(req.into_body()).await;
+            let report = agent.procs.kill_all().await;
+            let body = KillAllResponse {
+                killed: report.killed as u64,
+            };
+            connect::json_response(
+                StatusCode::OK,
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )
+        }
+        _ => EnvdError::from_rest_status(404, format!("no route for {path}")).rest_response(),
     })
 }
 
 async fn init(agent: Arc<Agent>, req: Request<Incoming>) -> Response<AgentBody> {
     let body = match connect::read_body(req.into_body(), 1 << 20).await {
         Ok(b) => b,
-        Err(e) => return HttpError::new(413, e.message).response(),
+        Err(e) => return EnvdError::from_rest_status(413, e.message).rest_response(),
     };
     let init: InitRequest = match connect::parse_json(&body) {
         Ok(i) => i,
-        Err(e) => return HttpError::new(400, e.message).response(),
+        Err(e) => return EnvdError::from_rest_status(400, e.message).rest_response(),
     };
     // The caller already passed the secret check: either none was set, or it carries it.
     if let Some(t) = &init.access_token {
@@ -214,7 +248,8 @@ async fn init(agent: Arc<Agent>, req: Request<Incoming>) -> Response<AgentBody> 
             .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
             || envs.values().any(|v| v.contains('\0'))
         {
-            return HttpError::new(400, "invalid environment variable").response();
+            return EnvdError::from_rest_status(400, "invalid environment variable")
+                .rest_response();
         }
         st.envs.extend(envs);
     }
@@ -313,9 +348,7 @@ fn self_rss() -> u64 {
 
 /// Checks the signed-URL parameters of a `/files` request that lacks the access token.
 fn check_signed(agent: &Agent, req: &Request<Incoming>, op: FileOp) -> Result<(), SignatureError> {
-    let Ok(query) = files::parse_query(req.uri().query()) else {
-        return Err(SignatureError::Invalid);
-    };
+    let query = files::parse_query(req.uri().query());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -330,27 +363,24 @@ async fn rest_files(
     req: Request<Incoming>,
     signed: bool,
 ) -> Response<AgentBody> {
-    let query = match files::parse_query(req.uri().query()) {
-        Ok(q) => q,
-        Err(e) => return e.response(),
-    };
+    let query = files::parse_query(req.uri().query());
     let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let basic = match auth::basic_user(req.headers()) {
         _ if signed => None,
         Ok(u) => u,
-        Err(e) => return HttpError::new(401, e).response(),
+        Err(e) => return EnvdError::from_rest_status(401, e).rest_response(),
     };
     let user = match agent.acting_user(get("username").filter(|u| !u.is_empty()).or(basic)) {
         Ok(u) => u,
-        Err(e) => return HttpError::new(401, e.message).response(),
+        Err(e) => return EnvdError::from_rest_status(401, e.message).rest_response(),
     };
     if req.method() == Method::GET {
         let Some(raw) = get("path") else {
-            return HttpError::new(400, "missing ?path=").response();
+            return EnvdError::from_rest_status(400, "missing ?path=").rest_response();
         };
         let path = match files::resolve(&user, &raw) {
             Ok(p) => p,
-            Err(e) => return HttpError::new(400, e.message).response(),
+            Err(e) => return EnvdError::from_rest_status(400, e.message).rest_response(),
         };
         files::download(&user, path, req.headers()).await
     } else {
@@ -380,7 +410,7 @@ async fn rpc_dispatch(
         "filesystem"
     };
     let user = match auth::basic_user(req.headers()) {
-        Err(e) => Err(RpcError::new(Code::Unauthenticated, e)),
+        Err(e) => Err(EnvdError::new(Code::Unauthenticated, e)),
         Ok(u) => agent.acting_user(u),
     };
     let user = match user {
@@ -401,10 +431,10 @@ async fn rpc_dispatch(
         .filter(|s| *s > 0)
         .map(|s| Duration::from_secs(s).min(MAX_KEEPALIVE));
     if req.method() != Method::POST {
-        return connect::unary_err(&RpcError::new(Code::Unimplemented, "use POST"));
+        return connect::unary_err(&EnvdError::new(Code::Unimplemented, "use POST"));
     }
 
-    let res: Result<Response<AgentBody>, RpcError> = match (service, method.as_str(), stream) {
+    let res: Result<Response<AgentBody>, EnvdError> = match (service, method.as_str(), stream) {
         ("process", "Start", true) => {
             start(&agent, user, req.into_body(), timeout, keepalive).await
         }
@@ -415,7 +445,7 @@ async fn rpc_dispatch(
         ("filesystem", "WatchDir", true) => {
             watch_dir(&agent, user, req.into_body(), timeout, keepalive).await
         }
-        (_, _, true) => Err(RpcError::new(
+        (_, _, true) => Err(EnvdError::new(
             Code::Unimplemented,
             format!("{path} is not a streaming method"),
         )),
@@ -437,7 +467,7 @@ async fn unary(
     svc: &str,
     m: &str,
     body: &[u8],
-) -> Result<Response<AgentBody>, RpcError> {
+) -> Result<Response<AgentBody>, EnvdError> {
     let empty = serde_json::json!({});
     match (svc, m) {
         ("process", "List") => Ok(connect::unary_ok(&ListResponse {
@@ -461,18 +491,23 @@ async fn unary(
         ("process", "SendSignal") => {
             let r: SendSignalRequest = connect::parse_json(body)?;
             let p = agent.procs.find(r.process.pid, r.process.tag.as_deref())?;
-            let Some(sig) = r.signal.number() else {
-                return Err(RpcError::new(Code::InvalidArgument, "unsupported signal"));
+            let sig = match r.signal {
+                envd_proto::messages::Signal::Kill => Signal::KILL,
+                envd_proto::messages::Signal::Term => Signal::TERM,
+                envd_proto::messages::Signal::Unspecified => {
+                    return Err(EnvdError::new(Code::InvalidArgument, "unsupported signal"))
+                }
             };
-            // As envd: a process that has ended is gone for signals (the SDK's kill()
-            // then returns false), though Connect still replays its end.
-            if p.ended() {
-                return Err(RpcError::new(
+            // As envd: a command that has ended is gone for signals (the SDK's kill()
+            // then returns false), though Connect still replays its end; but while
+            // processes it left behind still run, the signal ends those.
+            if p.ended() && !p.tree_alive() {
+                return Err(EnvdError::new(
                     Code::NotFound,
                     format!("process with pid {} has already ended", p.pid),
                 ));
             }
-            p.signal(sig);
+            agent.procs.signal(&p, sig).await;
             Ok(connect::unary_ok(&empty))
         }
         ("process", "Update") => {
@@ -506,9 +541,9 @@ async fn unary(
             let r: ListDirRequest = connect::parse_json(body)?;
             let path = files::resolve(user, if r.path.is_empty() { "~" } else { &r.path })?;
             let names = files::names(&agent.users).await;
-            let entries =
+            let answer =
                 files::run_as(user, move || files::list_dir(&path, r.depth, &names)).await?;
-            Ok(connect::unary_ok(&ListDirResponse { entries }))
+            Ok(connect::unary_json(answer))
         }
         ("filesystem", "Move") => {
             let r: MoveRequest = connect::parse_json(body)?;
@@ -534,7 +569,7 @@ async fn unary(
                 Ok(connect::unary_ok(&WatcherEventsResponse { events }))
             }
         }
-        _ => Err(RpcError::new(
+        _ => Err(EnvdError::new(
             Code::Unimplemented,
             format!("{svc}.{m} is not implemented"),
         )),
@@ -545,16 +580,11 @@ async fn new_watcher(
     agent: &Arc<Agent>,
     user: &User,
     r: &WatchDirRequest,
-) -> Result<Watcher, RpcError> {
+) -> Result<Watcher, EnvdError> {
     let path = files::resolve(user, &r.path)?;
     let names = files::names(&agent.users).await;
     let (recursive, include) = (r.recursive, r.include_entry);
     files::run_as(user, move || Watcher::new(path, recursive, include, names)).await
-}
-
-/// Sends one envelope; false when the client is gone.
-async fn send(tx: &mpsc::Sender<Bytes>, b: Bytes) -> bool {
-    tx.send(b).await.is_ok()
 }
 
 async fn start(
@@ -563,16 +593,16 @@ async fn start(
     body: Incoming,
     timeout: Option<Duration>,
     keepalive: Option<Duration>,
-) -> Result<Response<AgentBody>, RpcError> {
+) -> Result<Response<AgentBody>, EnvdError> {
     let r: StartRequest = connect::read_stream_request(body).await?;
     if r.process.cmd.is_empty() || r.process.cmd.contains('\0') {
-        return Err(RpcError::new(
+        return Err(EnvdError::new(
             Code::InvalidArgument,
             "cmd is empty or contains NUL",
         ));
     }
     if r.process.args.iter().any(|a| a.contains('\0')) {
-        return Err(RpcError::new(
+        return Err(EnvdError::new(
             Code::InvalidArgument,
             "argument contains NUL",
         ));
@@ -603,8 +633,8 @@ async fn start(
         tag: r.tag,
         deadline,
     };
-    let (proc, sub) = agent.procs.start(spec)?;
-    Ok(spawn_pump(agent, proc, sub, keepalive, deadline, true))
+    let (proc, reader) = agent.procs.start(spec).await?;
+    Ok(spawn_pump(agent, proc, reader, keepalive, deadline, true))
 }
 
 async fn connect_proc(
@@ -612,22 +642,22 @@ async fn connect_proc(
     body: Incoming,
     timeout: Option<Duration>,
     keepalive: Option<Duration>,
-) -> Result<Response<AgentBody>, RpcError> {
+) -> Result<Response<AgentBody>, EnvdError> {
     let r: SelectRequest = connect::read_stream_request(body).await?;
     let proc = agent.procs.find(r.process.pid, r.process.tag.as_deref())?;
-    let sub = proc.subscribe(true);
-    let dropped = sub.dropped;
+    let reader = proc.reader(true);
+    let dropped = proc.output.dropped();
     let mut resp = spawn_pump(
         agent,
         proc,
-        sub,
+        reader,
         keepalive,
         timeout.map(|t| Instant::now() + t),
         false,
     );
     if let Ok(v) = dropped.to_string().parse() {
         // Output evicted from the bounded buffer before this client connected.
-        resp.headers_mut().insert("x-output-dropped-bytes", v);
+        resp.headers_mut().insert(envd_proto::DROPPED_HEADER, v);
     }
     Ok(resp)
 }
@@ -635,62 +665,98 @@ async fn connect_proc(
 fn spawn_pump(
     agent: &Arc<Agent>,
     proc: Arc<Proc>,
-    sub: Subscription,
+    reader: Reader,
     keepalive: Option<Duration>,
     deadline: Option<Instant>,
     is_start: bool,
 ) -> Response<AgentBody> {
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, resp) = connect::stream_channel(agent.cfg.stall_timeout);
     let guard = StreamGuard::new(agent);
+    let a = agent.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        pump(proc, sub, tx, keepalive, deadline, is_start).await;
+        pump(&a, proc, reader, tx, keepalive, deadline, is_start).await;
     });
-    connect::stream_response(rx)
+    resp
 }
 
 fn event_envelope(e: ProcessEvent) -> Bytes {
-    connect::message_envelope(&ProcessEventMessage { event: e })
+    codec::message_envelope(&ProcessEventMessage { event: e })
 }
 
-/// Streams a process's events to one client until the end, a deadline, or disconnect.
+/// The end of a stream whose client stopped reading.
+fn stalled(tx: StreamSender) {
+    let err = EnvdError::new(
+        Code::DeadlineExceeded,
+        format!(
+            "the reader stalled: it took nothing for {} ms, so the agent dropped it",
+            tx.stall().as_millis()
+        ),
+    );
+    tx.abandon(codec::end_stream(Some(&err)));
+}
+
+/// The end of a stream whose reader fell behind what the agent keeps of the output.
+/// `data_loss`, not `resource_exhausted`: the SDK reads that as a rate limit to retry.
+fn fell_behind(agent: &Agent, missed: u64, spill_error: Option<&str>) -> EnvdError {
+    let cfg = &agent.cfg;
+    let ring = cfg.output_buffer_bytes;
+    let kept = match (cfg.spill_bytes.min(cfg.spill_total_bytes), spill_error) {
+        (0, _) => format!("the agent keeps {ring} bytes of a command's output"),
+        (spill, None) => format!(
+            "the agent keeps {ring} bytes of a command's output in memory and up to {spill} \
+             bytes on disk"
+        ),
+        (_, Some(e)) => format!(
+            "the agent keeps {ring} bytes of a command's output in memory; spilling to disk \
+             stopped: {e}"
+        ),
+    };
+    EnvdError::new(
+        Code::DataLoss,
+        format!(
+            "the reader fell behind the command's output: {missed} bytes were dropped before \
+             it read them ({kept}); Connect again to resume from what is still buffered"
+        ),
+    )
+}
+
+/// Sends one frame; on a stall the stream is abandoned. False when the stream is over.
+async fn send_or_drop(tx: &mut Option<StreamSender>, b: Bytes) -> bool {
+    let Some(s) = tx.as_ref() else {
+        return false;
+    };
+    match s.send(b).await {
+        Ok(()) => true,
+        Err(SendError::Gone) => false,
+        Err(SendError::Stalled) => {
+            if let Some(s) = tx.take() {
+                stalled(s);
+            }
+            false
+        }
+    }
+}
+
+/// Streams a command's events to one client until the end, a deadline, or disconnect.
+/// The client reads from the shared ring at its own pace (see [`crate::output`]).
 async fn pump(
+    agent: &Arc<Agent>,
     proc: Arc<Proc>,
-    sub: Subscription,
-    tx: mpsc::Sender<Bytes>,
+    mut reader: Reader,
+    tx: StreamSender,
     keepalive: Option<Duration>,
     deadline: Option<Instant>,
     is_start: bool,
 ) {
-    let Subscription { replay, mut rx, .. } = sub;
-    if !send(&tx, event_envelope(ProcessEvent::Start { pid: proc.pid })).await {
+    let mut tx = Some(tx);
+    if !send_or_drop(
+        &mut tx,
+        event_envelope(ProcessEvent::Start { pid: proc.pid }),
+    )
+    .await
+    {
         return;
-    }
-    let finish = |end: &crate::proto::EndEvent| {
-        let mut out = vec![event_envelope(ProcessEvent::End(end.clone()))];
-        let err = (is_start && proc.timed_out.load(Ordering::SeqCst)).then(|| {
-            RpcError::new(
-                Code::DeadlineExceeded,
-                "command timed out: deadline exceeded",
-            )
-        });
-        out.push(connect::end_stream(err.as_ref()));
-        out
-    };
-    for m in replay {
-        let last = matches!(m, Msg::End(_));
-        let frames = match &m {
-            Msg::End(e) => finish(e),
-            other => vec![event_envelope(other.to_event())],
-        };
-        for f in frames {
-            if !send(&tx, f).await {
-                return;
-            }
-        }
-        if last {
-            return;
-        }
     }
     let ka = keepalive.unwrap_or(MAX_KEEPALIVE);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ka, ka);
@@ -699,43 +765,44 @@ async fn pump(
     tokio::pin!(stream_deadline);
     let mut deadline_fired = false;
     loop {
+        let Some(sender) = tx.as_ref() else { return };
         tokio::select! {
-            m = rx.recv() => match m {
-                Some(Msg::End(e)) => {
-                    for f in finish(&e) {
-                        if !send(&tx, f).await { return; }
+            next = reader.next() => match next {
+                Next::Frame(b) => {
+                    if !send_or_drop(&mut tx, b).await { return; }
+                }
+                Next::End(end) => {
+                    let err = (is_start && proc.timed_out.load(Ordering::SeqCst)).then(|| {
+                        EnvdError::new(Code::DeadlineExceeded, "command timed out: deadline exceeded")
+                    });
+                    if send_or_drop(&mut tx, event_envelope(ProcessEvent::End(end))).await {
+                        send_or_drop(&mut tx, codec::end_stream(err.as_ref())).await;
                     }
                     return;
                 }
-                Some(m) => {
-                    if !send(&tx, event_envelope(m.to_event())).await { return; }
-                }
-                None => {
-                    // Dropped by the producer: the process ended meanwhile.
-                    if let Some(e) = proc.end_event() {
-                        for f in finish(&e) {
-                            if !send(&tx, f).await { return; }
-                        }
-                    }
+                Next::Behind { missed, spill_error } => {
+                    let err = fell_behind(agent, missed, spill_error.as_deref());
+                    send_or_drop(&mut tx, codec::end_stream(Some(&err))).await;
                     return;
                 }
             },
             _ = ticker.tick(), if keepalive.is_some() => {
-                if !send(&tx, event_envelope(ProcessEvent::Keepalive {})).await { return; }
+                if !send_or_drop(&mut tx, event_envelope(ProcessEvent::Keepalive {})).await { return; }
             }
             () = &mut stream_deadline, if deadline.is_some() && !deadline_fired => {
                 deadline_fired = true;
                 if is_start {
-                    // The process's own timer kills it; wait for its end event.
+                    // The command's own timer kills it too; the end event follows.
                     proc.timed_out.store(true, Ordering::SeqCst);
-                    proc.signal(libc::SIGKILL);
+                    let (procs, p) = (agent.procs.clone(), proc.clone());
+                    tokio::spawn(async move { procs.signal(&p, Signal::KILL).await });
                 } else {
-                    let err = RpcError::new(Code::DeadlineExceeded, "stream deadline exceeded");
-                    let _ = send(&tx, connect::end_stream(Some(&err))).await;
+                    let err = EnvdError::new(Code::DeadlineExceeded, "stream deadline exceeded");
+                    send_or_drop(&mut tx, codec::end_stream(Some(&err))).await;
                     return;
                 }
             }
-            () = tx.closed() => return,
+            () = sender.closed() => return,
         }
     }
 }
@@ -744,28 +811,31 @@ async fn pump(
 async fn stream_input(
     agent: &Arc<Agent>,
     mut body: Incoming,
-) -> Result<Response<AgentBody>, RpcError> {
-    let mut dec = connect::EnvelopeDecoder::default();
+) -> Result<Response<AgentBody>, EnvdError> {
+    let mut dec = codec::EnvelopeDecoder::new(MAX_MESSAGE);
     let mut target: Option<Arc<Proc>> = None;
     'outer: while let Some(frame) = body.frame().await {
         let frame =
-            frame.map_err(|e| RpcError::new(Code::Canceled, format!("reading request: {e}")))?;
+            frame.map_err(|e| EnvdError::new(Code::Canceled, format!("reading request: {e}")))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         dec.push(&data);
-        while let Some((flags, payload)) = dec.next_envelope()? {
-            if flags & connect::FLAG_END_STREAM != 0 {
+        while let Some(envelope) = dec.next_envelope()? {
+            if envelope.is_end() {
                 break 'outer;
             }
-            let m: StreamInputRequest = connect::parse_json(&payload)?;
+            let m: StreamInputRequest = connect::parse_json(&envelope.payload)?;
             match m.event {
                 StreamInputEvent::Start { process } => {
                     target = Some(agent.procs.find(process.pid, process.tag.as_deref())?);
                 }
                 StreamInputEvent::Data { input } => {
                     let Some(p) = &target else {
-                        return Err(RpcError::new(Code::FailedPrecondition, "data before start"));
+                        return Err(EnvdError::new(
+                            Code::FailedPrecondition,
+                            "data before start",
+                        ));
                     };
                     match &input {
                         ProcessInput::Stdin(b) => p.write_input(false, b).await?,
@@ -776,10 +846,14 @@ async fn stream_input(
             }
         }
     }
-    let (tx, rx) = mpsc::channel(2);
-    let _ = tx.try_send(connect::message_envelope(&serde_json::json!({})));
-    let _ = tx.try_send(connect::end_stream(None));
-    Ok(connect::stream_response(rx))
+    let mut body = codec::message_envelope(&serde_json::json!({})).to_vec();
+    body.extend_from_slice(&codec::end_stream(None));
+    let mut r = Response::new(AgentBody::full(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(envd_proto::STREAM_CONTENT_TYPE),
+    );
+    Ok(r)
 }
 
 async fn watch_dir(
@@ -788,15 +862,16 @@ async fn watch_dir(
     body: Incoming,
     timeout: Option<Duration>,
     keepalive: Option<Duration>,
-) -> Result<Response<AgentBody>, RpcError> {
+) -> Result<Response<AgentBody>, EnvdError> {
     let r: WatchDirRequest = connect::read_stream_request(body).await?;
     let mut w = new_watcher(agent, &user, &r).await?;
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, resp) = connect::stream_channel(agent.cfg.stall_timeout);
     let guard = StreamGuard::new(agent);
     tokio::spawn(async move {
         let _guard = guard;
-        let msg = |m: WatchDirResponse| connect::message_envelope(&m);
-        if !send(&tx, msg(WatchDirResponse::Start {})).await {
+        let mut tx = Some(tx);
+        let msg = |m: WatchDirResponse| codec::message_envelope(&m);
+        if !send_or_drop(&mut tx, msg(WatchDirResponse::Start {})).await {
             return;
         }
         let ka = keepalive.unwrap_or(MAX_KEEPALIVE);
@@ -806,31 +881,162 @@ async fn watch_dir(
             tokio::time::sleep_until(timeout.map(|t| Instant::now() + t).unwrap_or(far).into());
         tokio::pin!(dl);
         loop {
+            let Some(sender) = tx.as_ref() else { return };
             tokio::select! {
                 ev = w.next() => match ev {
                     Ok(batch) => {
                         for e in batch {
-                            if !send(&tx, msg(WatchDirResponse::Filesystem(Box::new(e)))).await { return; }
+                            if !send_or_drop(&mut tx, msg(WatchDirResponse::Filesystem(Box::new(e)))).await { return; }
                         }
                     }
                     Err(e) => {
-                        let _ = send(&tx, connect::end_stream(Some(&e))).await;
+                        send_or_drop(&mut tx, codec::end_stream(Some(&e))).await;
                         return;
                     }
                 },
                 _ = ticker.tick(), if keepalive.is_some() => {
-                    if !send(&tx, msg(WatchDirResponse::Keepalive {})).await { return; }
+                    if !send_or_drop(&mut tx, msg(WatchDirResponse::Keepalive {})).await { return; }
                 }
                 () = &mut dl, if timeout.is_some() => {
-                    let err = RpcError::new(Code::DeadlineExceeded, "watch deadline exceeded");
-                    let _ = send(&tx, connect::end_stream(Some(&err))).await;
+                    let err = EnvdError::new(Code::DeadlineExceeded, "watch deadline exceeded");
+                    send_or_drop(&mut tx, codec::end_stream(Some(&err))).await;
                     return;
                 }
-                () = tx.closed() => return,
+                () = sender.closed() => return,
             }
         }
     });
-    Ok(connect::stream_response(rx))
+    Ok(resp)
+}
+
+/// Write progress of one connection: when its writes started to block, if they do.
+#[derive(Debug)]
+struct WriteProgress {
+    epoch: Instant,
+    /// Milliseconds after `epoch` + 1 when writes began to block; 0 while they flow.
+    blocked_since: AtomicU64,
+}
+
+impl WriteProgress {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            blocked_since: AtomicU64::new(0),
+        })
+    }
+
+    fn note<T>(&self, r: &Poll<std::io::Result<T>>) {
+        match r {
+            Poll::Pending => {
+                let now = self.epoch.elapsed().as_millis() as u64 + 1;
+                let _ = self.blocked_since.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(_) => self.blocked_since.store(0, Ordering::Relaxed),
+        }
+    }
+
+    fn blocked_for(&self) -> Duration {
+        match self.blocked_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(
+                (self.epoch.elapsed().as_millis() as u64 + 1).saturating_sub(since),
+            ),
+        }
+    }
+}
+
+/// A connection's socket, noting whether its writes make progress.
+struct WatchedIo {
+    inner: tokio::net::TcpStream,
+    progress: Arc<WriteProgress>,
+}
+
+impl tokio::io::AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress.note(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progress.note(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress.note(&r);
+        r
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves one connection. A client whose socket takes nothing for twice the stall
+/// timeout while the agent has bytes for it (a stalled stream whose end could not be
+/// written, a stalled download) is disconnected, so it holds nothing for longer.
+async fn serve(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
+    let progress = WriteProgress::new();
+    let io = WatchedIo {
+        inner: stream,
+        progress: progress.clone(),
+    };
+    let a = agent.clone();
+    let svc = hyper::service::service_fn(move |req| handle(a.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .max_buf_size(1 << 20)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let stall = agent.cfg.stall_timeout;
+    let close_after = stall.saturating_mul(2);
+    let mut check = tokio::time::interval((stall / 4).max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = check.tick() => {
+                if progress.blocked_for() >= close_after {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT: accepts connections, reaps children.
@@ -840,7 +1046,7 @@ pub async fn run(agent: Arc<Agent>) -> std::io::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     if std::process::id() != 1 {
-        // Orphans of our commands re-parent to us, so we reap them as PID 1 would.
+        // Orphans re-parent to us (a supervisor that died), so we reap them as PID 1 would.
         let _ = crate::sys::set_child_subreaper();
     }
     let listener = tokio::net::TcpListener::bind(agent.cfg.listen).await?;
@@ -856,38 +1062,13 @@ pub async fn run(agent: Arc<Agent>) -> std::io::Result<()> {
             acc = listener.accept() => {
                 let Ok((stream, _)) = acc else { continue };
                 let _ = stream.set_nodelay(true);
-                let a = agent.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(a.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .max_buf_size(1 << 20)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve(agent.clone(), stream));
             }
             _ = sigchld.recv() => agent.procs.reap(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
-    shutdown(&agent).await;
+    agent.procs.shutdown().await;
     Ok(())
-}
-
-async fn shutdown(agent: &Arc<Agent>) {
-    if std::process::id() == 1 {
-        crate::sys::kill_all(libc::SIGTERM);
-    } else {
-        agent.procs.signal_all(libc::SIGTERM);
-    }
-    // Give commands a moment to exit, reaping them, then stop.
-    for _ in 0..20 {
-        agent.procs.reap();
-        if agent.procs.running() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    agent.procs.reap();
 }

@@ -1,41 +1,21 @@
-//! Thin wrappers over the libc calls the agent needs (ptys, process groups, reaping,
-//! per-thread filesystem identity, inotify, statvfs). All `unsafe` of the crate lives here.
-#![allow(unsafe_code)]
+//! The kernel interfaces the agent needs (ptys, signals, reaping, per-thread filesystem
+//! identity, inotify, statvfs, cgroup files), through `rustix` (raw syscalls, no libc
+//! wrappers of our own) and `nix` for the fs-id calls rustix lacks. The one `unsafe` is
+//! tokio's descriptor registration.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::Command;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
+use rustix::pty::OpenptFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Puts a file descriptor into non-blocking mode (needed before registering it with tokio).
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a valid, borrowed descriptor with integer arguments only.
-    unsafe {
-        let flags = cvt(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-        cvt(libc::fcntl(
-            fd.as_raw_fd(),
-            libc::F_SETFL,
-            flags | libc::O_NONBLOCK,
-        ))?;
-    }
-    Ok(())
-}
-
-/// An owned, non-blocking descriptor driven by tokio's reactor: pipes and pty masters.
+/// An owned, non-blocking descriptor driven by tokio's reactor: pipes, pty masters,
+/// inotify instances.
 #[derive(Debug)]
 pub struct AsyncFdIo {
     inner: AsyncFd<OwnedFd>,
@@ -43,33 +23,40 @@ pub struct AsyncFdIo {
 
 impl AsyncFdIo {
     /// Wraps `fd` (switching it to non-blocking mode).
+    #[allow(unsafe_code)]
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        set_nonblocking(fd.as_fd_borrowed())?;
-        // SAFETY: OwnedFd is a valid open descriptor that the AsyncFd owns until dropped,
-        // and its as_raw_fd never changes.
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        // SAFETY: the AsyncFd owns the OwnedFd, a valid open descriptor that stays open
+        // and the same until the AsyncFd drops it (tokio's safe constructors are
+        // deprecated as unsound for types whose descriptor can change; OwnedFd's cannot).
         let inner =
             unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
                 .map_err(io::Error::from)?;
         Ok(Self { inner })
     }
 
+    /// Waits until readable and runs `f` on the descriptor, again while it would block.
+    pub async fn read_with<R>(
+        &self,
+        mut f: impl FnMut(std::os::fd::BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        loop {
+            let mut guard = self.inner.readable().await?;
+            match guard.try_io(|fd| f(fd.get_ref().as_fd())) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     /// Reads once; `Ok(0)` is end of file. EIO (a pty whose other side closed) is EOF too.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.inner.readable().await?;
-            let res = guard.try_io(|fd| {
-                // SAFETY: buf is a valid writable region of buf.len() bytes.
-                let n = unsafe {
-                    libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+            match guard
+                .try_io(|fd| rustix::io::read(fd.get_ref(), &mut *buf).map_err(io::Error::from))
+            {
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::IO.raw_os_error()) => return Ok(0),
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -80,18 +67,7 @@ impl AsyncFdIo {
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let mut guard = self.inner.writable().await?;
-            let res = guard.try_io(|fd| {
-                // SAFETY: buf is a valid readable region of buf.len() bytes.
-                let n = unsafe {
-                    libc::write(fd.get_ref().as_raw_fd(), buf.as_ptr().cast(), buf.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
+            match guard.try_io(|fd| rustix::io::write(fd.get_ref(), buf).map_err(io::Error::from)) {
                 Ok(Ok(n)) => buf = &buf[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
@@ -100,64 +76,48 @@ impl AsyncFdIo {
         Ok(())
     }
 
-    /// The raw descriptor (for ioctls such as a pty resize).
-    pub fn raw(&self) -> RawFd {
-        self.inner.get_ref().as_raw_fd()
+    /// The descriptor (for ioctls such as a pty resize).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.get_ref().as_fd()
     }
 }
 
-trait BorrowFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-impl BorrowFd for OwnedFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(self)
-    }
-}
-
-/// Opens a pseudo-terminal pair of the given size: (master, slave).
+/// Opens a pseudo-terminal pair of the given size: (master, slave), both close-on-exec.
 pub fn openpty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut master: libc::c_int = -1;
-    let mut slave: libc::c_int = -1;
-    let ws = winsize(cols, rows);
-    // SAFETY: out-pointers are valid; name and termios may be null; ws is a valid winsize.
-    cvt(unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    })?;
-    // SAFETY: openpty succeeded, so both are fresh descriptors that we now own.
-    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    for fd in [&m, &s] {
-        // SAFETY: fcntl on a descriptor we own.
-        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
-    }
-    Ok((m, s))
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    // TIOCGPTPEER opens the peer without a path lookup (Linux 4.13); else by name.
+    let slave = match rustix::pty::ioctl_tiocgptpeer(&master, flags) {
+        Ok(s) => s,
+        Err(_) => {
+            let name = rustix::pty::ptsname(&master, Vec::new())?;
+            rustix::fs::open(
+                name.as_c_str(),
+                OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?
+        }
+    };
+    set_winsize(slave.as_fd(), cols, rows)?;
+    Ok((master, slave))
 }
 
-fn winsize(cols: u16, rows: u16) -> libc::winsize {
-    libc::winsize {
+/// Resizes the terminal behind a pty descriptor.
+pub fn set_winsize(fd: std::os::fd::BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = rustix::termios::Winsize {
         ws_row: rows.max(1),
         ws_col: cols.max(1),
         ws_xpixel: 0,
         ws_ypixel: 0,
-    }
-}
-
-/// Resizes the terminal behind a pty master.
-pub fn set_winsize(master: RawFd, cols: u16, rows: u16) -> io::Result<()> {
-    let ws = winsize(cols, rows);
-    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
-    cvt(unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) })?;
+    };
+    rustix::termios::tcsetwinsize(fd, ws)?;
     Ok(())
 }
 
-/// Credentials a child switches to before exec.
-#[derive(Debug, Clone)]
+/// Credentials a command switches to before exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Creds {
     /// Target uid.
     pub uid: u32,
@@ -167,68 +127,24 @@ pub struct Creds {
     pub groups: Vec<u32>,
 }
 
-/// Configures the child: a new session (so the command and everything it forks share a
-/// process group we can kill), the pty as controlling terminal, then the user's identity.
-pub fn configure_child(cmd: &mut Command, creds: Option<Creds>, pty: bool) {
-    let groups: Vec<libc::gid_t> = creds.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
-    // SAFETY: the closure runs between fork and exec; it only calls async-signal-safe
-    // syscalls and does not allocate (everything is prepared before the fork).
-    unsafe {
-        cmd.pre_exec(move || {
-            cvt(libc::setsid())?;
-            if pty {
-                cvt(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
-            }
-            if let Some(c) = &creds {
-                cvt(libc::setgroups(groups.len(), groups.as_ptr()))?;
-                cvt(libc::setgid(c.gid))?;
-                cvt(libc::setuid(c.uid))?;
-            }
-            Ok(())
-        });
-    }
+fn pid_of(pid: u32) -> io::Result<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from(Errno::INVAL))
 }
 
-/// Sends `sig` to a whole process group.
-pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
-    let pgid = i32::try_from(pgid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    if pgid <= 1 {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: plain syscall; a negative pid addresses the process group.
-    cvt(unsafe { libc::kill(-pgid, sig) })?;
+/// Sends `sig` to one process (never to PID 1 or below).
+pub fn kill_pid(pid: u32, sig: Signal) -> io::Result<()> {
+    rustix::process::kill_process(pid_of(pid)?, sig)?;
     Ok(())
 }
 
-/// Sends `sig` to one process.
-pub fn kill_pid(pid: u32, sig: i32) -> io::Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    if pid <= 1 {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: plain syscall on a positive pid.
-    cvt(unsafe { libc::kill(pid, sig) })?;
+/// Sends `sig` to a whole process group (never group 1 or below).
+pub fn kill_group(pgid: u32, sig: Signal) -> io::Result<()> {
+    rustix::process::kill_process_group(pid_of(pgid)?, sig)?;
     Ok(())
-}
-
-/// Sends `sig` to every process we may signal except ourselves (only used as PID 1).
-pub fn kill_all(sig: i32) {
-    // SAFETY: plain syscall; -1 means every process but the caller (and init).
-    unsafe {
-        libc::kill(-1, sig);
-    }
-}
-
-/// Collects one terminated child, any child, without blocking.
-pub fn reap_one() -> Option<(u32, i32)> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: status is a valid out-pointer.
-    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-    if pid > 0 {
-        Some((pid as u32, status))
-    } else {
-        None
-    }
 }
 
 /// How a process ended.
@@ -240,33 +156,42 @@ pub enum ExitKind {
     Signal(i32),
 }
 
-/// Decodes a waitpid status.
-pub fn decode_status(status: i32) -> ExitKind {
-    if libc::WIFEXITED(status) {
-        ExitKind::Code(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        ExitKind::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitKind::Code(-1)
+impl ExitKind {
+    /// Decodes a wait status.
+    pub fn from_wait(status: WaitStatus) -> Self {
+        match (status.exit_status(), status.terminating_signal()) {
+            (Some(c), _) => ExitKind::Code(c),
+            (None, Some(s)) => ExitKind::Signal(s),
+            (None, None) => ExitKind::Code(-1),
+        }
+    }
+}
+
+/// Collects one terminated child, any child, without blocking.
+pub fn reap_one() -> Option<(u32, ExitKind)> {
+    match rustix::process::wait(WaitOptions::NOHANG) {
+        Ok(Some((pid, status))) => Some((
+            pid.as_raw_nonzero().get().unsigned_abs(),
+            ExitKind::from_wait(status),
+        )),
+        _ => None,
     }
 }
 
 /// Effective uid of the agent.
 pub fn geteuid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Effective gid of the agent.
 pub fn getegid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::getegid() }
+    rustix::process::getegid().as_raw()
 }
 
-/// Makes orphaned descendants re-parent to us (so we reap them) when we are not PID 1.
+/// Makes orphaned descendants re-parent to this process (so it reaps them and they stay
+/// its descendants) when it is not PID 1.
 pub fn set_child_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments.
-    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
     Ok(())
 }
 
@@ -283,11 +208,8 @@ impl FsIdentity {
         if geteuid() != 0 || uid == 0 {
             return Self { active: false };
         }
-        // SAFETY: per-thread credential switch; restored in Drop on this same thread.
-        unsafe {
-            libc::setfsgid(gid);
-            libc::setfsuid(uid);
-        }
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
         Self { active: true }
     }
 }
@@ -295,41 +217,76 @@ impl FsIdentity {
 impl Drop for FsIdentity {
     fn drop(&mut self) {
         if self.active {
-            // SAFETY: restores root's fs identity on the thread that changed it.
-            unsafe {
-                libc::setfsuid(0);
-                libc::setfsgid(0);
-            }
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
         }
     }
 }
 
 /// (total, used) bytes of the filesystem holding `path`.
 pub fn disk_usage(path: &Path) -> io::Result<(u64, u64)> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: zeroed statvfs is a valid out-buffer; c is a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
-    let total = st.f_blocks as u64 * st.f_frsize as u64;
-    let free = st.f_bfree as u64 * st.f_frsize as u64;
+    let st = rustix::fs::statvfs(path)?;
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let free = st.f_bfree.saturating_mul(st.f_frsize);
     Ok((total, total.saturating_sub(free)))
 }
 
 /// A new non-blocking inotify instance.
 pub fn inotify_init() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall returning a new descriptor.
-    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
-    // SAFETY: fd is fresh and owned by us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::fs::inotify::CreateFlags;
+    Ok(rustix::fs::inotify::init(
+        CreateFlags::NONBLOCK | CreateFlags::CLOEXEC,
+    )?)
 }
 
 /// Adds a watch; returns the watch descriptor.
-pub fn inotify_add_watch(fd: RawFd, path: &Path, mask: u32) -> io::Result<i32> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: c is a NUL-terminated path, fd an inotify descriptor.
-    cvt(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) })
+pub fn inotify_add_watch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    mask: rustix::fs::inotify::WatchFlags,
+) -> io::Result<i32> {
+    Ok(rustix::fs::inotify::add_watch(fd, path, mask)?)
+}
+
+/// The cgroup (v2 unified, or v1 `controller`) directory of this process under `root`,
+/// from /proc/self/cgroup. Inside a container with its own cgroup namespace that is
+/// `root` itself.
+fn own_cgroup_dir(root: &Path, controller: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let rel = path.trim_start_matches('/');
+        if id == "0" && ctrls.is_empty() {
+            v2 = Some(root.join(rel));
+        } else if ctrls.split(',').any(|c| c == controller) {
+            v1 = Some(root.join(ctrls).join(rel));
+        }
+    }
+    // Prefer the hierarchy that really has the controller's files.
+    let probe = format!("{controller}.max");
+    [v2, v1]
+        .into_iter()
+        .flatten()
+        .find(|d| d.join(&probe).exists() || d.join(format!("{controller}.current")).exists())
+}
+
+/// The process limit of the sandbox's cgroup (`pids.max`), when one is set and readable.
+pub fn pids_limit() -> Option<u64> {
+    let root = Path::new("/sys/fs/cgroup");
+    // A container sees its own cgroup at the hierarchy's root (v1 mounts, cgroupns).
+    let candidates = [
+        own_cgroup_dir(root, "pids"),
+        Some(root.join("pids")),
+        Some(root.to_path_buf()),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok())
+        .and_then(|raw| raw.trim().parse().ok())
 }
 
 /// Resource use of the sandbox's own cgroup (v2 or v1), so that metrics describe the

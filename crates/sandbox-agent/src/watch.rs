@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::connect::{Code, RpcError};
-use crate::proto::{EventType, FilesystemEvent};
 use crate::sys::{self, AsyncFdIo};
 use crate::users::Names;
+use envd_proto::messages::{EventType, FilesystemEvent};
+use envd_proto::{Code, EnvdError};
+use rustix::fs::inotify::{ReadFlags, Reader, WatchFlags};
+use std::mem::MaybeUninit;
 
 /// Most directories one watcher follows.
 const MAX_WATCHES: usize = 8192;
@@ -18,13 +20,13 @@ const MAX_QUEUED: usize = 4096;
 /// Most polling watchers at once.
 const MAX_WATCHERS: usize = 256;
 
-const MASK: u32 = libc::IN_CREATE
-    | libc::IN_MODIFY
-    | libc::IN_DELETE
-    | libc::IN_MOVED_FROM
-    | libc::IN_MOVED_TO
-    | libc::IN_ATTRIB
-    | libc::IN_ONLYDIR;
+const MASK: WatchFlags = WatchFlags::CREATE
+    .union(WatchFlags::MODIFY)
+    .union(WatchFlags::DELETE)
+    .union(WatchFlags::MOVED_FROM)
+    .union(WatchFlags::MOVED_TO)
+    .union(WatchFlags::ATTRIB)
+    .union(WatchFlags::ONLYDIR);
 
 /// One inotify instance following a directory (and its subdirectories).
 #[derive(Debug)]
@@ -35,7 +37,7 @@ pub struct Watcher {
     recursive: bool,
     include_entry: bool,
     names: Names,
-    buf: Vec<u8>,
+    buf: Vec<MaybeUninit<u8>>,
 }
 
 impl Watcher {
@@ -45,25 +47,25 @@ impl Watcher {
         recursive: bool,
         include_entry: bool,
         names: Names,
-    ) -> Result<Self, RpcError> {
+    ) -> Result<Self, EnvdError> {
         match std::fs::metadata(&root) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
-                return Err(RpcError::new(
+                return Err(EnvdError::new(
                     Code::InvalidArgument,
                     format!("{} is not a directory", root.display()),
                 ))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RpcError::new(
+                return Err(EnvdError::new(
                     Code::NotFound,
                     format!("{} not found", root.display()),
                 ))
             }
-            Err(e) => return Err(RpcError::io(&e, &root.display().to_string())),
+            Err(e) => return Err(EnvdError::from_io(&e, &root.display().to_string())),
         }
-        let fd = sys::inotify_init().map_err(|e| RpcError::io(&e, "inotify"))?;
-        let fd = AsyncFdIo::new(fd).map_err(|e| RpcError::io(&e, "inotify"))?;
+        let fd = sys::inotify_init().map_err(|e| EnvdError::from_io(&e, "inotify"))?;
+        let fd = AsyncFdIo::new(fd).map_err(|e| EnvdError::from_io(&e, "inotify"))?;
         let mut w = Self {
             fd,
             wds: HashMap::new(),
@@ -71,10 +73,10 @@ impl Watcher {
             recursive,
             include_entry,
             names,
-            buf: vec![0u8; 64 << 10],
+            buf: vec![MaybeUninit::uninit(); 64 << 10],
         };
         w.add_tree(&root)
-            .map_err(|e| RpcError::io(&e, &root.display().to_string()))?;
+            .map_err(|e| EnvdError::from_io(&e, &root.display().to_string()))?;
         Ok(w)
     }
 
@@ -85,7 +87,7 @@ impl Watcher {
             if self.wds.len() >= MAX_WATCHES {
                 break;
             }
-            match sys::inotify_add_watch(self.fd.raw(), &d, MASK) {
+            match sys::inotify_add_watch(self.fd.fd(), &d, MASK) {
                 Ok(wd) => {
                     self.wds.insert(wd, d.clone());
                 }
@@ -108,45 +110,41 @@ impl Watcher {
     }
 
     /// Waits for the next batch of events.
-    pub async fn next(&mut self) -> Result<Vec<FilesystemEvent>, RpcError> {
+    pub async fn next(&mut self) -> Result<Vec<FilesystemEvent>, EnvdError> {
         loop {
-            let mut buf = std::mem::take(&mut self.buf);
-            let n = self.fd.read(&mut buf).await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf = buf;
-                    return Err(RpcError::io(&e, "reading inotify"));
-                }
-            };
-            let events = self.parse(&buf[..n]);
-            self.buf = buf;
+            let buf = &mut self.buf;
+            let raw = self
+                .fd
+                .read_with(|fd| {
+                    let mut reader = Reader::new(fd, buf);
+                    let mut out = Vec::new();
+                    loop {
+                        match reader.next() {
+                            Ok(ev) => out.push((
+                                ev.wd(),
+                                ev.events(),
+                                ev.file_name()
+                                    .map(|n| n.to_string_lossy().into_owned())
+                                    .unwrap_or_default(),
+                            )),
+                            Err(rustix::io::Errno::AGAIN) if !out.is_empty() => return Ok(out),
+                            Err(e) => return Err(std::io::Error::from(e)),
+                        }
+                    }
+                })
+                .await
+                .map_err(|e| EnvdError::from_io(&e, "reading inotify"))?;
+            let events = self.interpret(raw);
             if !events.is_empty() {
                 return Ok(events);
             }
         }
     }
 
-    fn parse(&mut self, data: &[u8]) -> Vec<FilesystemEvent> {
+    fn interpret(&mut self, raw: Vec<(i32, ReadFlags, String)>) -> Vec<FilesystemEvent> {
         let mut out = Vec::new();
-        let mut off = 0usize;
-        const HDR: usize = 16; // wd, mask, cookie, len: four 32-bit fields
-        while off + HDR <= data.len() {
-            let word = |i: usize| -> [u8; 4] {
-                let s = off + i * 4;
-                [data[s], data[s + 1], data[s + 2], data[s + 3]]
-            };
-            let wd = i32::from_ne_bytes(word(0));
-            let mask = u32::from_ne_bytes(word(1));
-            let len = u32::from_ne_bytes(word(3)) as usize;
-            let name_bytes = data.get(off + HDR..off + HDR + len).unwrap_or_default();
-            off += HDR + len;
-            let name_end = name_bytes
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(name_bytes.len());
-            let name = String::from_utf8_lossy(&name_bytes[..name_end]).into_owned();
-            if mask & libc::IN_IGNORED != 0 {
+        for (wd, mask, name) in raw {
+            if mask.contains(ReadFlags::IGNORED) {
                 self.wds.remove(&wd);
                 continue;
             }
@@ -158,20 +156,20 @@ impl Watcher {
             } else {
                 dir.join(&name)
             };
-            let kind = if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+            let kind = if mask.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO) {
                 EventType::Create
-            } else if mask & libc::IN_DELETE != 0 {
+            } else if mask.contains(ReadFlags::DELETE) {
                 EventType::Remove
-            } else if mask & libc::IN_MOVED_FROM != 0 {
+            } else if mask.contains(ReadFlags::MOVED_FROM) {
                 EventType::Rename
-            } else if mask & libc::IN_MODIFY != 0 {
+            } else if mask.contains(ReadFlags::MODIFY) {
                 EventType::Write
-            } else if mask & libc::IN_ATTRIB != 0 {
+            } else if mask.contains(ReadFlags::ATTRIB) {
                 EventType::Chmod
             } else {
                 continue;
             };
-            if self.recursive && kind == EventType::Create && mask & libc::IN_ISDIR != 0 {
+            if self.recursive && kind == EventType::Create && mask.contains(ReadFlags::ISDIR) {
                 let _ = self.add_tree(&path);
             }
             let rel = path
@@ -212,10 +210,10 @@ pub struct WatcherRegistry {
 
 impl WatcherRegistry {
     /// Starts a polling watcher.
-    pub fn create(&self, w: Watcher) -> Result<String, RpcError> {
+    pub fn create(&self, w: Watcher) -> Result<String, EnvdError> {
         let mut all = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if all.len() >= MAX_WATCHERS {
-            return Err(RpcError::new(
+            return Err(EnvdError::new(
                 Code::ResourceExhausted,
                 format!("at most {MAX_WATCHERS} watchers"),
             ));
@@ -244,24 +242,24 @@ impl WatcherRegistry {
     }
 
     /// Drains the events of a watcher.
-    pub fn take(&self, id: &str) -> Result<Vec<FilesystemEvent>, RpcError> {
+    pub fn take(&self, id: &str) -> Result<Vec<FilesystemEvent>, EnvdError> {
         let all = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         let w = all
             .get(id)
-            .ok_or_else(|| RpcError::new(Code::NotFound, format!("watcher {id} not found")))?;
+            .ok_or_else(|| EnvdError::new(Code::NotFound, format!("watcher {id} not found")))?;
         let mut q = w.events.lock().unwrap_or_else(|p| p.into_inner());
         Ok(q.drain(..).collect())
     }
 
     /// Stops a watcher.
-    pub fn remove(&self, id: &str) -> Result<(), RpcError> {
+    pub fn remove(&self, id: &str) -> Result<(), EnvdError> {
         let mut all = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         match all.remove(id) {
             Some(w) => {
                 w.task.abort();
                 Ok(())
             }
-            None => Err(RpcError::new(
+            None => Err(EnvdError::new(
                 Code::NotFound,
                 format!("watcher {id} not found"),
             )),

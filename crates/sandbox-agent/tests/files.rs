@@ -190,7 +190,7 @@ fn octet_stream_upload_with_gzip_overwrites_and_creates_parents() {
 }
 
 #[test]
-fn download_errors_missing_404_directory_400_device_400_c1() {
+fn download_errors_missing_404_directory_400_device_400() {
     let a = Agent::start();
     assert_eq!(a.request("GET", "/files?path=nope", &[], b"").status, 404);
     std::fs::create_dir_all(a.home.join("d")).unwrap();
@@ -211,7 +211,7 @@ fn download_errors_missing_404_directory_400_device_400_c1() {
 }
 
 #[test]
-fn relative_and_dotdot_paths_resolve_against_home_c1() {
+fn relative_and_dotdot_paths_resolve_against_home() {
     let a = Agent::start();
     let r = a.request(
         "POST",
@@ -235,7 +235,7 @@ fn relative_and_dotdot_paths_resolve_against_home_c1() {
 }
 
 #[test]
-fn big_upload_and_download_stream_with_bounded_memory_c3() {
+fn big_upload_and_download_stream_with_bounded_memory() {
     let a = Agent::start();
     let total: usize = 256 << 20;
     let s = a.connect();
@@ -284,7 +284,7 @@ fn big_upload_and_download_stream_with_bounded_memory_c3() {
 }
 
 #[test]
-fn upload_past_the_cap_is_413_and_leaves_nothing_c3() {
+fn upload_past_the_cap_is_413_and_leaves_nothing() {
     let a = Agent::start_with(Some(SECRET), &["--max-upload-bytes", "1000"]);
     let r = a.request(
         "POST",
@@ -356,7 +356,7 @@ fn stat_reports_complete_entry_info() {
 }
 
 #[test]
-fn list_dir_respects_depth_and_does_not_follow_symlinked_dirs_c2() {
+fn list_dir_respects_depth_and_does_not_follow_symlinked_dirs() {
     let a = Agent::start();
     std::fs::create_dir_all(a.home.join("l/a/b")).unwrap();
     std::fs::write(a.home.join("l/top"), b"").unwrap();
@@ -552,14 +552,494 @@ fn malformed_json_is_invalid_argument_not_a_crash() {
     assert_eq!(a.request("GET", "/health", &[], b"").status, 204);
 }
 
+fn meminfo_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// The memory limit of the cgroup the agent reads (the hierarchy's root: a container's own
+/// cgroup), when one is set.
+fn cgroup_memory_limit() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse::<u64>().ok())
+    .filter(|v| *v < 1 << 60)
+}
+
 #[test]
-fn metrics_report_cpu_and_memory() {
+fn metrics_report_the_sandbox_and_the_agent_as_they_are() {
     let a = Agent::start();
     let m = a.metrics();
-    assert!(m["cpu_count"].as_u64().unwrap() >= 1);
-    assert!(m["mem_total"].as_u64().unwrap() > 0);
-    assert!(m["mem_used"].as_u64().unwrap() > 0);
-    assert!(m["agent_rss"].as_u64().unwrap() > 0);
+    let n = |k: &str| {
+        m[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {m}"))
+    };
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert!((1..=cpus).contains(&n("cpu_count")), "{m}");
+    let host = meminfo_total();
+    match cgroup_memory_limit() {
+        Some(limit) => assert_eq!(n("mem_total"), limit.min(host), "{m}"),
+        None => assert_eq!(n("mem_total"), host, "{m}"),
+    }
+    assert_eq!(n("mem_total_mib"), n("mem_total") >> 20);
+    assert!(n("mem_used") > 0 && n("mem_used") <= n("mem_total"), "{m}");
+    let rss = n("agent_rss");
+    assert!((1 << 20..64 << 20).contains(&rss), "agent_rss {rss}");
+    assert!(
+        n("disk_total") > 0 && n("disk_total") >= n("disk_used"),
+        "{m}"
+    );
+    assert_eq!(n("agent_processes"), 0);
+    assert_eq!(n("agent_streams"), 0);
+    // A running command and its open stream are counted, and stop being counted.
+    let mut s = a.start_sh("exec sleep 300", json!({}), &[]);
+    let pid = s.expect_start();
+    let m = a.metrics();
+    assert_eq!(
+        (m["agent_processes"].as_u64(), m["agent_streams"].as_u64()),
+        (Some(1), Some(1)),
+        "{m}"
+    );
+    assert_eq!(kill(&a, pid), 200);
+    assert!(s.collect().end.is_some());
+    assert!(eventually(|| {
+        let m = a.metrics();
+        m["agent_processes"] == 0 && m["agent_streams"] == 0
+    }));
+}
+
+// ------------------------------------------------------------ failing uploads
+
+/// Temporary upload files left in `dir`.
+fn leftovers(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".colima-e2b-upload-"))
+        .collect()
+}
+
+#[test]
+fn failed_uploads_leave_the_old_file_as_it_was() {
+    let a = Agent::start_with(Some(SECRET), &["--max-upload-bytes", "1000"]);
+    let f = a.home.join("keep.txt");
+    std::fs::write(&f, b"old").unwrap();
+    let untouched = |why: &str| {
+        assert_eq!(std::fs::read(&f).unwrap(), b"old", "{why} changed the file");
+        assert!(
+            leftovers(&a.home).is_empty(),
+            "{why} left {:?}",
+            leftovers(&a.home)
+        );
+    };
+    // Past the cap: 413.
+    let r = a.request("POST", "/files?path=keep.txt", &[OCTET], &[7u8; 5000]);
+    assert_eq!(r.status, 413);
+    untouched("a raw upload past the cap");
+    let (ct, body) = multipart(&[("keep.txt", &[7u8; 5000])]);
+    let r = a.request("POST", "/files", &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 413);
+    untouched("a multipart upload past the cap");
+    // Bad gzip: 400.
+    let r = a.request(
+        "POST",
+        "/files?path=keep.txt",
+        &[OCTET, ("Content-Encoding", "gzip")],
+        b"not gzip at all",
+    );
+    assert_eq!(r.status, 400);
+    untouched("a bad gzip body");
+    let mut truncated = gzip(&[1u8; 500]);
+    truncated.truncate(truncated.len() / 2);
+    let r = a.request(
+        "POST",
+        "/files?path=keep.txt",
+        &[OCTET, ("Content-Encoding", "gzip")],
+        &truncated,
+    );
+    assert_eq!(r.status, 400);
+    untouched("a truncated gzip body");
+    // The client goes away mid-body.
+    {
+        let s = a.connect();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(
+            format!("POST /files?path=keep.txt HTTP/1.1\r\nHost: a\r\nX-Access-Token: {SECRET}\r\nContent-Type: application/octet-stream\r\nContent-Length: 900\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        w.write_all(&[9u8; 400]).unwrap();
+        // Wait until the agent has begun the upload, then hang up.
+        assert!(
+            eventually(|| !leftovers(&a.home).is_empty()),
+            "no temporary file appeared"
+        );
+        drop(w);
+        drop(s);
+    }
+    assert!(
+        eventually(|| leftovers(&a.home).is_empty()),
+        "{:?}",
+        leftovers(&a.home)
+    );
+    untouched("a client that went away");
+    // A good upload still replaces it.
+    let r = a.request("POST", "/files?path=keep.txt", &[OCTET], b"new");
+    assert_eq!(r.status, 200);
+    assert_eq!(std::fs::read(&f).unwrap(), b"new");
+    assert!(leftovers(&a.home).is_empty());
+}
+
+#[test]
+fn an_upload_in_progress_is_private_and_the_result_belongs_to_the_acting_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let a = Agent::start();
+    let root = my_id("-u") == 0;
+    // As root, upload as alice into a directory she may write.
+    let (user, uid) = if root {
+        ("alice", ALICE)
+    } else {
+        ("user", my_id("-u"))
+    };
+    let dir = a.home.join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let f = dir.join("f.txt");
+    std::fs::write(&f, b"old").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let s = a.connect();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(
+        format!("POST /files?path=shared/f.txt&username={user} HTTP/1.1\r\nHost: a\r\nX-Access-Token: {SECRET}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    w.write_all(b"4\r\nnew \r\n").unwrap();
+    assert!(
+        eventually(|| !leftovers(&dir).is_empty()),
+        "no temporary file appeared"
+    );
+    let temp = dir.join(&leftovers(&dir)[0]);
+    let md = std::fs::metadata(&temp).unwrap();
+    assert_eq!(
+        md.mode() & 0o777,
+        0o600,
+        "a partial upload is readable by others"
+    );
+    assert_eq!(md.uid(), uid);
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b"old",
+        "the target changed before the end"
+    );
+    w.write_all(b"7\r\ncontent\r\n0\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let body = read_body(&mut r, &headers);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(std::fs::read(&f).unwrap(), b"new content");
+    let md = std::fs::metadata(&f).unwrap();
+    assert_eq!(md.mode() & 0o777, 0o640, "the old file's mode is kept");
+    assert_eq!(md.uid(), uid, "the new file is the acting user's");
+    assert!(leftovers(&dir).is_empty());
+    // A new file gets 0644.
+    let r = a.request(
+        "POST",
+        &format!("/files?path=shared/fresh.txt&username={user}"),
+        &[OCTET],
+        b"x",
+    );
+    assert_eq!(r.status, 200);
+    let md = std::fs::metadata(dir.join("fresh.txt")).unwrap();
+    assert_eq!((md.mode() & 0o777, md.uid()), (0o644, uid));
+}
+
+#[test]
+fn uploads_through_a_symlink_write_its_target_and_special_files_are_refused() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("real")).unwrap();
+    std::fs::write(a.home.join("real/target.txt"), b"old").unwrap();
+    std::os::unix::fs::symlink("real/target.txt", a.home.join("link")).unwrap();
+    std::os::unix::fs::symlink("link", a.home.join("link2")).unwrap();
+    let r = a.request("POST", "/files?path=link2", &[OCTET], b"through two links");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(a.home.join("real/target.txt")).unwrap(),
+        b"through two links"
+    );
+    assert!(std::fs::symlink_metadata(a.home.join("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // A dangling link: its target is created.
+    std::os::unix::fs::symlink("real/new.txt", a.home.join("dangling")).unwrap();
+    let r = a.request("POST", "/files?path=dangling", &[OCTET], b"created");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        std::fs::read(a.home.join("real/new.txt")).unwrap(),
+        b"created"
+    );
+    // FIFOs and devices are refused, as is a directory.
+    let st = std::process::Command::new("mkfifo")
+        .arg(a.home.join("fifo"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for p in ["fifo", "/dev/null", "real"] {
+        let r = a.request("POST", &format!("/files?path={p}"), &[OCTET], b"x");
+        assert_eq!(r.status, 400, "{p}: {}", String::from_utf8_lossy(&r.body));
+    }
+    assert!(leftovers(&a.home).is_empty() && leftovers(&a.home.join("real")).is_empty());
+    // A loop of links is refused, not followed forever.
+    std::os::unix::fs::symlink("loop2", a.home.join("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", a.home.join("loop2")).unwrap();
+    let r = a.request("POST", "/files?path=loop1", &[OCTET], b"x");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A small filesystem to fill: a fresh 2 MiB tmpfs where mounting is allowed (a host run
+/// as root), else the sandbox's /dev/shm when it is a small tmpfs (a container's 64 MiB).
+struct SmallFs {
+    dir: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl SmallFs {
+    fn new(a: &Agent) -> Option<SmallFs> {
+        let dir = a.home.join("smallfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if mounted {
+            return Some(SmallFs { dir, mounted });
+        }
+        let shm = std::path::Path::new("/dev/shm");
+        let out = std::process::Command::new("df")
+            .args(["-k", "--output=size,fstype"])
+            .arg(shm)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().nth(1)?;
+        let mut f = line.split_whitespace();
+        let (kb, fstype): (u64, &str) = (f.next()?.parse().ok()?, f.next()?);
+        if fstype != "tmpfs" || kb > 256 << 10 {
+            return None;
+        }
+        let dir = shm.join(format!("agent-test-{}-{}", std::process::id(), a.pid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Some(SmallFs {
+            dir,
+            mounted: false,
+        })
+    }
+
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["-k", "--output=avail"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[test]
+fn upload_onto_a_full_disk_is_507_and_keeps_the_old_file() {
+    let a = Agent::start();
+    let Some(fs) = SmallFs::new(&a) else {
+        eprintln!("SKIPPED: no small filesystem to fill here (no mount, no small /dev/shm)");
+        return;
+    };
+    let f = fs.dir.join("keep.bin");
+    std::fs::write(&f, b"old").unwrap();
+    let before = fs.free();
+    let too_big = (before + (4 << 20)) as usize;
+    let path = f.to_str().unwrap().to_string();
+    let r = a.request(
+        "POST",
+        &format!("/files?path={path}"),
+        &[OCTET],
+        &vec![5u8; too_big],
+    );
+    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("colima-e2b-reason"), Some("storage_full"));
+    assert_eq!(std::fs::read(&f).unwrap(), b"old");
+    assert!(leftovers(&fs.dir).is_empty(), "{:?}", leftovers(&fs.dir));
+    // The space the partial file took is free again.
+    assert!(
+        eventually(|| fs.free() >= before),
+        "{} < {before}",
+        fs.free()
+    );
+    let (ct, body) = multipart(&[(path.as_str(), &vec![6u8; too_big])]);
+    let r = a.request("POST", "/files", &[("Content-Type", &ct)], &body);
+    assert_eq!(r.status, 507);
+    assert_eq!(std::fs::read(&f).unwrap(), b"old");
+    assert!(leftovers(&fs.dir).is_empty());
+}
+
+// ------------------------------------------------------------ permissions
+
+#[test]
+fn permission_errors_are_403_on_files_and_permission_denied_on_rpcs() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Agent::start();
+    if my_id("-u") != 0 {
+        // Not root: the agent acts as the test's own user only, who owns everything here;
+        // /root is the one place it surely may not write.
+        let r = a.request(
+            "POST",
+            "/files?path=/root/agent-test-denied",
+            &[OCTET],
+            b"x",
+        );
+        assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+        return;
+    }
+    // alice (uid 4242) against root's private files.
+    let private = a.home.join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("f"), b"root only").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(a.home.join("secret"), b"s").unwrap();
+    std::fs::set_permissions(
+        a.home.join("secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let alice = [("Authorization", "Basic YWxpY2U6")];
+
+    let rest = |method: &str, url: &str, body: &[u8]| {
+        let r = a.request(method, url, &[OCTET], body);
+        assert_eq!(
+            r.status,
+            403,
+            "{method} {url}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], 403);
+    };
+    rest("GET", "/files?path=secret&username=alice", b"");
+    rest("GET", "/files?path=private/f&username=alice", b"");
+    rest("POST", "/files?path=private/new&username=alice", b"x");
+    rest(
+        "POST",
+        "/files?path=/root/agent-test-denied&username=alice",
+        b"x",
+    );
+    let (ct, body) = multipart(&[("private/new2", b"x")]);
+    let r = a.request(
+        "POST",
+        "/files?username=alice",
+        &[("Content-Type", &ct)],
+        &body,
+    );
+    assert_eq!(r.status, 403);
+    assert!(!std::path::Path::new("/root/agent-test-denied").exists());
+
+    let rpc = |method: &str, req: Value| {
+        let r = a.request(
+            "POST",
+            &format!("/filesystem.Filesystem/{method}"),
+            &[("Content-Type", "application/json"), alice[0]],
+            req.to_string().as_bytes(),
+        );
+        assert_eq!(
+            r.status,
+            403,
+            "{method} {req}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "permission_denied");
+    };
+    rpc("Stat", json!({"path": "private/f"}));
+    rpc("ListDir", json!({"path": "private"}));
+    rpc("MakeDir", json!({"path": "private/sub"}));
+    rpc("Remove", json!({"path": "private/f"}));
+    rpc(
+        "Move",
+        json!({"source": "private/f", "destination": "moved"}),
+    );
+    rpc("CreateWatcher", json!({"path": "private"}));
+    let c = a
+        .stream(
+            "filesystem.Filesystem/WatchDir",
+            json!({"path": "private"}),
+            &alice,
+        )
+        .collect();
+    assert_eq!(
+        c.trailer["error"]["code"], "permission_denied",
+        "{}",
+        c.trailer
+    );
+    assert_eq!(std::fs::read(private.join("f")).unwrap(), b"root only");
+    assert!(!a.home.join("moved").exists());
+}
+
+// ------------------------------------------------------------ answers that fit
+
+#[test]
+fn a_listing_larger_than_the_largest_answer_is_refused_with_advice() {
+    let a = Agent::start();
+    let big = a.home.join("big");
+    std::fs::create_dir_all(big.join("sub")).unwrap();
+    std::fs::write(big.join("sub/only"), b"").unwrap();
+    let long = "n".repeat(200);
+    for i in 0..30_000 {
+        std::fs::File::create(big.join(format!("{long}{i:06}"))).unwrap();
+    }
+    let r = a.request(
+        "POST",
+        "/filesystem.Filesystem/ListDir",
+        &[("Content-Type", "application/json")],
+        json!({"path": "big", "depth": 1}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 429, "{} bytes", r.body.len());
+    assert_eq!(r.header("colima-e2b-reason"), Some("too_large"));
+    let v = r.json();
+    assert_eq!(v["code"], "resource_exhausted");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("16 MiB") && msg.contains("smaller depth or a deeper path"),
+        "{msg}"
+    );
+    // A deeper path still lists.
+    let (s, v) = a.rpc("filesystem.Filesystem/ListDir", json!({"path": "big/sub"}));
+    assert_eq!(s, 200);
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
 }
 
 // ------------------------------------------------------------ signed /files URLs

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use envd_proto::messages::{DataEvent, ProcessEvent};
 use futures_util::{SinkExt, StreamExt};
 use poem::web::websocket::{Message, WebSocket};
 use poem::web::Data;
@@ -10,23 +11,12 @@ use poem::{handler, IntoResponse};
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use sandbox_core::agent_client::proto::{DataEvent, ProcessEvent};
-use sandbox_core::command::{self, ShellCommand};
+use sandbox_core::agent::command::ShellCommand;
 use sandbox_core::Error;
 
 use crate::error::{parse_id, ApiError};
 use crate::text::Utf8Decoder;
 use crate::AppState;
-
-/// Most bytes of stdout and of stderr a foreground command returns; the rest is dropped
-/// and `truncated` says so.
-pub const MAX_OUTPUT: usize = 4 << 20;
-/// Timeout of a foreground command when the request gives none, seconds.
-pub const DEFAULT_TIMEOUT: u64 = 60;
-/// Longest timeout a foreground command may ask for, seconds.
-pub const MAX_TIMEOUT: u64 = 24 * 3600;
-/// A WebSocket client that does not take a message for this long is dropped.
-const WS_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Tags)]
 enum CommandTags {
@@ -153,6 +143,20 @@ impl poem_openapi::types::Example for ProcessEntry {
     }
 }
 
+/// How many processes a sandbox-wide kill ended.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct KilledAll {
+    /// Processes killed (the agent itself is never one).
+    pub killed: u64,
+}
+
+impl poem_openapi::types::Example for KilledAll {
+    fn example() -> Self {
+        Self { killed: 3 }
+    }
+}
+
 /// Confirmation that a process was killed.
 #[derive(Debug, Object)]
 #[oai(example)]
@@ -194,30 +198,11 @@ impl CommandApi {
         body: Json<RunCommandRequest>,
     ) -> Result<Json<RunCommandResponse>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
-        let timeout = body.0.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        if timeout == 0 || timeout > MAX_TIMEOUT {
-            return Err(Error::InvalidArgument(format!(
-                "timeout must be between 1 and {MAX_TIMEOUT} seconds"
-            ))
-            .into());
-        }
-        let agent = state.manager.agent(&id).await?;
-        let started = std::time::Instant::now();
-        let result = body
-            .0
-            .shell()
-            .run(&agent, Duration::from_secs(timeout), MAX_OUTPUT)
-            .await;
-        let outcome = match &result {
-            Ok(o) if o.end.exit_code == 0 => "ok",
-            Ok(_) => "nonzero",
-            Err(Error::Timeout(_)) => "timeout",
-            Err(_) => "error",
-        };
-        metrics::counter!("colima_e2b_commands_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("colima_e2b_command_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let out = result?;
+        let timeout = body.0.timeout.map(Duration::from_secs);
+        let out = state
+            .manager
+            .run_command(&id, &body.0.shell(), timeout)
+            .await?;
         Ok(Json(RunCommandResponse {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -250,9 +235,7 @@ impl CommandApi {
         body: Json<RunCommandRequest>,
     ) -> Result<Json<BackgroundCommand>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
-        let agent = state.manager.agent(&id).await?;
-        let pid = body.0.shell().spawn(&agent).await?;
-        metrics::counter!("colima_e2b_commands_total", "outcome" => "background").increment(1);
+        let pid = state.manager.spawn_command(&id, &body.0.shell()).await?;
         Ok(Json(BackgroundCommand { pid }))
     }
 
@@ -270,8 +253,7 @@ impl CommandApi {
         sandbox_id: Path<String>,
     ) -> Result<Json<Vec<ProcessEntry>>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
-        let agent = state.manager.agent(&id).await?;
-        let processes = agent.list().await?;
+        let processes = state.manager.list_commands(&id).await?;
         Ok(Json(
             processes
                 .into_iter()
@@ -286,9 +268,30 @@ impl CommandApi {
         ))
     }
 
+    /// Kill every process
+    ///
+    /// Ends every process in the sandbox but its agent (SIGKILL): commands, what they
+    /// started, and what anything left behind. The sandbox keeps running.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/commands/",
+        method = "delete",
+        operation_id = "kill_all_commands"
+    )]
+    async fn kill_all(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+    ) -> Result<Json<KilledAll>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let killed = state.manager.kill_all_processes(&id).await?;
+        Ok(Json(KilledAll { killed }))
+    }
+
     /// Kill process
     ///
-    /// Kills the process and its whole process group (SIGKILL). 404 for an unknown pid.
+    /// Kills the process and everything it started (SIGKILL), whatever left its process
+    /// group or session; a command that ended with processes left behind has those
+    /// killed. 404 for an unknown pid.
     #[oai(
         path = "/sandboxes/:sandbox_id/commands/:pid",
         method = "delete",
@@ -301,8 +304,7 @@ impl CommandApi {
         pid: Path<u32>,
     ) -> Result<Json<KilledProcess>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
-        let agent = state.manager.agent(&id).await?;
-        command::kill(&agent, pid.0).await?;
+        state.manager.kill_command(&id, pid.0).await?;
         Ok(Json(KilledProcess {
             pid: pid.0,
             status: "killed".into(),
@@ -314,7 +316,58 @@ fn ws_message(value: serde_json::Value) -> Message {
     Message::Text(value.to_string())
 }
 
+fn error_message(message: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({"type": "error", "message": message.to_string()})
+}
+
+/// Turns a process's events into the seed's WebSocket messages, decoding UTF-8 across
+/// chunks (a character split between two chunks stays whole).
+#[derive(Default)]
+struct SeedMessages {
+    out: Utf8Decoder,
+    err: Utf8Decoder,
+}
+
+impl SeedMessages {
+    /// The messages for one event; the last event (end or failure) is `Err`.
+    fn of(
+        &mut self,
+        event: Option<sandbox_core::Result<ProcessEvent>>,
+    ) -> Result<Vec<serde_json::Value>, Vec<serde_json::Value>> {
+        let text = |kind: &str, text: String| {
+            (!text.is_empty()).then(|| serde_json::json!({"type": kind, "data": text}))
+        };
+        match event {
+            Some(Ok(ProcessEvent::Data(DataEvent::Stdout(d) | DataEvent::Pty(d)))) => {
+                Ok(text("stdout", self.out.push(&d)).into_iter().collect())
+            }
+            Some(Ok(ProcessEvent::Data(DataEvent::Stderr(d)))) => {
+                Ok(text("stderr", self.err.push(&d)).into_iter().collect())
+            }
+            Some(Ok(ProcessEvent::End(end))) => {
+                let mut msgs: Vec<_> = [
+                    text("stdout", self.out.finish()),
+                    text("stderr", self.err.finish()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                msgs.push(serde_json::json!({"type": "exit", "code": end.exit_code}));
+                Err(msgs)
+            }
+            Some(Ok(_)) => Ok(Vec::new()),
+            Some(Err(e)) => Err(vec![error_message(e)]),
+            None => Err(vec![error_message(
+                "the process stream ended without an exit",
+            )]),
+        }
+    }
+}
+
 /// `WS /sandboxes/{id}/commands/stream/{pid}`: a process's output as it is produced.
+///
+/// A client that takes no message for the stall timeout is dropped (the command goes on;
+/// the agent never waits for this reader either).
 #[handler]
 pub async fn stream(
     poem::web::Path((sandbox_id, pid)): poem::web::Path<(String, String)>,
@@ -322,83 +375,55 @@ pub async fn stream(
     state: Data<&AppState>,
 ) -> poem::Response {
     let manager = state.manager.clone();
+    let stall = state.limits.stall_timeout;
     ws.on_upgrade(move |socket| async move {
         let (mut sink, mut incoming) = socket.split();
+        let gauge = metrics::gauge!("colima_e2b_websockets_open");
+        gauge.increment(1.0);
         let follow = async {
-            let id = parse_id(&sandbox_id).map_err(|_| Error::not_found(format!("sandbox {sandbox_id}")))?;
+            let id = parse_id(&sandbox_id)
+                .map_err(|_| Error::not_found(format!("sandbox {sandbox_id}")))?;
             let pid: u32 = pid
                 .parse()
                 .map_err(|_| Error::not_found(format!("process {pid}")))?;
-            let agent = manager.agent(&id).await?;
-            command::follow(&agent, pid).await
+            manager.follow_command(&id, pid).await
         };
-        let gauge = metrics::gauge!("colima_e2b_websockets_open");
-        gauge.increment(1.0);
-        let mut process = match follow.await {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = sink
-                    .send(ws_message(serde_json::json!({"type": "error", "message": e.to_string()})))
-                    .await;
-                let _ = sink.close().await;
-                gauge.decrement(1.0);
-                return;
-            }
-        };
-        let (mut out, mut err) = (Utf8Decoder::default(), Utf8Decoder::default());
-        loop {
-            let message = tokio::select! {
-                event = process.next() => match event {
-                    Some(Ok(ProcessEvent::Data(DataEvent::Stdout(d) | DataEvent::Pty(d)))) => {
-                        let text = out.push(&d);
-                        (!text.is_empty()).then(|| serde_json::json!({"type": "stdout", "data": text}))
-                    }
-                    Some(Ok(ProcessEvent::Data(DataEvent::Stderr(d)))) => {
-                        let text = err.push(&d);
-                        (!text.is_empty()).then(|| serde_json::json!({"type": "stderr", "data": text}))
-                    }
-                    Some(Ok(ProcessEvent::End(end))) => {
-                        let mut msgs = Vec::new();
-                        for (kind, rest) in [("stdout", out.finish()), ("stderr", err.finish())] {
-                            if !rest.is_empty() {
-                                msgs.push(serde_json::json!({"type": kind, "data": rest}));
-                            }
+        let mut last = Vec::new();
+        match follow.await {
+            Err(e) => last.push(error_message(e)),
+            Ok(mut process) => {
+                let mut messages = SeedMessages::default();
+                'follow: loop {
+                    let batch = tokio::select! {
+                        event = process.next() => messages.of(event),
+                        incoming = incoming.next() => match incoming {
+                            // The client left: stop following (the process keeps running).
+                            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break 'follow,
+                            Some(Ok(_)) => Ok(Vec::new()),
+                        },
+                    };
+                    let (msgs, done) = match batch {
+                        Ok(msgs) => (msgs, false),
+                        Err(msgs) => (msgs, true),
+                    };
+                    for m in msgs {
+                        let sent = tokio::time::timeout(stall, sink.send(ws_message(m))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            // A client that does not read is dropped, never buffered for.
+                            break 'follow;
                         }
-                        msgs.push(serde_json::json!({"type": "exit", "code": end.exit_code}));
-                        for m in msgs {
-                            let _ = tokio::time::timeout(WS_SEND_TIMEOUT, sink.send(ws_message(m))).await;
-                        }
+                    }
+                    if done {
                         break;
                     }
-                    Some(Ok(_)) => None,
-                    Some(Err(e)) => {
-                        let _ = sink
-                            .send(ws_message(serde_json::json!({"type": "error", "message": e.to_string()})))
-                            .await;
-                        break;
-                    }
-                    None => {
-                        let _ = sink
-                            .send(ws_message(serde_json::json!({"type": "error", "message": "the process stream ended without an exit"})))
-                            .await;
-                        break;
-                    }
-                },
-                incoming = incoming.next() => match incoming {
-                    // The client left: stop following (the process keeps running).
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(_)) => None,
-                },
-            };
-            if let Some(m) = message {
-                match tokio::time::timeout(WS_SEND_TIMEOUT, sink.send(ws_message(m))).await {
-                    Ok(Ok(())) => {}
-                    // A client that does not read is dropped, never buffered for.
-                    _ => break,
                 }
             }
         }
-        let _ = sink.close().await;
+        for m in last {
+            let _ = tokio::time::timeout(stall, sink.send(ws_message(m))).await;
+        }
+        // A stalled client cannot take the close frame either: do not wait for it long.
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         gauge.decrement(1.0);
     })
     .into_response()

@@ -41,6 +41,9 @@ pub enum ApiError {
     /// The request is malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// The acting user inside the sandbox may not do this.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// The sandbox, file or process does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -50,7 +53,7 @@ pub enum ApiError {
     /// The sandbox is in the wrong state for this operation.
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
-    /// The request body is larger than the server accepts.
+    /// The request body, a file or an answer is larger than the limit that applies.
     #[oai(status = 413)]
     TooLarge(Json<ErrorBody>),
     /// The request body's Content-Type is not one the operation takes.
@@ -84,6 +87,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         let code = match self {
             ApiError::BadRequest(_) => 400,
+            ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::Timeout(_) => 408,
             ApiError::Conflict(_) => 409,
@@ -104,6 +108,7 @@ impl ApiError {
     pub fn from_status(status: u16, code: &str, message: String) -> Self {
         let body = Json(ErrorBody::new(code, message));
         match status {
+            403 => ApiError::Forbidden(body),
             404 => ApiError::NotFound(body),
             408 => ApiError::Timeout(body),
             409 => ApiError::Conflict(body),
@@ -127,9 +132,31 @@ pub fn parse_id(id: &str) -> Result<sandbox_core::SandboxId, ApiError> {
         .map_err(|_| ApiError::from(Error::not_found(format!("sandbox {id}"))))
 }
 
+/// The HTTP status of each core error: the one table of the native API (the E2B control
+/// plane starts from it too).
+pub fn status_of(e: &Error) -> u16 {
+    match e {
+        Error::NotFound { .. } => 404,
+        Error::Conflict(_) => 409,
+        // As in the seed's API: invalid request data is a validation error.
+        Error::InvalidArgument(_) => 422,
+        Error::Timeout(_) => 408,
+        Error::EngineUnavailable(_) => 503,
+        Error::ResourceExhausted { .. } => 429,
+        Error::InsufficientStorage(_) => 507,
+        Error::TooLarge(_) => 413,
+        Error::PermissionDenied(_) => 403,
+        Error::Unsupported { .. } => 501,
+        Error::Agent { .. } => 502,
+        Error::Backend { .. } => 500,
+        // `Error` is non-exhaustive: anything new is the server's own failure until mapped.
+        _ => 500,
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let status = e.http_status();
+        let status = status_of(&e);
         if status >= 500 {
             tracing::warn!(error = %e, "request failed");
         }

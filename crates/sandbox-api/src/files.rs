@@ -4,13 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use base64::Engine as _;
+use envd_proto::messages::{EntryInfo, FileType};
 use futures_util::StreamExt;
 use poem::web::Data;
 use poem::Body;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{Enum, Object, OpenApi, Tags};
-use sandbox_core::agent_client::proto::{EntryInfo, FileType};
 use sandbox_core::Error;
 
 use crate::error::{parse_id, ApiError};
@@ -18,8 +18,6 @@ use crate::AppState;
 
 /// Largest file `files/read` returns inside JSON; use `files/raw` for larger ones.
 pub const MAX_JSON_READ: u64 = 10 << 20;
-/// Largest upload through `files/raw`.
-pub const MAX_RAW_UPLOAD: u64 = 1 << 30;
 
 #[derive(Tags)]
 enum FileTags {
@@ -437,6 +435,7 @@ impl FileApi {
     ) -> Result<Json<WrittenFile>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
         check_path(&path.0)?;
+        let max = state.limits.max_upload;
         let agent = state.manager.agent(&id).await?;
         // Counts what streams through; past the cap the stream fails, which ends the
         // upload, and the count tells that failure apart from the agent's own.
@@ -446,7 +445,7 @@ impl FileApi {
             let chunk = chunk?;
             let total =
                 counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
-            if total > MAX_RAW_UPLOAD {
+            if total > max {
                 return Err(std::io::Error::other("upload too large"));
             }
             Ok(chunk)
@@ -455,11 +454,11 @@ impl FileApi {
             .write_file(&path.0, reqwest::Body::wrap_stream(counted))
             .await;
         let size = seen.load(Ordering::Relaxed);
-        if size > MAX_RAW_UPLOAD {
+        if size > max {
             return Err(ApiError::from_status(
                 413,
                 "payload_too_large",
-                format!("upload is larger than {MAX_RAW_UPLOAD} bytes"),
+                format!("upload is larger than {max} bytes; the file was left as it was"),
             ));
         }
         let written = result?;

@@ -4,6 +4,8 @@ use poem::web::Data;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
+use sandbox_core::manager::diagnosis::{Check, Status};
+
 use crate::AppState;
 
 #[derive(Tags)]
@@ -35,11 +37,56 @@ pub struct EngineHealth {
     pub error: Option<String>,
 }
 
+/// One fact about the deployment (the same as `colima-e2b doctor` prints).
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct HealthCheck {
+    /// What was checked, e.g. `engine`, `disk_quota`, `auth`.
+    pub name: String,
+    /// `ok`, `warn` or `fail`.
+    pub status: String,
+    /// What was found.
+    pub message: String,
+    /// How to fix it, when it is not ok.
+    #[oai(skip_serializing_if_is_none)]
+    pub fix: Option<String>,
+}
+
+impl poem_openapi::types::Example for HealthCheck {
+    fn example() -> Self {
+        HealthCheck {
+            name: "auth".into(),
+            status: "warn".into(),
+            message: "0.0.0.0:8000 is reachable beyond this machine's loopback; every such \
+                      request needs a key"
+                .into(),
+            fix: Some("bind to 127.0.0.1 unless other hosts must reach the server".into()),
+        }
+    }
+}
+
+impl From<Check> for HealthCheck {
+    fn from(c: Check) -> Self {
+        HealthCheck {
+            name: c.name,
+            status: match c.status {
+                Status::Ok => "ok",
+                Status::Warn => "warn",
+                Status::Fail => "fail",
+            }
+            .into(),
+            message: c.message,
+            fix: c.fix,
+        }
+    }
+}
+
 /// Health of the server and its engine.
 #[derive(Debug, Object)]
 #[oai(example)]
 pub struct Health {
-    /// `ok` when the engine answers, `unavailable` otherwise.
+    /// `ok` when the engine answers and no check fails, `degraded` when a check fails,
+    /// `unavailable` when the engine does not answer (503).
     pub status: String,
     /// Server version.
     pub version: String,
@@ -49,6 +96,8 @@ pub struct Health {
     pub sandboxes: u64,
     /// The engine.
     pub engine: EngineHealth,
+    /// Facts about the deployment, each with its fix.
+    pub checks: Vec<HealthCheck>,
 }
 
 impl poem_openapi::types::Example for Health {
@@ -59,6 +108,12 @@ impl poem_openapi::types::Example for Health {
             backend: "docker".into(),
             sandboxes: 2,
             engine: poem_openapi::types::Example::example(),
+            checks: vec![HealthCheck {
+                name: "disk_quota".into(),
+                status: "ok".into(),
+                message: "btrfs: each sandbox's disk is capped (limits.disk_mb)".into(),
+                fix: None,
+            }],
         }
     }
 }
@@ -101,9 +156,13 @@ impl HealthApi {
         let manager = &state.manager;
         let sandboxes = manager.list(&Default::default()).len() as u64;
         let backend = manager.backend().name().to_string();
+        let mut checks: Vec<Check> = state.health.checks.as_ref().clone();
+        checks.extend(manager.diagnose(state.health.allow_unlimited_disk).await);
+        let failing = checks.iter().any(|c| c.status == Status::Fail);
+        let checks: Vec<HealthCheck> = checks.into_iter().map(HealthCheck::from).collect();
         match manager.engine_info().await {
             Ok(info) => HealthResponse::Ok(Json(Health {
-                status: "ok".into(),
+                status: if failing { "degraded" } else { "ok" }.into(),
                 version: crate::VERSION.into(),
                 backend,
                 sandboxes,
@@ -115,6 +174,7 @@ impl HealthApi {
                     endpoint: Some(info.endpoint),
                     error: None,
                 },
+                checks,
             })),
             Err(e) => HealthResponse::Unavailable(Json(Health {
                 status: "unavailable".into(),
@@ -129,6 +189,7 @@ impl HealthApi {
                     endpoint: None,
                     error: Some(e.to_string()),
                 },
+                checks,
             })),
         }
     }

@@ -7,6 +7,7 @@
 //!
 //! Handlers parse and map; every decision is [`sandbox_core::SandboxManager`]'s.
 
+pub mod auth;
 pub mod commands;
 pub mod e2b;
 pub mod error;
@@ -44,6 +45,39 @@ pub struct AppState {
     /// The E2B compatibility layer (`/e2b`, `/e2b/envd`, sandbox host names); `None`
     /// turns it off.
     pub e2b: Option<e2b::E2b>,
+    /// The perimeter every request passes first.
+    pub perimeter: Arc<auth::Perimeter>,
+    /// Limits of the HTTP layer.
+    pub limits: ApiLimits,
+    /// What `/health` reports beyond the engine's own checks.
+    pub health: HealthFacts,
+}
+
+/// Facts `/health` reports that the binary found at startup.
+#[derive(Clone, Debug, Default)]
+pub struct HealthFacts {
+    /// Checks of the binary's own (auth and exposure, the agent build, the key file).
+    pub checks: Arc<Vec<sandbox_core::manager::diagnosis::Check>>,
+    /// Whether the server runs without disk quotas on purpose.
+    pub allow_unlimited_disk: bool,
+}
+
+/// Limits of the HTTP layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// A WebSocket client that takes no message for this long is dropped.
+    pub stall_timeout: std::time::Duration,
+    /// Largest raw upload (`PUT .../files/raw`), bytes.
+    pub max_upload: u64,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            stall_timeout: std::time::Duration::from_secs(30),
+            max_upload: 1 << 30,
+        }
+    }
 }
 
 type Apis = (
@@ -130,6 +164,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .with(NormalizePath::new(TrailingSlash::Trim))
         .catch_all_error(error::any_error_to_json)
         .around(e2b::proxy::route_by_host)
+        .around(auth::guard)
         .data(state)
         .into_endpoint()
         .map_to_response()
@@ -153,7 +188,7 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/pause", post(control::pause))
         .at("/sandboxes/:id/resume", post(control::resume))
         .at("/sandboxes/:id/metrics", get(control::metrics))
-        .around(control::require_api_key);
+        .around(control::require_enabled);
     Route::new()
         .nest(
             "/envd",

@@ -7,7 +7,7 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use sandbox_core::{Limits, SandboxInfo, SandboxSpec};
+use sandbox_core::{SandboxInfo, SandboxSpec};
 use time::format_description::well_known::Rfc3339;
 
 use crate::error::{parse_id, ApiError};
@@ -40,6 +40,8 @@ pub struct CreateSandboxRequest {
     pub cpus: Option<f64>,
     /// Memory limit in MiB; defaults to the server's limit.
     pub memory_mb: Option<u64>,
+    /// Disk quota in MiB over everything the sandbox writes; defaults to the server's.
+    pub disk_mb: Option<u64>,
 }
 
 impl poem_openapi::types::Example for CreateSandboxRequest {
@@ -56,6 +58,7 @@ impl poem_openapi::types::Example for CreateSandboxRequest {
             internet: None,
             cpus: None,
             memory_mb: None,
+            disk_mb: None,
         }
     }
 }
@@ -80,6 +83,9 @@ pub struct Sandbox {
     pub cpus: f64,
     /// Memory limit applied, MiB.
     pub memory_mb: u64,
+    /// Disk quota, MiB; null when the server runs without disk quotas.
+    #[oai(nullable)]
+    pub disk_mb: Option<u64>,
     /// Whether the sandbox may reach the internet.
     pub internet: bool,
 }
@@ -97,6 +103,7 @@ impl poem_openapi::types::Example for Sandbox {
             metadata,
             cpus: 1.0,
             memory_mb: 512,
+            disk_mb: Some(2048),
             internet: true,
         }
     }
@@ -117,6 +124,7 @@ impl From<SandboxInfo> for Sandbox {
             metadata: s.metadata,
             cpus: s.limits.cpus,
             memory_mb: s.limits.memory_mb,
+            disk_mb: s.limits.disk_mb,
             internet: s.internet,
         }
     }
@@ -186,24 +194,17 @@ impl SandboxApi {
         body: Json<CreateSandboxRequest>,
     ) -> Result<Json<Sandbox>, ApiError> {
         let body = body.0;
-        let config = state.manager.config();
-        let mut spec = SandboxSpec::new(
-            body.template
-                .unwrap_or_else(|| config.default_template.clone()),
-            body.timeout
-                .map(Duration::from_secs)
-                .unwrap_or(config.default_timeout),
-        );
-        spec.envs = body.envs;
-        spec.metadata = body.metadata;
-        spec.internet = body.internet.unwrap_or(true);
-        if body.cpus.is_some() || body.memory_mb.is_some() {
-            spec.limits = Some(Limits {
-                cpus: body.cpus.unwrap_or(config.default_limits.cpus),
-                memory_mb: body.memory_mb.unwrap_or(config.default_limits.memory_mb),
-                ..config.default_limits
-            });
-        }
+        let spec = SandboxSpec {
+            template: body.template,
+            timeout: body.timeout.map(Duration::from_secs),
+            envs: body.envs,
+            metadata: body.metadata,
+            cpus: body.cpus,
+            memory_mb: body.memory_mb,
+            disk_mb: body.disk_mb,
+            internet: body.internet.unwrap_or(true),
+            ..SandboxSpec::default()
+        };
         let info = state.manager.create(spec).await?;
         Ok(Json(info.into()))
     }

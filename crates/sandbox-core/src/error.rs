@@ -10,7 +10,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the core, a backend or the agent client.
 ///
-/// Each variant maps to exactly one HTTP status in the API layer (see [`Error::http_status`]).
+/// The domain knows no HTTP: the API layer maps each variant to its status (one table,
+/// in sandbox-api).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -43,6 +44,12 @@ pub enum Error {
     /// The sandbox's disk (or inode table) is full.
     #[error("no space left in the sandbox: {0}")]
     InsufficientStorage(String),
+    /// Something is larger than the limit that applies to it (a file, an answer).
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The acting user inside the sandbox may not do this (file modes, ownership).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The backend cannot do this (see [`crate::Capabilities`]).
     #[error("unsupported by the {backend} backend: {operation}")]
     Unsupported {
@@ -85,23 +92,6 @@ impl Error {
         }
     }
 
-    /// The HTTP status this error maps to.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            Error::NotFound { .. } => 404,
-            Error::Conflict(_) => 409,
-            // The native API follows the seed: invalid request data is a validation error.
-            Error::InvalidArgument(_) => 422,
-            Error::Timeout(_) => 408,
-            Error::EngineUnavailable(_) => 503,
-            Error::ResourceExhausted { .. } => 429,
-            Error::InsufficientStorage(_) => 507,
-            Error::Unsupported { .. } => 501,
-            Error::Backend { .. } => 500,
-            Error::Agent { .. } => 502,
-        }
-    }
-
     /// A stable machine-readable code for JSON error bodies.
     pub fn code(&self) -> &'static str {
         match self {
@@ -112,6 +102,8 @@ impl Error {
             Error::EngineUnavailable(_) => "engine_unavailable",
             Error::ResourceExhausted { .. } => "resource_exhausted",
             Error::InsufficientStorage(_) => "insufficient_storage",
+            Error::TooLarge(_) => "too_large",
+            Error::PermissionDenied(_) => "permission_denied",
             Error::Unsupported { .. } => "unsupported",
             Error::Backend { .. } => "backend_error",
             Error::Agent { .. } => "agent_error",
@@ -124,7 +116,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_variant_has_a_distinct_status() {
+    fn every_variant_has_a_distinct_code() {
         let errors = [
             Error::not_found("x"),
             Error::Conflict("x".into()),
@@ -136,6 +128,8 @@ mod tests {
                 retry_after: None,
             },
             Error::InsufficientStorage("x".into()),
+            Error::TooLarge("x".into()),
+            Error::PermissionDenied("x".into()),
             Error::Unsupported {
                 backend: "b",
                 operation: "o",
@@ -146,9 +140,9 @@ mod tests {
                 message: "x".into(),
             },
         ];
-        let mut statuses: Vec<u16> = errors.iter().map(Error::http_status).collect();
-        statuses.sort_unstable();
-        statuses.dedup();
-        assert_eq!(statuses.len(), errors.len());
+        let mut codes: Vec<&str> = errors.iter().map(Error::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), errors.len());
     }
 }

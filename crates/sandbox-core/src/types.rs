@@ -114,6 +114,9 @@ impl fmt::Display for SandboxState {
     }
 }
 
+/// The smallest disk quota a sandbox may have, MiB.
+pub const MIN_DISK_MB: u64 = 64;
+
 /// Resource limits applied to a sandbox container.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -124,11 +127,16 @@ pub struct Limits {
     pub memory_mb: u64,
     /// Maximum number of processes and threads.
     pub pids: i64,
+    /// Disk quota in MiB over everything the sandbox can write (its whole root
+    /// filesystem where the engine's storage counts the image too); `None`: unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            disk_mb: None,
             cpus: 1.0,
             memory_mb: 512,
             pids: 256,
@@ -151,6 +159,13 @@ impl Limits {
                 "memory_mb must be between 6 and 1048576".into(),
             ));
         }
+        if let Some(disk) = self.disk_mb {
+            if !(MIN_DISK_MB..=1 << 24).contains(&disk) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk_mb must be between {MIN_DISK_MB} and 16777216"
+                )));
+            }
+        }
         if !(1..=1 << 22).contains(&self.pids) {
             return Err(Error::InvalidArgument(
                 "pids must be between 1 and 4194304".into(),
@@ -160,40 +175,57 @@ impl Limits {
     }
 }
 
-/// What a client asks for when creating a sandbox.
+/// What a client asks for when creating a sandbox. Everything left `None` is decided by
+/// the manager (the server's defaults, the template's user).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SandboxSpec {
-    /// Template name (e.g. `base`, `python`), resolved to an image by configuration.
-    pub template: String,
-    /// Time to live from creation; the sandbox is removed when it runs out.
-    pub timeout: Duration,
+    /// Template name (e.g. `base`, `python`); `None`: the server's default template.
+    pub template: Option<String>,
+    /// Time to live from creation; `None`: the server's default timeout.
+    pub timeout: Option<Duration>,
     /// Environment variables for every command in the sandbox.
     pub envs: BTreeMap<String, String>,
     /// Free-form client metadata, returned by list/get and usable as a list filter.
     pub metadata: BTreeMap<String, String>,
-    /// Resource limits; `None` takes the server's defaults.
-    pub limits: Option<Limits>,
+    /// CPU cores; `None`: the server's default.
+    pub cpus: Option<f64>,
+    /// Memory limit, MiB; `None`: the server's default.
+    pub memory_mb: Option<u64>,
+    /// Disk quota, MiB; `None`: the server's default.
+    pub disk_mb: Option<u64>,
     /// Whether the sandbox may reach the internet.
     pub internet: bool,
-    /// Default user inside the sandbox; `None` takes the template's (`user`).
+    /// Default user inside the sandbox; `None` takes the template's.
     pub user: Option<String>,
     /// Whether clients of the sandbox's agent must present its access token themselves
     /// (E2B's `secure`); otherwise the server's proxy adds it for them.
     pub secure: bool,
 }
 
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        Self {
+            template: None,
+            timeout: None,
+            envs: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            cpus: None,
+            memory_mb: None,
+            disk_mb: None,
+            internet: true,
+            user: None,
+            secure: false,
+        }
+    }
+}
+
 impl SandboxSpec {
     /// A spec for `template` with `timeout` and everything else default.
     pub fn new(template: impl Into<String>, timeout: Duration) -> Self {
         Self {
-            template: template.into(),
-            timeout,
-            envs: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            limits: None,
-            internet: true,
-            user: None,
-            secure: false,
+            template: Some(template.into()),
+            timeout: Some(timeout),
+            ..Self::default()
         }
     }
 }
@@ -256,6 +288,12 @@ pub fn validate_envs(envs: &BTreeMap<String, String>) -> Result<()> {
         if v.contains('\0') {
             return Err(Error::InvalidArgument(format!(
                 "environment variable {k} contains a NUL byte"
+            )));
+        }
+        // The agent's own settings travel in these; a client must not override them.
+        if k.starts_with("COLIMA_E2B_") {
+            return Err(Error::InvalidArgument(format!(
+                "environment variable names starting with COLIMA_E2B_ are reserved ({k})"
             )));
         }
     }

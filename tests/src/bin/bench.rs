@@ -17,8 +17,8 @@ use backend_docker::{DockerBackend, DockerConfig};
 use bollard::query_parameters::{
     DownloadFromContainerOptions, InspectContainerOptions, UploadToContainerOptions,
 };
+use envd_proto::messages::{ProcessConfig, StartRequest};
 use futures_util::StreamExt;
-use sandbox_core::agent_client::proto::{ProcessConfig, StartRequest};
 use sandbox_core::{
     AgentBinary, DeriveImage, ImageFile, ManagerConfig, SandboxBackend, SandboxManager, SandboxSpec,
 };
@@ -61,6 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             internet: true,
             user: None,
             agent_port: None,
+            profile: Default::default(),
         };
         let t = Instant::now();
         backend.create(&spec).await?;
@@ -71,7 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut templates = BTreeMap::new();
-    templates.insert("base".to_string(), image.clone());
+    templates.insert(
+        "base".to_string(),
+        sandbox_core::Template::new(image.clone()),
+    );
     let manager = SandboxManager::new(
         backend.clone(),
         ManagerConfig {
@@ -197,7 +201,7 @@ async fn agent_bench(
     let agent = AgentBinary::load(&tests::agent_binary())?;
     let binary_bytes = agent.contents().len();
     let mut templates = BTreeMap::new();
-    templates.insert("base".to_string(), image.to_string());
+    templates.insert("base".to_string(), sandbox_core::Template::new(image));
     let manager = SandboxManager::new(
         backend.clone(),
         ManagerConfig {

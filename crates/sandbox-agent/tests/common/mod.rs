@@ -35,6 +35,12 @@ impl Agent {
     }
 
     pub fn start_with(secret: Option<&str>, extra: &[&str]) -> Agent {
+        Self::start_wrapped(secret, extra, &[])
+    }
+
+    /// Starts the agent through `wrapper` (a command that ends by exec'ing its arguments,
+    /// so the agent keeps its pid), e.g. `unshare` to give it mounts of its own.
+    pub fn start_wrapped(secret: Option<&str>, extra: &[&str], wrapper: &[&str]) -> Agent {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let home = std::env::temp_dir().join(format!("sbx-agent-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&home);
@@ -54,7 +60,15 @@ impl Agent {
             format!("root:x:0:\nusers:x:{gid}:\nalice:x:{ALICE}:\n"),
         )
         .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandbox-agent"));
+        let agent = env!("CARGO_BIN_EXE_sandbox-agent");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(agent);
+                c
+            }
+            None => Command::new(agent),
+        };
         cmd.args(["--listen", "127.0.0.1:0", "--home-override"])
             .arg(&home)
             .arg("--etc-dir")
@@ -528,4 +542,135 @@ pub fn wait_pid_file(p: &Path) -> u32 {
         p.display()
     );
     std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+}
+
+/// Live (non-zombie) descendants of `pid`, read from /proc by parentage.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if matches!(rest.first(), Some(&"Z") | Some(&"X")) {
+            continue;
+        }
+        if let Some(pp) = rest.get(1).and_then(|v| v.parse::<u32>().ok()) {
+            parent.insert(p, pp);
+        }
+    }
+    parent
+        .keys()
+        .copied()
+        .filter(|p| {
+            let mut cur = *p;
+            for _ in 0..4096 {
+                match parent.get(&cur) {
+                    Some(&pp) if pp == pid => return true,
+                    Some(&pp) if pp > 1 => cur = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// True inside the sandbox container of deploy/agent-suite-in-container.sh, where the
+/// test binary itself is PID 1.
+pub fn in_container() -> bool {
+    std::process::id() == 1
+}
+
+/// A cgroup file of this process's own cgroup (v2, or the v1 `controller` hierarchy).
+pub fn own_cgroup_file(controller: &str, file: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let rel = path.trim_start_matches('/');
+        let dir = if id == "0" && ctrls.is_empty() {
+            Path::new("/sys/fs/cgroup").join(rel)
+        } else if ctrls.split(',').any(|c| c == controller) {
+            Path::new("/sys/fs/cgroup").join(ctrls).join(rel)
+        } else {
+            continue;
+        };
+        if let Ok(s) = std::fs::read_to_string(dir.join(file)) {
+            return Some(s.trim().to_string());
+        }
+    }
+    // A container sees its own cgroup at the hierarchy's root.
+    [
+        format!("/sys/fs/cgroup/{controller}/{file}"),
+        format!("/sys/fs/cgroup/{file}"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .map(|s| s.trim().to_string())
+}
+
+/// SIGKILLs the command `pid` through the API; returns the HTTP status.
+pub fn kill(a: &Agent, pid: u64) -> u16 {
+    a.rpc(
+        "process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
+    )
+    .0
+}
+
+/// A directory of its own under the temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("sbx-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Files under `dir` that process `pid` holds open (spill files have no name: their
+/// links read `<dir>/#<inode> (deleted)`).
+pub fn open_files_under(pid: u32, dir: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| t.starts_with(dir))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Polls `f` until true or `limit` has passed.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
 }

@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use envd_proto::ENVD_VERSION;
 use percent_encoding::percent_decode_str;
 use poem::http::{header, StatusCode};
 use poem::web::{Data, Path};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
-use sandbox_core::agent_client::ENVD_VERSION;
-use sandbox_core::signature::ct_eq;
 use sandbox_core::{Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,8 +19,6 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::AppState;
 
-/// Header carrying the API key.
-pub const API_KEY_HEADER: &str = "x-api-key";
 /// E2B's default lifetime, seconds, when a v1 create or a resume names none.
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
 /// E2B's default lifetime, seconds, when a v2 create or a connect names none.
@@ -75,7 +72,8 @@ impl From<Error> for Reject {
         let status = match &e {
             Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            e => StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e => StatusCode::from_u16(crate::error::status_of(e))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         };
         if status.is_server_error() {
             tracing::warn!(error = %e, "E2B control plane call failed");
@@ -181,7 +179,7 @@ fn listed_json(info: &SandboxInfo) -> Value {
         "endAt": rfc3339(info.expires_at),
         "cpuCount": info.limits.cpus.ceil().max(1.0) as u32,
         "memoryMB": info.limits.memory_mb,
-        "diskSizeMB": 0,
+        "diskSizeMB": info.limits.disk_mb.unwrap_or(0),
         "metadata": info.metadata,
         "state": info.state.as_str(),
         "envdVersion": ENVD_VERSION,
@@ -193,30 +191,20 @@ async fn token_for(state: &AppState, info: &SandboxInfo) -> Result<Option<String
     if !info.secure {
         return Ok(None);
     }
-    let agent = state.manager.agent(&info.id).await?;
-    Ok(Some(agent.token().to_string()))
+    Ok(Some(state.manager.access_token(&info.id).await?))
 }
 
-/// Middleware: the control plane needs the configured API key in `X-API-KEY`.
-pub async fn require_api_key<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
-    let expected = req
-        .data::<AppState>()
-        .and_then(|s| s.e2b.as_ref())
-        .map(|e| e.settings.api_key.clone());
-    let given = req
-        .headers()
-        .get(API_KEY_HEADER)
-        .and_then(|v| v.to_str().ok());
-    match (expected, given) {
-        (Some(expected), Some(given)) if ct_eq(expected.as_bytes(), given.as_bytes()) => {
-            next.call(req).await.map(IntoResponse::into_response)
-        }
-        (None, _) => Ok(reject(
+/// Middleware: the control plane answers only when the E2B layer is on (the perimeter
+/// has already checked the API key).
+pub async fn require_enabled<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
+    if req.data::<AppState>().is_some_and(|s| s.e2b.is_some()) {
+        next.call(req).await.map(IntoResponse::into_response)
+    } else {
+        Ok(reject(
             StatusCode::NOT_FOUND,
             "the E2B compatibility layer is not enabled",
         )
-        .into_response()),
-        _ => Ok(reject(StatusCode::UNAUTHORIZED, "Invalid API key").into_response()),
+        .into_response())
     }
 }
 
@@ -259,11 +247,13 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     let timeout = timeout_secs(req.timeout, default)?;
     // E2B names templates by alias or id, optionally with a tag.
     let template = req.template_id.split(':').next().unwrap_or_default();
-    let mut spec = SandboxSpec::new(template, timeout);
-    spec.metadata = req.metadata.unwrap_or_default();
-    spec.envs = req.env_vars.unwrap_or_default();
-    spec.internet = req.allow_internet_access.unwrap_or(true);
-    spec.secure = v2 || req.secure.unwrap_or(false);
+    let spec = SandboxSpec {
+        metadata: req.metadata.unwrap_or_default(),
+        envs: req.env_vars.unwrap_or_default(),
+        internet: req.allow_internet_access.unwrap_or(true),
+        secure: v2 || req.secure.unwrap_or(false),
+        ..SandboxSpec::new(template, timeout)
+    };
     let info = state.manager.create(spec).await.map_err(|e| match e {
         // E2B answers an unknown template with 400.
         Error::NotFound { what } => reject(StatusCode::BAD_REQUEST, format!("{what} not found")),
@@ -482,13 +472,12 @@ pub async fn connect(Data(state): Data<&AppState>, Path(id): Path<String>, body:
             let id = parse_id(&id)?;
             let body: TimeoutBody = parse_body(body).await?;
             let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_V2_SECS)?;
-            let status = if state.manager.info(&id)?.state == SandboxState::Paused {
-                state.manager.resume(&id).await?;
+            let (info, resumed) = state.manager.connect(&id, timeout).await?;
+            let status = if resumed {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            let info = state.manager.extend_timeout(&id, timeout)?;
             sandbox_answer(state, &info, status).await
         }
         .await,
@@ -567,8 +556,9 @@ async fn sample(state: &AppState, id: &str) -> Answer {
             "memUsed": m.mem_used.min(mem_total),
             "memTotal": mem_total,
             "memCache": m.mem_cache.min(mem_total),
+            // The quota is the sandbox's disk, whatever the engine's filesystem holds.
             "diskUsed": m.disk_used,
-            "diskTotal": m.disk_total,
+            "diskTotal": info.limits.disk_mb.map_or(m.disk_total, |mb| mb << 20),
         }]),
     ))
 }

@@ -19,11 +19,9 @@ pub const API_BASE: &str = "/e2b";
 /// Where the data plane lives.
 pub const ENVD_BASE: &str = "/e2b/envd";
 
-/// Settings of the compatibility layer.
+/// Settings of the compatibility layer (its keys are the perimeter's, see [`crate::auth`]).
 #[derive(Clone, Debug)]
 pub struct E2bSettings {
-    /// The key clients send as `X-API-KEY`.
-    pub api_key: String,
     /// The domain sandbox host names end in (`<port>-<id>.<domain>`), e.g.
     /// `localhost:8000`; returned to the SDK as the sandbox's `domain`.
     pub domain: String,

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use envd_proto::signature::FileOp;
+use envd_proto::{AGENT_PORT, TOKEN_HEADER};
 use futures_util::TryStreamExt;
 use poem::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
-use sandbox_core::agent_client::{AGENT_PORT, TOKEN_HEADER};
-use sandbox_core::signature::FileOp;
 use sandbox_core::{Error, SandboxId};
 
 use super::control::reject;
@@ -156,8 +156,8 @@ pub async fn signed_files(req: Request) -> Response {
 }
 
 /// Proxies `req` to `target`, at the same path and query (as the router left them)
-/// inside the sandbox. With `vouch`, requests to the agent of a sandbox that is not
-/// secure get its token added.
+/// inside the sandbox. With `vouch`, the server adds the sandbox's access token where the
+/// perimeter's [`crate::auth::Caller`] lets it (see [`sandbox_core::Vouch`]).
 pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch: bool) -> Response {
     let sandbox = target.sandbox.as_str();
     let Some(e2b) = state.e2b.as_ref() else {
@@ -166,33 +166,37 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
     let Ok(id) = sandbox.parse::<SandboxId>() else {
         return bad_gateway(sandbox, "The sandbox was not found");
     };
-    let info = match state.manager.info(&id) {
-        Ok(info) => info,
-        Err(_) => return bad_gateway(sandbox, "The sandbox was not found"),
+    let client_token = req.headers().contains_key(TOKEN_HEADER);
+    let vouch = match req.extensions().get::<crate::auth::Caller>() {
+        Some(caller) if vouch => caller.vouch(),
+        _ => sandbox_core::Vouch::Nobody,
     };
-    let addr = match state.manager.port_address(&id, target.port).await {
-        Ok(addr) => addr,
-        Err(Error::Conflict(m)) => return bad_gateway(sandbox, &m),
+    let route = match state
+        .manager
+        .proxy_target(&id, target.port, vouch, client_token)
+        .await
+    {
+        Ok(route) => route,
+        // E2B's proxy treats a paused sandbox as not found: the SDK then reports it as
+        // not running instead of retrying.
+        Err(Error::Conflict(m)) => {
+            return bad_gateway(sandbox, &format!("The sandbox was not found: {m}"))
+        }
         Err(Error::NotFound { .. }) => return bad_gateway(sandbox, "The sandbox was not found"),
         Err(e) => return bad_gateway(sandbox, &e.to_string()),
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let url = format!("http://{addr}{path}");
+    let url = format!("http://{}{path}", route.addr);
     let mut headers = HeaderMap::new();
     for (name, value) in req.headers() {
         if !HOP_BY_HOP.contains(name) {
             headers.append(name.clone(), value.clone());
         }
     }
-    if vouch && target.port == AGENT_PORT && !info.secure && !headers.contains_key(TOKEN_HEADER) {
+    if let Some(token) = route.token.as_deref() {
         // Not secure: the server vouches for the client (E2B sends no token then).
-        match state.manager.agent(&id).await {
-            Ok(agent) => {
-                if let Ok(v) = HeaderValue::from_str(agent.token()) {
-                    headers.insert(TOKEN_HEADER, v);
-                }
-            }
-            Err(e) => return bad_gateway(sandbox, &e.to_string()),
+        if let Ok(v) = HeaderValue::from_str(token) {
+            headers.insert(TOKEN_HEADER, v);
         }
     }
     let upgrade = req

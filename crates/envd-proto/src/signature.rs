@@ -4,16 +4,10 @@
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
-/// Constant-time comparison (the length is not secret).
+/// Constant-time comparison of secrets (only the length may leak).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
+    use subtle::ConstantTimeEq as _;
+    a.ct_eq(b).into()
 }
 
 /// The one file operation a signed `/files` URL grants (E2B's `operation`).

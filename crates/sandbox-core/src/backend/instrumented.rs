@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::backend::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
-    SandboxBackend,
+    ImageInfo, SandboxBackend,
 };
 use crate::error::Result;
 
@@ -60,7 +60,11 @@ impl SandboxBackend for Instrumented {
     async fn check(&self) -> Result<EngineInfo> {
         self.timed("check", self.0.check()).await
     }
-    async fn ensure_image(&self, image: &str) -> Result<()> {
+    async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
+        self.timed("image_info", self.0.image_info(image)).await
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<ImageInfo> {
         self.timed("ensure_image", self.0.ensure_image(image)).await
     }
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {

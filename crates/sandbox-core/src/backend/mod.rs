@@ -1,4 +1,12 @@
-//! The lifecycle contract every container engine backend implements.
+//! The engine port: the lifecycle contract every container engine backend implements,
+//! what the core hands a backend ([`ContainerSpec`] with its [`SandboxProfile`]), and the
+//! backends that live in the core itself ([`memory`], and the [`instrumented`] wrapper).
+
+pub mod image;
+pub mod instrumented;
+pub mod memory;
+
+pub use image::{split_image, DeriveImage, DeriveSteps, ImageFile};
 
 use std::collections::BTreeMap;
 use std::fmt::{Debug, Display};
@@ -23,33 +31,63 @@ pub const SANDBOX_CAPABILITIES: [&str; 6] = [
     "KILL",
 ];
 
-/// What a backend supports. Conformance checks and the API choose by capability,
-/// never by backend name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a backend supports. Conformance checks and the core choose by capability, never
+/// by backend name. Everything starts off (`Capabilities::default()`); each backend turns
+/// on what it really supports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
+    /// Containers really run their main process, so an agent inside can be reached
+    /// through [`SandboxBackend::agent_address`].
+    pub processes: bool,
     /// Containers can be frozen and thawed.
     pub pause: bool,
-    /// Resource usage statistics can be read.
-    pub stats: bool,
     /// Networks without a route out (internet off) can be created.
     pub internal_networks: bool,
-    /// Container ports can be published on 127.0.0.1.
-    pub published_ports: bool,
+    /// Sandboxes cannot reach the server host's loopback addresses (the engine runs on
+    /// this kernel with bridged networking), so a loopback peer is never a sandbox.
+    pub host_loopback_isolated: bool,
+    /// [`crate::Limits::disk_mb`] is enforced (the engine's storage has quotas).
+    pub disk_quota: bool,
+    /// Sandboxes cannot reach each other over the network.
+    pub isolated_sandboxes: bool,
 }
 
-impl Capabilities {
-    /// A backend that supports everything.
-    pub const ALL: Self = Self {
-        pause: true,
-        stats: true,
-        internal_networks: true,
-        published_ports: true,
-    };
+/// The baseline every sandbox container gets: decided once by the core (from its
+/// configuration) and applied the same way by every backend, which adds only what its
+/// engine needs to express it (never privileged, default seccomp, no host namespaces,
+/// no client mounts or devices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxProfile {
+    /// Capabilities kept; every other one is dropped.
+    pub capabilities: Vec<String>,
+    /// Open files per process (soft and hard).
+    pub nofile: u64,
+    /// Largest file a process may write, bytes (the `fsize` limit).
+    pub max_file_size: u64,
+    /// Bytes of container log the engine keeps (one file).
+    pub log_max_bytes: u64,
+    /// Host name inside the sandbox.
+    pub hostname: String,
+    /// Size of `/dev/shm` (a tmpfs; its pages count against the memory limit), bytes.
+    pub shm_bytes: u64,
+}
+
+impl Default for SandboxProfile {
+    fn default() -> Self {
+        Self {
+            capabilities: SANDBOX_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            nofile: 8192,
+            max_file_size: 8 << 30,
+            log_max_bytes: 1 << 20,
+            hostname: "sandbox".into(),
+            shm_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Facts about the engine a backend talks to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineInfo {
     /// Engine product, e.g. `Docker Engine` or `Podman Engine`.
     pub engine: String,
@@ -59,6 +97,14 @@ pub struct EngineInfo {
     pub api_version: String,
     /// Where the backend connected (socket path or URL).
     pub endpoint: String,
+    /// CPUs of the engine's host (a VM's, with Colima), when it says.
+    pub cpus: Option<u32>,
+    /// Memory of the engine's host, bytes, when it says.
+    pub memory_bytes: Option<u64>,
+    /// Storage driver and the filesystem under it, e.g. `overlay2 on xfs`, when it says.
+    pub storage: Option<String>,
+    /// cgroup version of the engine's host (`1` or `2`), when it says.
+    pub cgroup_version: Option<u8>,
 }
 
 /// A fully resolved container to create: the core decides everything here, the backend
@@ -83,6 +129,8 @@ pub struct ContainerSpec {
     pub user: Option<String>,
     /// Container port of the in-sandbox agent, to be reachable from the server.
     pub agent_port: Option<u16>,
+    /// The baseline profile to apply.
+    pub profile: SandboxProfile,
 }
 
 /// What the engine reports about one container.
@@ -107,85 +155,11 @@ pub struct ContainerInfo {
     pub env: Vec<String>,
 }
 
-/// One file to add to a derived image.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageFile {
-    /// Absolute path inside the image.
-    pub path: String,
-    /// Contents.
-    pub contents: std::sync::Arc<[u8]>,
-    /// Permission bits, e.g. `0o755`.
-    pub mode: u32,
-}
-
-/// An image to derive from a base image: the base plus files, with a new entrypoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeriveImage {
-    /// Local base image reference.
-    pub base: String,
-    /// Reference (`repo:tag`) of the image to produce.
-    pub tag: String,
-    /// Files to add (owned by root).
-    pub files: Vec<ImageFile>,
-    /// New entrypoint; the derived image has no CMD.
-    pub entrypoint: Vec<String>,
-    /// Labels added to the image.
-    pub labels: BTreeMap<String, String>,
-}
-
-impl DeriveImage {
-    /// The files as an uncompressed tar archive rooted at `/`, for engines' archive APIs.
-    pub fn tar(&self) -> std::io::Result<Vec<u8>> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for file in &self.files {
-            let rel = file.path.trim_start_matches('/');
-            if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "image file path {:?} must be absolute and normal",
-                        file.path
-                    ),
-                ));
-            }
-            let mut header = tar::Header::new_ustar();
-            header.set_size(file.contents.len() as u64);
-            header.set_mode(file.mode);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            builder.append_data(&mut header, rel, &file.contents[..])?;
-        }
-        builder.into_inner()
-    }
-
-    /// Dockerfile-style changes both engines' commit APIs accept.
-    pub fn commit_changes(&self) -> Vec<String> {
-        let quote = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
-        let mut changes = vec![
-            format!("ENTRYPOINT {}", quote(&self.entrypoint)),
-            // A base image's CMD would otherwise become the entrypoint's arguments.
-            "CMD []".to_string(),
-        ];
-        // Unquoted where safe: Podman's parser and Docker's differ on quoting.
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b))
-        };
-        let word = |s: &str| {
-            if plain(s) {
-                s.to_string()
-            } else {
-                serde_json::to_string(s).unwrap_or_default()
-            }
-        };
-        for (k, v) in &self.labels {
-            changes.push(format!("LABEL {}={}", word(k), word(v)));
-        }
-        changes
-    }
+/// What the engine says about a local image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Its size on disk, bytes, when the engine says.
+    pub size: Option<u64>,
 }
 
 /// How the server reaches a sandbox's agent.
@@ -219,10 +193,13 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
     /// Checks that the engine answers and reports its version.
     async fn check(&self) -> Result<EngineInfo>;
 
+    /// What the engine has of `image` locally (`None`: not present), never pulling.
+    async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>>;
+
     /// Makes sure `image` is available locally: a local image is used as is; a missing one
     /// is pulled (with progress in the logs) where a registry is reachable; otherwise the
     /// error names the image.
-    async fn ensure_image(&self, image: &str) -> Result<()>;
+    async fn ensure_image(&self, image: &str) -> Result<ImageInfo>;
 
     /// Creates and starts a container from `spec`.
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo>;

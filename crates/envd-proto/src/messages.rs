@@ -1,6 +1,6 @@
 //! Wire types of envd's `process.Process` and `filesystem.Filesystem` services in their
-//! proto3 JSON form: lowerCamelCase out, snake_case accepted in, int64 as strings,
-//! bytes as base64, enums by name. Shared with clients in other crates.
+//! proto3 JSON form (lowerCamelCase out, snake_case accepted in, int64 as strings, bytes
+//! as base64, enums by name), and of the REST endpoints (`/init`, `/metrics`, `/files`).
 
 use std::collections::BTreeMap;
 
@@ -77,16 +77,6 @@ fn de_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 
 fn de_opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     de_u32(d).map(Some)
-}
-
-/// Connect error body: `{"code":"not_found","message":"..."}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ConnectErrorBody {
-    /// Connect code name (`not_found`, `invalid_argument`, ...).
-    pub code: String,
-    /// Human-readable message.
-    #[serde(default)]
-    pub message: String,
 }
 
 /// Terminal size of a pty.
@@ -579,6 +569,13 @@ pub struct InitRequest {
     pub default_workdir: Option<String>,
 }
 
+/// `POST /processes/kill-all` answer: `{"killed": N}`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KillAllResponse {
+    /// Processes that were killed.
+    pub killed: u64,
+}
+
 /// `GET /metrics`: the sandbox's resource use (its cgroup's, where readable) and the
 /// agent's own footprint. Fields an older agent does not send read as zero.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -611,10 +608,6 @@ pub struct Metrics {
     /// Commands still running.
     pub agent_processes: u64,
 }
-
-/// How the agent's `unauthenticated` error for an acting user that does not exist in the
-/// sandbox begins (envd answers an unknown user so; clients tell it from a bad token).
-pub const INVALID_USER: &str = "invalid user";
 
 #[cfg(test)]
 mod tests {

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::agent_client::proto::{
-    ProcessConfig, ProcessEvent, ProcessSelector, Signal, StartRequest,
-};
-use crate::agent_client::{AgentClient, ProcessOutput, ProcessStream};
+use envd_proto::messages::{ProcessConfig, ProcessEvent, ProcessSelector, Signal, StartRequest};
+
+use super::errors::unavailable;
+use super::{AgentClient, ProcessOutput, ProcessStream};
 use crate::error::{Error, Result};
 use crate::types::{validate_envs, validate_user};
 
@@ -108,10 +108,9 @@ async fn first_pid(stream: &mut ProcessStream) -> Result<u32> {
             return Ok(pid);
         }
     }
-    Err(Error::Agent {
-        code: "unavailable".into(),
-        message: "the agent ended the stream before the process started".into(),
-    })
+    Err(unavailable(
+        "the agent ended the stream before the process started",
+    ))
 }
 
 /// Kills a process and its whole group (SIGKILL).

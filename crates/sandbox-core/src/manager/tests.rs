@@ -1,6 +1,6 @@
 //! Manager unit tests over an in-memory backend (the engine suites use real engines).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,65 +19,82 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::labels;
 use crate::manager::{ManagerConfig, SandboxManager};
+use crate::template::Template;
 use crate::types::{SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use crate::InMemoryBackend;
 use crate::SandboxBackend;
 
-#[derive(Debug, Default)]
-struct MemoryBackend {
-    containers: Mutex<HashMap<String, ContainerInfo>>,
+/// The in-memory backend with the faults and records these tests need.
+#[derive(Debug)]
+struct TestEngine {
+    inner: InMemoryBackend,
     fail_start: AtomicBool,
     create_delay_ms: AtomicUsize,
     creates: AtomicUsize,
     derived: Mutex<Vec<DeriveImage>>,
     specs: Mutex<Vec<ContainerSpec>>,
-    agent_addr: Mutex<Option<SocketAddr>>,
 }
 
-impl std::fmt::Display for MemoryBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("memory")
+impl Default for TestEngine {
+    fn default() -> Self {
+        Self {
+            inner: InMemoryBackend::new().with_image("img/base", &["sleep"]),
+            fail_start: AtomicBool::new(false),
+            create_delay_ms: AtomicUsize::new(0),
+            creates: AtomicUsize::new(0),
+            derived: Mutex::default(),
+            specs: Mutex::default(),
+        }
     }
 }
 
-impl MemoryBackend {
+impl std::fmt::Display for TestEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("memory (test)")
+    }
+}
+
+impl TestEngine {
     fn names(&self) -> Vec<String> {
-        self.containers
-            .lock()
-            .expect("lock")
-            .keys()
-            .cloned()
+        self.inner
+            .containers()
+            .into_iter()
+            .map(|c| c.name)
             .collect()
     }
     fn insert(&self, info: ContainerInfo) {
-        self.containers
-            .lock()
-            .expect("lock")
-            .insert(info.name.clone(), info);
+        self.inner.insert(info);
+    }
+    fn set_agent(&self, addr: SocketAddr) {
+        self.inner.set_agent_address(Some(addr));
     }
 }
 
 #[async_trait]
-impl SandboxBackend for MemoryBackend {
+impl SandboxBackend for TestEngine {
     fn name(&self) -> &'static str {
-        "memory"
+        self.inner.name()
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        self.inner.capabilities()
     }
     async fn check(&self) -> Result<EngineInfo> {
+        // A small host: 2 CPUs, 4 GiB.
         Ok(EngineInfo {
-            engine: "memory".into(),
-            version: "1".into(),
-            api_version: "1".into(),
-            endpoint: "memory".into(),
+            cpus: Some(2),
+            memory_bytes: Some(4 << 30),
+            ..self.inner.check().await?
         })
     }
-    async fn ensure_image(&self, _image: &str) -> Result<()> {
-        Ok(())
+    async fn image_info(&self, image: &str) -> Result<Option<crate::backend::ImageInfo>> {
+        self.inner.image_info(image).await
+    }
+    async fn ensure_image(&self, image: &str) -> Result<crate::backend::ImageInfo> {
+        self.inner.ensure_image(image).await
     }
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
         self.derived.lock().expect("lock").push(req.clone());
-        Ok(())
+        self.inner.derive_image(req).await
     }
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
         self.creates.fetch_add(1, Ordering::SeqCst);
@@ -86,81 +103,30 @@ impl SandboxBackend for MemoryBackend {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+        let created = self.inner.create(spec).await?;
         if self.fail_start.load(Ordering::SeqCst) {
-            // Like a real engine: the container exists, then start fails.
-            self.insert(ContainerInfo {
-                id: spec.name.clone(),
-                name: spec.name.clone(),
-                image: spec.image.clone(),
-                labels: spec.labels.clone(),
-                state: SandboxState::Created,
-                created_at: None,
-                limits: Some(spec.limits),
-                env: spec.env.clone(),
-            });
+            // Like an engine whose start fails after the container came to exist.
             return Err(Error::backend("memory", "start failed"));
         }
-        let info = ContainerInfo {
-            id: spec.name.clone(),
-            name: spec.name.clone(),
-            image: spec.image.clone(),
-            labels: spec.labels.clone(),
-            state: SandboxState::Running,
-            created_at: None,
-            limits: Some(spec.limits),
-            env: spec.env.clone(),
-        };
-        self.insert(info.clone());
-        Ok(info)
+        Ok(created)
     }
     async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
-        self.containers
-            .lock()
-            .expect("lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::not_found(name))
+        self.inner.inspect(name).await
     }
     async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
-        Ok(self
-            .containers
-            .lock()
-            .expect("lock")
-            .values()
-            .filter(|c| {
-                labels
-                    .iter()
-                    .all(|(k, v)| c.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .cloned()
-            .collect())
+        self.inner.list(labels).await
     }
     async fn pause(&self, name: &str) -> Result<()> {
-        let mut c = self.containers.lock().expect("lock");
-        c.get_mut(name).ok_or_else(|| Error::not_found(name))?.state = SandboxState::Paused;
-        Ok(())
+        self.inner.pause(name).await
     }
     async fn resume(&self, name: &str) -> Result<()> {
-        let mut c = self.containers.lock().expect("lock");
-        c.get_mut(name).ok_or_else(|| Error::not_found(name))?.state = SandboxState::Running;
-        Ok(())
+        self.inner.resume(name).await
     }
     async fn remove(&self, name: &str) -> Result<()> {
-        self.containers
-            .lock()
-            .expect("lock")
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| Error::not_found(name))
+        self.inner.remove(name).await
     }
-    async fn agent_address(&self, _name: &str, _port: u16) -> Result<AgentAddress> {
-        match *self.agent_addr.lock().expect("lock") {
-            Some(addr) => Ok(AgentAddress { addr }),
-            None => Err(Error::Unsupported {
-                backend: "memory",
-                operation: "agent",
-            }),
-        }
+    async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
+        self.inner.agent_address(name, port).await
     }
 }
 
@@ -236,7 +202,7 @@ fn agent_config() -> ManagerConfig {
 
 fn config(state_dir: Option<std::path::PathBuf>) -> ManagerConfig {
     let mut templates = BTreeMap::new();
-    templates.insert("base".to_string(), "img/base".to_string());
+    templates.insert("base".to_string(), Template::new("img/base"));
     ManagerConfig {
         templates,
         max_concurrent_creates: 2,
@@ -246,8 +212,8 @@ fn config(state_dir: Option<std::path::PathBuf>) -> ManagerConfig {
     }
 }
 
-fn manager(state_dir: Option<std::path::PathBuf>) -> (Arc<MemoryBackend>, SandboxManager) {
-    let backend = Arc::new(MemoryBackend::default());
+fn manager(state_dir: Option<std::path::PathBuf>) -> (Arc<TestEngine>, SandboxManager) {
+    let backend = Arc::new(TestEngine::default());
     let m = SandboxManager::new(backend.clone(), config(state_dir));
     (backend, m)
 }
@@ -472,6 +438,10 @@ async fn bad_envs_metadata_and_users_are_rejected_before_the_engine() {
     s.envs.insert("BAD-NAME".into(), "x".into());
     assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
     let mut s = spec(60);
+    s.envs
+        .insert("COLIMA_E2B_AGENT_SECRET".into(), "mine".into());
+    assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
+    let mut s = spec(60);
     s.user = Some("root;rm".into());
     assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
     let mut s = spec(60);
@@ -482,9 +452,9 @@ async fn bad_envs_metadata_and_users_are_rejected_before_the_engine() {
 
 #[tokio::test]
 async fn agent_sandboxes_run_a_derived_image_and_get_their_secret_and_envs_through_init() {
-    let backend = Arc::new(MemoryBackend::default());
+    let backend = Arc::new(TestEngine::default());
     let (addr, seen) = fake_agent().await;
-    *backend.agent_addr.lock().expect("lock") = Some(addr);
+    backend.set_agent(addr);
     let m = SandboxManager::new(backend.clone(), agent_config());
     let mut s = spec(60);
     s.envs.insert("GREETING".into(), "hi".into());
@@ -505,7 +475,7 @@ async fn agent_sandboxes_run_a_derived_image_and_get_their_secret_and_envs_throu
         spec0.command.is_empty(),
         "the image's entrypoint (the agent) runs"
     );
-    assert_eq!(spec0.agent_port, Some(crate::agent_client::AGENT_PORT));
+    assert_eq!(spec0.agent_port, Some(crate::agent::AGENT_PORT));
     let secret = spec0
         .env
         .iter()
@@ -523,7 +493,10 @@ async fn agent_sandboxes_run_a_derived_image_and_get_their_secret_and_envs_throu
     assert_eq!(body["envVars"]["GREETING"], "hi");
     assert_eq!(body["accessToken"], secret.as_str());
     assert_eq!(body["defaultUser"], "user");
-    assert_eq!(body["defaultWorkdir"], "/home/user");
+    assert!(
+        body["defaultWorkdir"].is_null(),
+        "without a template workdir the agent starts in the user's home: {body}"
+    );
 
     // A restarted server rebuilds the client from the container's env.
     let m2 = SandboxManager::new(backend.clone(), agent_config());
@@ -548,12 +521,12 @@ async fn agent_sandboxes_run_a_derived_image_and_get_their_secret_and_envs_throu
 
 #[tokio::test]
 async fn create_times_out_and_leaves_nothing_when_the_agent_never_answers() {
-    let backend = Arc::new(MemoryBackend::default());
+    let backend = Arc::new(TestEngine::default());
     // A port nobody listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port");
-    *backend.agent_addr.lock().expect("lock") = Some(closed);
+    backend.set_agent(closed);
     let m = SandboxManager::new(backend.clone(), agent_config());
     let err = m.create(spec(60)).await.expect_err("no agent answers");
     assert!(matches!(err, Error::Timeout(_)), "{err}");
@@ -570,4 +543,94 @@ async fn agent_of_an_unknown_sandbox_is_not_found() {
     let (_backend, m) = manager(None);
     let id: SandboxId = "clmnosuch".parse().expect("id");
     assert!(matches!(m.agent(&id).await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn creates_in_flight_count_against_the_sandbox_limit() {
+    let backend = Arc::new(TestEngine::default());
+    backend.create_delay_ms.store(200, Ordering::SeqCst);
+    let m = SandboxManager::new(
+        backend.clone(),
+        ManagerConfig {
+            max_concurrent_creates: 10,
+            max_sandboxes: 3,
+            ..config(None)
+        },
+    );
+    let results = futures_util::future::join_all((0..6).map(|_| m.create(spec(60)))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "{results:?}");
+    assert_eq!(backend.names().len(), 3);
+    assert_eq!(m.list(&BTreeMap::new()).len(), 3);
+    // Once one is gone, there is room again.
+    let first = results
+        .iter()
+        .find_map(|r| r.as_ref().ok())
+        .expect("one ok");
+    m.kill(&first.id).await.expect("kill");
+    m.create(spec(60)).await.expect("room again");
+}
+
+#[tokio::test]
+async fn asking_for_more_than_the_engine_host_has_is_invalid_and_names_the_limit() {
+    let (backend, m) = manager(None);
+    m.start().await.expect("start");
+    for (cpus, memory_mb, names) in [
+        (Some(64.0), None, "max_cpus"),
+        (None, Some(100_000), "max_memory_mb"),
+    ] {
+        let mut s = spec(60);
+        s.cpus = cpus;
+        s.memory_mb = memory_mb;
+        match m.create(s).await {
+            Err(Error::InvalidArgument(why)) => assert!(why.contains(names), "{why}"),
+            other => panic!("{cpus:?}/{memory_mb:?} gave {other:?}"),
+        }
+    }
+    let mut s = spec(60);
+    s.cpus = Some(2.0);
+    s.memory_mb = Some(4096);
+    m.create(s).await.expect("exactly what the host has");
+    assert_eq!(backend.creates.load(Ordering::SeqCst), 1);
+    let limited = SandboxManager::new(
+        backend.clone(),
+        ManagerConfig {
+            max_cpus: Some(1.0),
+            ..config(None)
+        },
+    );
+    limited.start().await.expect("start");
+    let mut s = spec(60);
+    s.cpus = Some(1.5);
+    assert!(matches!(
+        limited.create(s).await,
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_create_that_never_finished_is_removed_at_restart() {
+    let dir = std::env::temp_dir().join(format!("colima-e2b-test-{}", SandboxId::generate()));
+    let (backend, m) = manager(Some(dir.clone()));
+    let done = m.create(spec(600)).await.expect("a finished create");
+    // A create the server was killed in the middle of: noted, its container made.
+    let cut = foreign_container("default", SandboxState::Running, 600);
+    let cut_id: SandboxId = cut.labels[labels::SANDBOX_ID].parse().expect("id");
+    m.inner.journal.begin(&cut_id).expect("note");
+    backend.insert(cut.clone());
+    drop(m);
+
+    let m2 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
+    let report = m2.start().await.expect("start");
+    assert_eq!((report.adopted, report.unfinished), (1, 1), "{report:?}");
+    assert_eq!(backend.names(), vec![labels::container_name(&done.id)]);
+    assert!(matches!(m2.info(&cut_id), Err(Error::NotFound { .. })));
+    // The engine finishes the create it was asked for before the crash only now.
+    backend.insert(cut.clone());
+    m2.sweep_unfinished().await;
+    assert_eq!(backend.names(), vec![labels::container_name(&done.id)]);
+    // Another restart adopts the finished sandbox only.
+    let m3 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
+    assert_eq!(m3.start().await.expect("start").unfinished, 0);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -88,6 +88,27 @@ impl AgentBinary {
     }
 }
 
+impl AgentBinary {
+    /// The derivation that puts this agent into `base` as its entrypoint, tagged
+    /// [`AgentBinary::derived_tag`].
+    pub fn derive_request(&self, base: &str) -> crate::backend::DeriveImage {
+        crate::backend::DeriveImage {
+            base: base.to_string(),
+            tag: self.derived_tag(base),
+            files: vec![crate::backend::ImageFile {
+                path: AGENT_PATH.into(),
+                contents: self.contents.clone(),
+                mode: 0o755,
+            }],
+            entrypoint: vec![AGENT_PATH.into()],
+            labels: std::collections::BTreeMap::from([
+                (crate::labels::AGENT_SHA256.to_string(), self.sha256.clone()),
+                (crate::labels::DERIVED_FROM.to_string(), base.to_string()),
+            ]),
+        }
+    }
+}
+
 /// For a little-endian ELF64 file: whether it names a program interpreter (is dynamically
 /// linked). `None` when it is not such a file.
 fn elf_interpreter(b: &[u8]) -> Option<bool> {

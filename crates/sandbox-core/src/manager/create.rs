@@ -1,0 +1,395 @@
+//! Creating a sandbox: the spec's defaults and checks, admission (concurrent creates and
+//! the sandbox limit, creates in flight included), the container, and its agent.
+
+use std::time::{Duration, Instant};
+
+use envd_proto::messages::InitRequest;
+
+use super::{now_ms, SandboxManager};
+use crate::agent::{generate_secret, AgentClient, SECRET_ENV};
+use crate::backend::ContainerSpec;
+use crate::error::{Error, Result};
+use crate::labels;
+use crate::template::Template;
+use crate::types::{
+    validate_envs, validate_user, Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};
+
+/// Room a sandbox needs on its disk beyond its image, MiB.
+const DISK_HEADROOM_MB: u64 = 32;
+
+/// A create's place under the sandbox limit, given back when the create ends (its
+/// sandbox, if any, is in the registry by then).
+struct Reservation<'a>(&'a SandboxManager);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reg = self.0.registry();
+        reg.reserved = reg.reserved.saturating_sub(1);
+    }
+}
+
+/// Refuses a disk quota too small for the template's image: engines whose quota counts
+/// the image too (btrfs) could not even start it, and some leave storage behind when
+/// they fail, so this is decided before asking.
+fn check_disk_fits(r: &Resolved, image_size: Option<u64>) -> Result<()> {
+    let (Some(disk), Some(size)) = (r.limits.disk_mb, image_size) else {
+        return Ok(());
+    };
+    let need = (size >> 20) + DISK_HEADROOM_MB;
+    if disk < need {
+        return Err(Error::InvalidArgument(format!(
+            "disk_mb {disk} is too small for template {:?}: its image takes {} MiB; ask for \
+             at least {need}",
+            r.template_name,
+            size >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// A spec with every default decided.
+struct Resolved {
+    template_name: String,
+    template: Template,
+    timeout: Duration,
+    limits: Limits,
+    user: String,
+}
+
+impl SandboxManager {
+    fn resolve(&self, spec: &SandboxSpec) -> Result<Resolved> {
+        let config = &self.inner.config;
+        let template_name = spec
+            .template
+            .clone()
+            .unwrap_or_else(|| config.default_template.clone());
+        let template = config
+            .templates
+            .get(&template_name)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = config.templates.keys().map(String::as_str).collect();
+                Error::InvalidArgument(format!(
+                    "unknown template {template_name:?}; known templates: {}",
+                    known.join(", ")
+                ))
+            })?;
+        let timeout = spec.timeout.unwrap_or(config.default_timeout);
+        self.check_timeout(timeout)?;
+        validate_envs(&spec.envs)?;
+        labels::validate_metadata(&spec.metadata)?;
+        let limits = Limits {
+            cpus: spec.cpus.unwrap_or(config.default_limits.cpus),
+            memory_mb: spec.memory_mb.unwrap_or(config.default_limits.memory_mb),
+            disk_mb: self.disk_quota(spec.disk_mb)?,
+            ..config.default_limits
+        };
+        limits.validate()?;
+        self.check_host_limits(&limits)?;
+        let user = spec.user.clone().unwrap_or_else(|| template.user.clone());
+        validate_user(&user)?;
+        Ok(Resolved {
+            template_name,
+            template,
+            timeout,
+            limits,
+            user,
+        })
+    }
+
+    /// The most CPUs and memory (MiB) a sandbox may have: the configured maxima, within
+    /// what the engine's host has (learnt at start).
+    pub fn max_limits(&self) -> (Option<f64>, Option<u64>) {
+        let config = &self.inner.config;
+        let host = super::lock(&self.inner.host).clone();
+        let host_cpus = host.as_ref().and_then(|h| h.cpus).map(f64::from);
+        let host_mb = host.as_ref().and_then(|h| h.memory_bytes).map(|b| b >> 20);
+        let min_f = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let min_u = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (
+            min_f(config.max_cpus, host_cpus),
+            min_u(config.max_memory_mb, host_mb),
+        )
+    }
+
+    /// The disk quota of a new sandbox: the request's, else the default, where the
+    /// engine's storage can enforce one (the binary refuses to start without quota
+    /// support unless told to allow unlimited disks).
+    fn disk_quota(&self, asked: Option<u64>) -> Result<Option<u64>> {
+        let config = &self.inner.config;
+        if !self.inner.backend.capabilities().disk_quota {
+            return match asked {
+                Some(_) => Err(Error::InvalidArgument(
+                    "this server's engine storage cannot enforce disk quotas, so disk_mb \
+                     cannot be set (see `colima-e2b doctor`)"
+                        .into(),
+                )),
+                None => Ok(None),
+            };
+        }
+        let disk = asked.or(config.default_limits.disk_mb);
+        if let (Some(d), Some(max)) = (disk, config.max_disk_mb) {
+            if d > max {
+                return Err(Error::InvalidArgument(format!(
+                    "disk_mb {d} is more than the {max} MiB a sandbox may have here (max_disk_mb)"
+                )));
+            }
+        }
+        Ok(disk)
+    }
+
+    fn check_host_limits(&self, limits: &Limits) -> Result<()> {
+        let (max_cpus, max_mb) = self.max_limits();
+        if let Some(max) = max_cpus.filter(|max| limits.cpus > *max) {
+            return Err(Error::InvalidArgument(format!(
+                "cpus {} is more than the {max} a sandbox may have here (max_cpus, at most \
+                 the engine host's CPUs)",
+                limits.cpus
+            )));
+        }
+        if let Some(max) = max_mb.filter(|max| limits.memory_mb > *max) {
+            return Err(Error::InvalidArgument(format!(
+                "memory_mb {} is more than the {max} MiB a sandbox may have here \
+                 (max_memory_mb, at most the engine host's memory)",
+                limits.memory_mb
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes a place under both limits, or says which one is reached.
+    fn admit(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, Reservation<'_>)> {
+        let config = &self.inner.config;
+        let permit = self.inner.creates.try_acquire().map_err(|_| {
+            metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => "busy")
+                .increment(1);
+            Error::ResourceExhausted {
+                message: format!(
+                    "more than {} sandbox creates at once",
+                    config.max_concurrent_creates
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            }
+        })?;
+        let mut reg = self.registry();
+        if reg.sandboxes.len() + reg.reserved >= config.max_sandboxes {
+            metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => "limit")
+                .increment(1);
+            return Err(Error::ResourceExhausted {
+                message: format!("the limit of {} sandboxes is reached", config.max_sandboxes),
+                retry_after: Some(Duration::from_secs(5)),
+            });
+        }
+        reg.reserved += 1;
+        drop(reg);
+        Ok((permit, Reservation(self)))
+    }
+
+    /// Creates and starts a sandbox.
+    ///
+    /// Refused with [`Error::ResourceExhausted`] when the concurrent-create or sandbox
+    /// limit is reached (creates in flight count against the sandbox limit). A failed
+    /// create leaves no container behind.
+    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo> {
+        let resolved = self.resolve(&spec)?;
+        let (_permit, reservation) = self.admit()?;
+        let started = Instant::now();
+        let id = SandboxId::generate();
+        // Noted before the engine is asked: a crash from here on leaves a container that
+        // the next start removes, since no client got an answer for it.
+        self.inner.journal.begin(&id)?;
+        let result = self.create_container(&spec, &resolved, id.clone()).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(info) => {
+                metrics::counter!("colima_e2b_sandbox_creates_total", "template" => info.template.clone())
+                    .increment(1);
+                {
+                    let mut reg = self.registry();
+                    reg.sandboxes.insert(info.id.clone(), info.clone());
+                }
+                // Registered before the place is given back: the limit never has a gap.
+                drop(reservation);
+                self.inner.reaper_wake.notify_one();
+                self.update_gauges();
+            }
+            Err(e) => {
+                metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => e.code())
+                    .increment(1);
+            }
+        }
+        self.inner.journal.end(&id);
+        result
+    }
+
+    async fn create_container(
+        &self,
+        spec: &SandboxSpec,
+        r: &Resolved,
+        id: SandboxId,
+    ) -> Result<SandboxInfo> {
+        let backend = &self.inner.backend;
+        let config = &self.inner.config;
+        let run = self.template_image(&r.template.image).await?;
+        check_disk_fits(r, run.size)?;
+        let image = run.name;
+        let agent = config.agent.as_ref();
+        let secret = agent.map(|_| generate_secret());
+        let now = now_ms();
+        let mut info = SandboxInfo {
+            id,
+            template: r.template_name.clone(),
+            image: image.clone(),
+            state: SandboxState::Running,
+            metadata: spec.metadata.clone(),
+            started_at: now,
+            expires_at: now + r.timeout,
+            limits: r.limits,
+            internet: spec.internet,
+            secure: spec.secure,
+        };
+        let name = labels::container_name(&info.id);
+        let container = self.container_spec(spec, &info, secret.as_deref());
+        let created = match backend.create(&container).await {
+            Ok(created) => created,
+            Err(e) => {
+                // The backend cleans up after itself; this catches a create that
+                // reported failure after the container came to exist.
+                self.remove_quietly(&name).await;
+                if matches!(e, Error::NotFound { .. }) {
+                    // An image that vanished since it was checked.
+                    self.forget_image(&info.image);
+                }
+                return Err(e);
+            }
+        };
+        info.state = created.state;
+        if let Some(applied) = created.limits {
+            info.limits = applied;
+        }
+        if let Some(secret) = secret {
+            match self.start_agent(&name, r, &spec.envs, secret).await {
+                Ok(client) => {
+                    self.agents().insert(info.id.clone(), client);
+                }
+                Err(e) => {
+                    // A failed create leaves nothing behind.
+                    self.remove_quietly(&name).await;
+                    return Err(match e {
+                        // The template exists; a container or address that is gone
+                        // means the sandbox died while starting.
+                        Error::NotFound { what } => Error::backend(
+                            backend.name(),
+                            format!(
+                                "sandbox {} stopped while starting ({what} not found)",
+                                info.id
+                            ),
+                        ),
+                        e => e,
+                    });
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// The container of a new sandbox: the image, the agent as its main process with
+    /// its secret (when the server runs agents), labels, limits and the profile.
+    fn container_spec(
+        &self,
+        spec: &SandboxSpec,
+        info: &SandboxInfo,
+        secret: Option<&str>,
+    ) -> ContainerSpec {
+        let config = &self.inner.config;
+        let agent = config.agent.is_some();
+        let mut env: Vec<String> = spec.envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let Some(secret) = secret {
+            // Lives with the container so a restarted server can talk to the agent again.
+            env.push(format!("{SECRET_ENV}={secret}"));
+            env.push(format!(
+                "{}={}",
+                envd_proto::STALL_TIMEOUT_ENV,
+                config.stall_timeout.as_millis().max(1)
+            ));
+        }
+        ContainerSpec {
+            name: labels::container_name(&info.id),
+            image: info.image.clone(),
+            // With the agent, the derived image's entrypoint (the agent) is the main process.
+            command: if agent {
+                Vec::new()
+            } else {
+                config.main_command.clone()
+            },
+            env,
+            labels: labels::for_sandbox(&config.owner, info),
+            limits: info.limits,
+            internet: spec.internet,
+            // The agent switches to each command's user itself, so it starts as root.
+            user: agent.then(|| "root".to_string()),
+            agent_port: if agent {
+                Some(self.agent_port())
+            } else {
+                config.agent_port
+            },
+            profile: config.profile.clone(),
+        }
+    }
+
+    /// Waits for a new sandbox's agent and hands it the sandbox's settings.
+    async fn start_agent(
+        &self,
+        name: &str,
+        r: &Resolved,
+        envs: &std::collections::BTreeMap<String, String>,
+        secret: String,
+    ) -> Result<AgentClient> {
+        let addr = self
+            .inner
+            .backend
+            .agent_address(name, self.agent_port())
+            .await?;
+        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret.clone());
+        let limit = self.inner.config.agent_ready_timeout;
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match client.health().await {
+                Ok(()) => break,
+                Err(e) if Instant::now() + pause >= deadline => {
+                    tracing::warn!(container = name, agent = %addr.addr, error = %e,
+                        "the sandbox agent did not answer /health in time");
+                    return Err(Error::Timeout(limit));
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+            }
+        }
+        // The user's own workdir only with the template's user: another user starts
+        // in their home.
+        let workdir = (r.user == r.template.user)
+            .then(|| r.template.workdir.clone())
+            .flatten();
+        client
+            .init(&InitRequest {
+                env_vars: Some(envs.clone()),
+                access_token: Some(secret),
+                default_user: Some(r.user.clone()),
+                default_workdir: workdir,
+            })
+            .await?;
+        Ok(client)
+    }
+}

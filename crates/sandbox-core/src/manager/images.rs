@@ -1,0 +1,70 @@
+//! Template images: a template's image is made available once (pulled when missing), and
+//! with the agent, the image sandboxes really run is derived from it once per (template
+//! image, agent build) and reused, also across restarts (the backend keeps a tag).
+
+use super::{lock, SandboxManager};
+use crate::agent::AgentBinary;
+use crate::error::Result;
+
+/// A template's image as sandboxes run it.
+pub(super) struct RunImage {
+    /// Its reference.
+    pub name: String,
+    /// Its size, bytes, when the engine said.
+    pub size: Option<u64>,
+}
+
+impl SandboxManager {
+    fn image_ready(&self, image: &str) -> Option<Option<u64>> {
+        lock(&self.inner.images_ready).get(image).copied()
+    }
+
+    fn mark_image_ready(&self, image: &str, size: Option<u64>) {
+        lock(&self.inner.images_ready).insert(image.to_string(), size);
+    }
+
+    /// Forgets that `image` was seen (it vanished from the engine).
+    pub(super) fn forget_image(&self, image: &str) {
+        lock(&self.inner.images_ready).remove(image);
+    }
+
+    /// The image a sandbox of template image `base` runs: `base` itself without the
+    /// agent, else the image derived from it with the agent as entrypoint.
+    pub(super) async fn template_image(&self, base: &str) -> Result<RunImage> {
+        let size = match self.image_ready(base) {
+            Some(size) => size,
+            None => {
+                let size = self.inner.backend.ensure_image(base).await?.size;
+                self.mark_image_ready(base, size);
+                size
+            }
+        };
+        match &self.inner.config.agent {
+            Some(agent) => {
+                let name = self.derived_image(base, agent).await?;
+                // The derived image is the base plus the agent.
+                let size = size.map(|s| s + agent.contents().len() as u64);
+                Ok(RunImage { name, size })
+            }
+            None => Ok(RunImage {
+                name: base.to_string(),
+                size,
+            }),
+        }
+    }
+
+    async fn derived_image(&self, base: &str, agent: &AgentBinary) -> Result<String> {
+        let tag = agent.derived_tag(base);
+        if self.image_ready(&tag).is_some() {
+            return Ok(tag);
+        }
+        let _one_at_a_time = self.inner.derive_lock.lock().await;
+        if self.image_ready(&tag).is_some() {
+            return Ok(tag);
+        }
+        let req = agent.derive_request(base);
+        self.inner.backend.derive_image(&req).await?;
+        self.mark_image_ready(&tag, None);
+        Ok(tag)
+    }
+}

@@ -1,0 +1,332 @@
+//! [`SandboxManager`]: every decision about sandboxes, split by job.
+//!
+//! - [`create`](self::create): admission, defaults and limits, the container spec, the
+//!   agent's start.
+//! - [`recovery`]: re-adoption of this server's sandboxes after a restart.
+//! - [`deadlines`]: timeouts, the reaper, the deadline store.
+//! - [`images`]: template images and the images derived from them with the agent.
+//! - [`agents`]: clients of sandboxes' agents, routes into sandboxes, signed URLs.
+//! - [`commands`]: the native API's commands, with their timeouts and output caps.
+//! - [`lifecycle`]: kill, pause, resume, connect.
+//! - [`diagnosis`]: what the manager can tell about its deployment.
+
+mod agents;
+mod commands;
+mod create;
+mod deadlines;
+pub mod diagnosis;
+mod images;
+mod lifecycle;
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::agent::{AgentBinary, AgentClient};
+use crate::backend::{DynBackend, EngineInfo, SandboxProfile};
+use crate::error::{Error, Result};
+use crate::labels;
+use crate::template::Template;
+use crate::types::{Limits, SandboxId, SandboxInfo, SandboxState};
+
+pub use agents::{ProxyTarget, Vouch};
+pub use commands::CommandLimits;
+pub use recovery::RecoveryReport;
+
+use deadlines::DeadlineStore;
+use recovery::CreateJournal;
+
+/// How the manager behaves; the binary fills it from configuration.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Identifies this server's sandboxes among others on the same engine.
+    pub owner: String,
+    /// Template name to template.
+    pub templates: BTreeMap<String, Template>,
+    /// Template used when a client names none.
+    pub default_template: String,
+    /// Timeout used when a client gives none.
+    pub default_timeout: Duration,
+    /// Limits for sandboxes that do not ask for their own.
+    pub default_limits: Limits,
+    /// Most CPUs a sandbox may ask for; `None`: as many as the engine's host has.
+    pub max_cpus: Option<f64>,
+    /// Most memory a sandbox may ask for, MiB; `None`: as much as the engine's host has.
+    pub max_memory_mb: Option<u64>,
+    /// Largest disk quota a sandbox may ask for, MiB.
+    pub max_disk_mb: Option<u64>,
+    /// The baseline profile of every sandbox container.
+    pub profile: SandboxProfile,
+    /// Creates allowed to run at once; more are refused with resource exhausted.
+    pub max_concurrent_creates: usize,
+    /// Sandboxes allowed to exist at once (creates in flight count).
+    pub max_sandboxes: usize,
+    /// Longest timeout a client may ask for.
+    pub max_timeout: Duration,
+    /// Commands of the native API: default and longest timeout, output kept.
+    pub commands: CommandLimits,
+    /// Where state that must survive a restart is kept: deadline changes (`deadlines/`)
+    /// and creates in flight (`creating/`).
+    pub state_dir: Option<PathBuf>,
+    /// Main process of every sandbox container when it runs no agent.
+    pub main_command: Vec<String>,
+    /// Port of the in-sandbox agent (default [`crate::agent::AGENT_PORT`]).
+    pub agent_port: Option<u16>,
+    /// The agent build put into every sandbox (through a derived image) as its main
+    /// process. `None` runs `main_command` instead and offers no agent (unit tests).
+    pub agent: Option<AgentBinary>,
+    /// How long a new sandbox's agent may take to answer `/health`.
+    pub agent_ready_timeout: Duration,
+    /// How long the agent lets a stream's reader take nothing before dropping it.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            owner: "default".into(),
+            templates: BTreeMap::new(),
+            default_template: "base".into(),
+            default_timeout: Duration::from_secs(300),
+            default_limits: Limits::default(),
+            max_cpus: None,
+            max_memory_mb: None,
+            max_disk_mb: None,
+            profile: SandboxProfile::default(),
+            max_concurrent_creates: 8,
+            max_sandboxes: 100,
+            max_timeout: Duration::from_secs(24 * 3600),
+            commands: CommandLimits::default(),
+            state_dir: None,
+            main_command: vec!["sleep".into(), "infinity".into()],
+            agent_port: None,
+            agent: None,
+            agent_ready_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Now, truncated to whole milliseconds: the precision labels and the deadline store keep,
+/// so a time reads back identical after a restart.
+fn now_ms() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    let ms = now.nanosecond() / 1_000_000 * 1_000_000;
+    now.replace_nanosecond(ms).unwrap_or(now)
+}
+
+/// The sandboxes this server manages, and the places held by creates in flight (so the
+/// sandbox limit counts them too).
+#[derive(Debug, Default)]
+struct Registry {
+    sandboxes: HashMap<SandboxId, SandboxInfo>,
+    reserved: usize,
+}
+
+struct Inner {
+    backend: DynBackend,
+    config: ManagerConfig,
+    registry: Mutex<Registry>,
+    creates: Semaphore,
+    reaper_wake: Arc<Notify>,
+    deadlines: DeadlineStore,
+    /// Creates in flight, so a restart removes what no finished create owns.
+    journal: CreateJournal,
+    /// Unfinished creates found at start, watched for a while (see `sweep_unfinished`).
+    unfinished: Mutex<HashMap<SandboxId, std::time::Instant>>,
+    /// What the engine's host has (CPUs, memory), read at start.
+    host: Mutex<Option<EngineInfo>>,
+    /// Images known to be local, with their sizes where the engine said.
+    images_ready: Mutex<HashMap<String, Option<u64>>>,
+    /// Serialises image derivations, so concurrent creates derive a template once.
+    derive_lock: tokio::sync::Mutex<()>,
+    /// Clients of agents met so far (rebuilt from the container after a restart).
+    agents: Mutex<HashMap<SandboxId, AgentClient>>,
+    /// One connection pool for every agent.
+    http: reqwest::Client,
+}
+
+/// Owns every sandbox of this server: creates them through the backend, enforces their
+/// deadlines, and re-adopts them after a restart.
+///
+/// Cloning is cheap; clones share one registry.
+#[derive(Clone)]
+pub struct SandboxManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SandboxManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxManager")
+            .field("backend", &self.inner.backend.name())
+            .field("owner", &self.inner.config.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SandboxManager {
+    /// A manager over `backend`. Call [`SandboxManager::start`] before serving requests.
+    pub fn new(backend: DynBackend, config: ManagerConfig) -> Self {
+        let creates = Semaphore::new(config.max_concurrent_creates.max(1));
+        let deadlines = DeadlineStore::new(config.state_dir.as_ref().map(|d| d.join("deadlines")));
+        let journal = CreateJournal::new(config.state_dir.as_ref().map(|d| d.join("creating")));
+        Self {
+            inner: Arc::new(Inner {
+                // Every engine call the manager makes is timed and counted.
+                backend: Arc::new(crate::backend::instrumented::Instrumented(backend)),
+                config,
+                registry: Mutex::new(Registry::default()),
+                creates,
+                reaper_wake: Arc::new(Notify::new()),
+                deadlines,
+                journal,
+                unfinished: Mutex::new(HashMap::new()),
+                host: Mutex::new(None),
+                images_ready: Mutex::new(HashMap::new()),
+                derive_lock: tokio::sync::Mutex::new(()),
+                agents: Mutex::new(HashMap::new()),
+                http: crate::agent::http_client(),
+            }),
+        }
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> &DynBackend {
+        &self.inner.backend
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    /// Asks the engine whether it answers.
+    pub async fn engine_info(&self) -> Result<EngineInfo> {
+        self.inner.backend.check().await
+    }
+
+    /// Reads what the engine's host has, re-adopts this server's sandboxes from the
+    /// engine and starts the reaper.
+    pub async fn start(&self) -> Result<RecoveryReport> {
+        let info = self.inner.backend.check().await?;
+        *lock(&self.inner.host) = Some(info);
+        let report = self.recover().await?;
+        self.spawn_reaper();
+        Ok(report)
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.inner.registry)
+    }
+
+    fn agents(&self) -> MutexGuard<'_, HashMap<SandboxId, AgentClient>> {
+        lock(&self.inner.agents)
+    }
+
+    /// Drops what the server keeps about a sandbox that no longer exists.
+    fn forget(&self, id: &SandboxId) {
+        self.inner.deadlines.forget(id);
+        self.agents().remove(id);
+    }
+
+    /// Lists sandboxes whose metadata contains every pair in `metadata`, oldest first.
+    pub fn list(&self, metadata: &BTreeMap<String, String>) -> Vec<SandboxInfo> {
+        let mut out: Vec<SandboxInfo> = self
+            .registry()
+            .sandboxes
+            .values()
+            .filter(|s| metadata.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// What the manager knows about sandbox `id`, without asking the engine.
+    pub fn info(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.registry()
+            .sandboxes
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// One sandbox, with its state refreshed from the engine.
+    pub async fn get(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        let mut info = self.info(id)?;
+        match self
+            .inner
+            .backend
+            .inspect(&labels::container_name(id))
+            .await
+        {
+            Ok(container) => {
+                info.state = container.state;
+                if let Some(s) = self.registry().sandboxes.get_mut(id) {
+                    s.state = container.state;
+                }
+                Ok(info)
+            }
+            Err(Error::NotFound { .. }) => {
+                // Removed behind our back (e.g. `docker rm -f`).
+                self.registry().sandboxes.remove(id);
+                self.forget(id);
+                self.update_gauges();
+                Err(not_found(id))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_state(&self, id: &SandboxId, state: SandboxState) -> Result<SandboxInfo> {
+        let info = {
+            let mut reg = self.registry();
+            let s = reg.sandboxes.get_mut(id).ok_or_else(|| not_found(id))?;
+            s.state = state;
+            s.clone()
+        };
+        self.update_gauges();
+        Ok(info)
+    }
+
+    fn update_gauges(&self) {
+        let mut counts: BTreeMap<(String, &'static str), f64> = BTreeMap::new();
+        for template in self.inner.config.templates.keys() {
+            for state in [SandboxState::Running, SandboxState::Paused] {
+                counts.insert((template.clone(), state.as_str()), 0.0);
+            }
+        }
+        for s in self.registry().sandboxes.values() {
+            *counts
+                .entry((s.template.clone(), s.state.as_str()))
+                .or_default() += 1.0;
+        }
+        for ((template, state), n) in counts {
+            metrics::gauge!("colima_e2b_sandboxes_active", "template" => template, "state" => state)
+                .set(n);
+        }
+    }
+
+    async fn remove_quietly(&self, name: &str) {
+        match self.inner.backend.remove(name).await {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(container = name, error = %e, "could not remove container"),
+        }
+    }
+}
+
+fn not_found(id: &SandboxId) -> Error {
+    Error::not_found(format!("sandbox {id}"))
+}

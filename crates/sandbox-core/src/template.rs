@@ -1,0 +1,93 @@
+//! Templates: what a sandbox is made from. Configuration names each template's image and
+//! the user (and working directory) its commands run as by default.
+
+use serde::{Deserialize, Serialize};
+
+/// One template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TemplateForm", into = "TemplateTable")]
+pub struct Template {
+    /// Image reference, e.g. `colima-e2b/base:latest`.
+    pub image: String,
+    /// User commands run as when a request names none (E2B's default: `user`).
+    pub user: String,
+    /// Working directory when a command names none; `None`: the user's home.
+    pub workdir: Option<String>,
+}
+
+/// The user of templates that name none (E2B's).
+pub const DEFAULT_USER: &str = "user";
+
+impl Template {
+    /// A template of `image` with E2B's default user.
+    pub fn new(image: impl Into<String>) -> Self {
+        Self {
+            image: image.into(),
+            user: DEFAULT_USER.into(),
+            workdir: None,
+        }
+    }
+}
+
+/// How configuration writes a template: just the image, or a table.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TemplateForm {
+    Image(String),
+    Table(TemplateTable),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateTable {
+    image: String,
+    #[serde(default = "default_user")]
+    user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workdir: Option<String>,
+}
+
+fn default_user() -> String {
+    DEFAULT_USER.into()
+}
+
+impl From<TemplateForm> for Template {
+    fn from(form: TemplateForm) -> Self {
+        match form {
+            TemplateForm::Image(image) => Template::new(image),
+            TemplateForm::Table(t) => Template {
+                image: t.image,
+                user: t.user,
+                workdir: t.workdir,
+            },
+        }
+    }
+}
+
+impl From<Template> for TemplateTable {
+    fn from(t: Template) -> Self {
+        TemplateTable {
+            image: t.image,
+            user: t.user,
+            workdir: t.workdir,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_is_an_image_or_a_table() {
+        let t: Template = serde_json::from_str(r#""colima-e2b/base:latest""#).expect("string");
+        assert_eq!(t, Template::new("colima-e2b/base:latest"));
+        let t: Template = serde_json::from_str(r#"{"image":"x","user":"root","workdir":"/work"}"#)
+            .expect("table");
+        assert_eq!(
+            (t.user.as_str(), t.workdir.as_deref()),
+            ("root", Some("/work"))
+        );
+        assert!(serde_json::from_str::<Template>(r#"{"image":"x","usr":"root"}"#).is_err());
+    }
+}

@@ -1,0 +1,522 @@
+//! The perimeter against the real server on a real engine: who may drive sandboxes,
+//! from where (sandboxes included), disk quotas, limits, paused sandboxes and creates cut
+//! short by a crash. Run on Docker and on Podman (`COLIMA_E2B_TEST_BACKEND`).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::{engine_command, json_of, OwnerCleanup, Server, ServerOptions};
+
+async fn create(server: &Server, body: Value) -> String {
+    server.create_sandbox(body).await
+}
+
+/// Runs `cmd` in the sandbox through the native API; returns (exit code, stdout, stderr).
+async fn run(server: &Server, id: &str, cmd: &str) -> (i64, String, String) {
+    let (status, body) = json_of(
+        server
+            .post(
+                &format!("/sandboxes/{id}/commands/run"),
+                json!({"cmd": cmd, "timeout": 120}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "run {cmd:?}: {body}");
+    (
+        body["exit_code"].as_i64().unwrap_or(-100),
+        body["stdout"].as_str().unwrap_or_default().to_string(),
+        body["stderr"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Asks, from inside sandbox `id`, for each `(method, path, key)` at the server's port
+/// on the sandbox's gateway (the host's bridge address); returns the gateway and the
+/// statuses (0 when no answer).
+async fn from_inside(
+    server: &Server,
+    id: &str,
+    port: u16,
+    asks: &[(&str, &str, Option<&str>)],
+) -> (String, Vec<u16>) {
+    let asks_json = serde_json::to_string(
+        &asks
+            .iter()
+            .map(|(m, p, k)| json!([m, p, k]))
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    let script = format!(
+        r#"python3 - <<'EOF'
+import json, socket, struct, urllib.request, urllib.error
+gw = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == '00000000':
+        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+print(gw)
+for method, path, key in json.loads('''{asks_json}'''):
+    headers = {{'Content-Type': 'application/json'}}
+    if key:
+        headers['Authorization'] = 'Bearer ' + key
+    req = urllib.request.Request('http://%s:{port}%s' % (gw, path), data=b'{{}}' if method == 'POST' else None, method=method, headers=headers)
+    try:
+        print(urllib.request.urlopen(req, timeout=10).status)
+    except urllib.error.HTTPError as e:
+        print(e.code)
+    except Exception as e:
+        print(0)
+EOF"#
+    );
+    let (code, out, err) = run(server, id, &script).await;
+    assert_eq!(code, 0, "probe failed: {out} {err}");
+    let mut lines = out.lines();
+    let gateway = lines.next().unwrap_or_default().to_string();
+    let statuses = lines.map(|l| l.trim().parse().unwrap_or(0)).collect();
+    (gateway, statuses)
+}
+
+fn port_of(server: &Server) -> u16 {
+    server
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+#[tokio::test]
+async fn a_server_beyond_loopback_wants_a_key_from_sandboxes_and_other_hosts() {
+    let mut options = ServerOptions::new();
+    // The seed's own command line: `colima-e2b server --host 0.0.0.0 --port <p>`.
+    options.args = vec!["--host".into(), "0.0.0.0".into()];
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let key = server.api_key();
+    assert!(
+        server.log().contains("needs an API key"),
+        "no warning about the exposure: {}",
+        server.log()
+    );
+    // This machine's loopback is still local development.
+    let id = create(&server, json!({"timeout": 300})).await;
+    let port = port_of(&server);
+    let (gateway, statuses) = from_inside(
+        &server,
+        &id,
+        port,
+        &[
+            ("POST", "/sandboxes/", None),
+            ("GET", "/health", None),
+            ("GET", "/metrics", None),
+            ("POST", "/e2b/sandboxes", None),
+            (
+                "POST",
+                "/sandboxes/",
+                Some("e2b_0000000000000000000000000000000000000000"),
+            ),
+            ("GET", "/sandboxes/", Some(&key)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        statuses,
+        vec![401, 401, 401, 401, 401, 200],
+        "a sandbox reaching the server through {gateway}"
+    );
+    // Another host (here: this machine through its bridge address, not loopback).
+    let http = reqwest::Client::new();
+    let url = format!("http://{gateway}:{port}/sandboxes/");
+    let anon = http.get(&url).send().await.expect("request");
+    assert_eq!(anon.status().as_u16(), 401);
+    let keyed = http
+        .get(&url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(keyed.status().as_u16(), 200);
+    let listed: Value = keyed.json().await.expect("json");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "nothing was created from inside"
+    );
+}
+
+#[tokio::test]
+async fn auth_off_beyond_loopback_refuses_to_start_and_says_why() {
+    let mut options = ServerOptions::new().env("COLIMA_E2B_AUTH__MODE", "off");
+    options.args = vec!["--host".into(), "0.0.0.0".into()];
+    let _cleanup = OwnerCleanup(options.clone());
+    let (status, stderr) = options.run_to_exit(Duration::from_secs(30));
+    assert!(!status.success(), "it started: {stderr}");
+    assert!(stderr.contains("refusing to start"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1"), "no fix named: {stderr}");
+}
+
+#[tokio::test]
+async fn sandboxes_created_secure_are_driven_only_with_a_key_or_their_token() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let key = server.api_key();
+    let (status, created) = json_of(
+        server
+            .http
+            .post(server.url("/e2b/v2/sandboxes"))
+            .header("x-api-key", &key)
+            .json(&json!({"templateID": "base", "timeout": 300, "secure": true}))
+            .send()
+            .await
+            .expect("create"),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"].as_str().expect("id").to_string();
+    let token = created["envdAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let run_path = server.url(&format!("/sandboxes/{id}/commands/run"));
+    let body = json!({"cmd": "id -un"});
+    // Loopback, but no credential: refused on every plane.
+    let resp = server
+        .http
+        .post(&run_path)
+        .json(&body)
+        .send()
+        .await
+        .expect("run");
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = server
+        .http
+        .post(server.url("/e2b/envd/process.Process/List"))
+        .header("e2b-sandbox-id", &id)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("list");
+    let (status, body) = json_of(resp).await;
+    assert_eq!((status, body["code"].as_u64()), (401, Some(401)), "{body}");
+    let resp = server
+        .http
+        .post(&run_path)
+        .header("x-access-token", "0".repeat(32))
+        .json(&body)
+        .send()
+        .await
+        .expect("run");
+    assert_eq!(resp.status().as_u16(), 401, "a wrong token");
+    // Its token or a key drive it.
+    for auth in [
+        ("x-access-token", token.clone()),
+        ("authorization", format!("Bearer {key}")),
+    ] {
+        let (status, out) = json_of(
+            server
+                .http
+                .post(&run_path)
+                .header(auth.0, &auth.1)
+                .json(&json!({"cmd": "id -un"}))
+                .send()
+                .await
+                .expect("run"),
+        )
+        .await;
+        assert_eq!(
+            (status, out["stdout"].as_str()),
+            (200, Some("user\n")),
+            "{out}"
+        );
+    }
+    let resp = server
+        .http
+        .post(server.url("/e2b/envd/process.Process/List"))
+        .header("e2b-sandbox-id", &id)
+        .header("x-access-token", &token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn pages_of_other_sites_are_refused_before_any_work() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    // DNS rebinding: a name that resolves to 127.0.0.1 but is not the server's.
+    let resp = server
+        .http
+        .post(server.url("/sandboxes/"))
+        .header("host", "rebind.attacker.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 421);
+    // A cross-site POST from a page in the user's browser.
+    let resp = server
+        .http
+        .post(server.url("/sandboxes/"))
+        .header("origin", "https://attacker.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("post");
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("forbidden_origin")),
+        "{body}"
+    );
+    // A page served by a sandbox (its code is untrusted) calling the API from the
+    // user's browser, where loopback needs no key.
+    let port = port_of(&server);
+    let resp = server
+        .http
+        .post(server.url("/sandboxes/"))
+        .header("host", format!("localhost:{port}"))
+        .header(
+            "origin",
+            format!("http://3000-clmsomesandbox.localhost:{port}"),
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 403);
+    let (_, listed) = json_of(server.get("/sandboxes/").await).await;
+    assert_eq!(listed, json!([]), "nothing was created");
+}
+
+#[tokio::test]
+async fn absurd_resources_are_422_naming_the_limit() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    for (body, names) in [
+        (json!({"cpus": 64}), "max_cpus"),
+        (json!({"memory_mb": 100_000_000}), "memory_mb"),
+        (json!({"disk_mb": 1_000_000}), "max_disk_mb"),
+        (json!({"disk_mb": 100}), "too small"),
+    ] {
+        let (status, answer) = json_of(server.post("/sandboxes/", body.clone()).await).await;
+        assert_eq!(status, 422, "{body}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(names)),
+            "{body}: {answer}"
+        );
+    }
+    let (_, listed) = json_of(server.get("/sandboxes/").await).await;
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test]
+async fn a_command_for_a_paused_sandbox_is_409_at_once() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let key = server.api_key();
+    let id = create(&server, json!({"timeout": 300})).await;
+    let resp = server
+        .http
+        .post(server.url(&format!("/e2b/sandboxes/{id}/pause")))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(resp.status().as_u16(), 204);
+    // A hang would hit the client's timeout; the answer must come first.
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let resp = quick
+        .post(server.url(&format!("/sandboxes/{id}/commands/run")))
+        .json(&json!({"cmd": "echo hi"}))
+        .send()
+        .await
+        .expect("an answer, not a hang");
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+    let resp = quick
+        .post(server.url("/e2b/envd/process.Process/List"))
+        .header("e2b-sandbox-id", &id)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("an answer, not a hang");
+    let (status, body) = json_of(resp).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was not found")),
+        "E2B's SDK reads this as a sandbox that is not running: {body}"
+    );
+}
+
+/// Free blocks and inodes of the filesystem holding `path`, via `df` (no unsafe here).
+fn free_space(path: &str) -> (u64, u64) {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail,iavail", "-B1", path])
+        .output()
+        .expect("df");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut nums = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u64>().ok());
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn a_full_disk_stops_writes_inside_answers_507_and_leaves_the_host_alone() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    // The quota counts the image on btrfs storage: ask for the image plus 96 MiB.
+    let (status, small) = json_of(server.post("/sandboxes/", json!({"disk_mb": 64})).await).await;
+    assert_eq!(status, 422, "{small}");
+    let image_mb: u64 = small["message"]
+        .as_str()
+        .and_then(|m| m.split("takes ").nth(1))
+        .and_then(|m| m.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the answer names the image size");
+    let quota = image_mb + 96;
+    let id = create(&server, json!({"disk_mb": quota, "timeout": 300})).await;
+    let (host_bytes, host_inodes) = free_space("/");
+    // File after file until the quota stops it.
+    let (code, out, err) = run(
+        &server,
+        &id,
+        "for i in $(seq 1 40); do dd if=/dev/zero of=/tmp/f$i bs=1M count=8 2>/dev/null || { echo stopped at $i; break; }; done; \
+         python3 -c \"\nimport os\nn=0\ntry:\n    while n < 300000:\n        open('/tmp/e%d' % n, 'w').close(); n += 1\nexcept OSError as e:\n    print('files stopped', e.errno)\n\"",
+    )
+    .await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.contains("stopped at"),
+        "the quota did not stop the writes: {out}"
+    );
+    assert!(
+        out.contains("files stopped 122") || out.contains("files stopped 28"),
+        "empty files were not stopped by the quota (EDQUOT/ENOSPC): {out}"
+    );
+    // The file API says the disk is full.
+    let resp = server
+        .http
+        .put(server.url(&format!("/sandboxes/{id}/files/raw?path=/tmp/big")))
+        .body(vec![0u8; 16 << 20])
+        .send()
+        .await
+        .expect("upload");
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{body}"
+    );
+    let (status, body) = json_of(
+        server
+            .post(
+                &format!("/sandboxes/{id}/files/write"),
+                json!({"path": "/tmp/more", "data": "x".repeat(1 << 19)}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 507, "{body}");
+    // The host's root filesystem gave at most the quota, and no inodes.
+    let (host_bytes_after, host_inodes_after) = free_space("/");
+    assert!(
+        host_bytes.saturating_sub(host_bytes_after) < (quota + 256) << 20,
+        "the host lost {} bytes",
+        host_bytes.saturating_sub(host_bytes_after)
+    );
+    assert!(
+        host_inodes.saturating_sub(host_inodes_after) < 1000,
+        "the host lost {} inodes",
+        host_inodes.saturating_sub(host_inodes_after)
+    );
+}
+
+#[tokio::test]
+async fn creates_cut_short_by_a_crash_leave_nothing_after_the_restart() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let mut server = Server::start(options.clone()).await;
+    let url = server.url("/sandboxes/");
+    let creates: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({"timeout": 600, "cpus": 0.05}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Kill the server as soon as the first container exists: every create is then
+    // still starting its sandbox (the agent at a twentieth of a core takes a while).
+    let owner_filter = format!("label=dev.colima-e2b.owner={}", options.owner);
+    let mut seen = false;
+    for _ in 0..300 {
+        let out = engine_command()
+            .args(["ps", "-aq", "--filter", &owner_filter])
+            .output()
+            .expect("engine CLI");
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill9();
+    assert!(seen, "no create reached the engine");
+    let mut answered = 0;
+    for c in creates {
+        if matches!(c.await, Ok(Ok(200))) {
+            answered += 1;
+        }
+    }
+    let server = Server::start(options.clone()).await;
+    let (_, listed) = json_of(server.get("/sandboxes/").await).await;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(answered),
+        "only creates that were answered survive: {listed}"
+    );
+    let out = engine_command()
+        .args(["ps", "-aq", "--filter", &owner_filter])
+        .output()
+        .expect("engine CLI");
+    let left = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .count();
+    assert_eq!(left, answered, "containers left running: {left}");
+    // The restart found the creates that never finished and removed their containers.
+    let log = server.log();
+    let unfinished: usize = log
+        .split("unfinished=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no recovery report: {log}"));
+    assert!(unfinished >= 1, "nothing was unfinished: {log}");
+}
