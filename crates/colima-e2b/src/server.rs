@@ -221,3 +221,27 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_without_quotas_refuses_to_start_naming_the_fix_unless_allowed() {
+        let engine = sandbox_core::EngineInfo {
+            storage: Some("overlay2 on extfs".into()),
+            ..Default::default()
+        };
+        let config = Config::default();
+        let err = check_disk_quota(&config, false, &engine).expect_err("refused");
+        assert!(err.contains("overlay2 on extfs"), "{err}");
+        assert!(err.contains("allow_unlimited_disk"), "{err}");
+        assert!(err.contains("deploy/engines.sh"), "{err}");
+        assert!(check_disk_quota(&config, true, &engine).is_ok());
+        let allowed = Config {
+            allow_unlimited_disk: true,
+            ..Config::default()
+        };
+        assert!(check_disk_quota(&allowed, false, &engine).is_ok());
+    }
+}

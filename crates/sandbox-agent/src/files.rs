@@ -857,7 +857,11 @@ async fn upload_inner(
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         if !up.feed(data).await {
-                            break;
+                            // The writer failed (a full disk, the cap): read on a little,
+                            // so the client gets this answer rather than a reset.
+                            let answer = up.finish().await;
+                            drain_rest(&mut body).await;
+                            return answer.map(|info| vec![info]);
                         }
                     }
                 }
@@ -872,6 +876,22 @@ async fn upload_inner(
         }
         Ok(vec![up.finish().await?])
     }
+}
+
+/// Reads and discards what is left of an upload whose file failed, up to a bound (64 MiB
+/// or 10 s), so the client, still sending, reads the error instead of a reset.
+async fn drain_rest(body: &mut Incoming) {
+    let mut left: usize = 64 << 20;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(f)) = body.frame().await {
+            let n = f.data_ref().map_or(0, |d| d.len());
+            if n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
 }
 
 /// Names for EntryInfo, read on a blocking thread.

@@ -1,8 +1,5 @@
 //! The seed's file API: `/sandboxes/{id}/files/...`, plus streamed raw variants.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use base64::Engine as _;
 use envd_proto::messages::{EntryInfo, FileType};
 use futures_util::StreamExt;
@@ -437,23 +434,47 @@ impl FileApi {
         check_path(&path.0)?;
         let max = state.limits.max_upload;
         let agent = state.manager.agent(&id).await?;
-        // Counts what streams through; past the cap the stream fails, which ends the
-        // upload, and the count tells that failure apart from the agent's own.
-        let seen = Arc::new(AtomicU64::new(0));
-        let counter = seen.clone();
-        let counted = body.0.into_bytes_stream().map(move |chunk| {
-            let chunk = chunk?;
-            let total =
-                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
-            if total > max {
-                return Err(std::io::Error::other("upload too large"));
-            }
-            Ok(chunk)
+        // The client's body goes to the agent through a channel, so that what the agent
+        // did not take (it answered early: a full disk, a bad path) can still be drained
+        // and the client reads the answer instead of a reset connection.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+        let to_agent = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
         });
-        let result = agent
-            .write_file(&path.0, reqwest::Body::wrap_stream(counted))
-            .await;
-        let size = seen.load(Ordering::Relaxed);
+        let mut client = body.0.into_bytes_stream();
+        let mut size = 0u64;
+        let feed = async {
+            // Owned here, so the agent's body ends when the client's does.
+            let tx = tx;
+            while let Some(chunk) = client.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                size += chunk.len() as u64;
+                if size > max {
+                    // Past the cap the stream fails, which ends the upload (the agent
+                    // keeps the old file).
+                    let _ = tx
+                        .send(Err(std::io::Error::other("upload too large")))
+                        .await;
+                    return;
+                }
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the agent stopped reading: it has answered
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(
+            agent.write_file(&path.0, reqwest::Body::wrap_stream(to_agent)),
+            feed
+        );
+        if result.is_err() || size > max {
+            crate::drain(Body::from_bytes_stream(client)).await;
+        }
         if size > max {
             return Err(ApiError::from_status(
                 413,

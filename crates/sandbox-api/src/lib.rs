@@ -253,8 +253,12 @@ async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result
     next.call(req).await.map(IntoResponse::into_response)
 }
 
-/// Reads and discards up to [`DRAIN_LIMIT`] bytes of `body`.
-async fn drain(body: Body) {
+/// Reads and discards up to [`DRAIN_LIMIT`] bytes of `body` (for at most 10 s).
+pub(crate) async fn drain(body: Body) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain_all(body)).await;
+}
+
+async fn drain_all(body: Body) {
     let mut stream = Box::pin(body.into_bytes_stream());
     let mut seen = 0usize;
     while let Some(Ok(chunk)) = stream.next().await {
