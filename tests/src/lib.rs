@@ -273,6 +273,20 @@ impl Server {
         .await
     }
 
+    /// Starts `cmd` in sandbox `id` in the background through the native API; its pid.
+    pub async fn background(&self, id: &str, cmd: &str) -> u64 {
+        let (status, body) = json_of(
+            self.post(
+                &format!("/sandboxes/{id}/commands/run/background"),
+                serde_json::json!({"cmd": cmd}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["pid"].as_u64().expect("pid")
+    }
+
     /// DELETEs a path.
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.http

@@ -51,7 +51,7 @@ async fn seed_examples_write_a_script_and_run_it() {
     let (status, v) = run(
         &server,
         &id,
-        json!({"cmd": "python3 script.py", "timeout": 30, "cwd": "/home/user"}),
+        json!({"cmd": "python script.py", "timeout": 30, "cwd": "/home/user"}),
     )
     .await;
     assert_eq!(status, 200, "{v}");

@@ -46,17 +46,7 @@ async fn wait_count(server: &Server, id: &str, pattern: &str, want: usize, limit
 }
 
 async fn background(server: &Server, id: &str, cmd: &str) -> u64 {
-    let (status, body) = json_of(
-        server
-            .post(
-                &format!("/sandboxes/{id}/commands/run/background"),
-                json!({"cmd": cmd}),
-            )
-            .await,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body["pid"].as_u64().expect("pid")
+    server.background(id, cmd).await
 }
 
 #[tokio::test]

@@ -30,6 +30,13 @@ async fn run(server: &Server, id: &str, cmd: &str) -> (i64, String, String) {
     )
 }
 
+/// Python that sets `gw` to the sandbox's default gateway (the host's bridge address).
+const GATEWAY_PY: &str = "gw = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == '00000000':
+        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))";
+
 /// Asks, from inside sandbox `id`, for each `(method, path, key)` at the server's port
 /// on the sandbox's gateway (the host's bridge address); returns the gateway and the
 /// statuses (0 when no answer).
@@ -49,11 +56,7 @@ async fn from_inside(
     let script = format!(
         r#"python3 - <<'EOF'
 import json, socket, struct, urllib.request, urllib.error
-gw = None
-for line in open('/proc/net/route').read().splitlines()[1:]:
-    f = line.split()
-    if f[1] == '00000000':
-        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+{GATEWAY_PY}
 print(gw)
 for method, path, key in json.loads('''{asks_json}'''):
     headers = {{'Content-Type': 'application/json'}}
@@ -155,6 +158,67 @@ async fn a_server_beyond_loopback_wants_a_key_from_sandboxes_and_other_hosts() {
         Some(1),
         "nothing was created from inside"
     );
+}
+
+#[tokio::test]
+async fn key_guessing_from_a_sandbox_is_limited_with_retry_after() {
+    let mut options = ServerOptions::new();
+    options.args = vec!["--host".into(), "0.0.0.0".into()];
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let id = create(&server, json!({"timeout": 300})).await;
+    let port = port_of(&server);
+    let script = format!(
+        r#"python3 - <<'EOF'
+import socket, struct, time, urllib.request, urllib.error
+{GATEWAY_PY}
+statuses, first, retry = [], None, None
+t0 = time.monotonic()
+for i in range(100):
+    req = urllib.request.Request('http://%s:{port}/sandboxes/' % gw, headers={{'Authorization': 'Bearer e2b_guess%040d' % i}})
+    try:
+        statuses.append(urllib.request.urlopen(req, timeout=10).status)
+    except urllib.error.HTTPError as e:
+        statuses.append(e.code)
+        if e.code == 429 and first is None:
+            first, retry = time.monotonic() - t0, e.headers.get('Retry-After')
+print(' '.join(map(str, statuses)))
+print('%.1f' % ((first or 0) * 1000), retry)
+EOF"#
+    );
+    let (code, out, err) = run(&server, &id, &script).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut lines = out.lines();
+    let statuses: Vec<u16> = lines
+        .next()
+        .unwrap_or_default()
+        .split(' ')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let (first_ms, retry) = lines
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .unwrap_or_default();
+    let unauthorized = statuses.iter().take_while(|s| **s == 401).count();
+    eprintln!(
+        "from a sandbox: {unauthorized} x 401, then 429 after {first_ms} ms (Retry-After {retry})"
+    );
+    assert_eq!(statuses.len(), 100, "{out}");
+    assert!(
+        (1..=11).contains(&unauthorized),
+        "wrong keys answered 401 before the limit: {statuses:?}"
+    );
+    assert!(
+        statuses[unauthorized..].iter().all(|s| *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        retry.parse::<u64>().is_ok_and(|r| r >= 1),
+        "Retry-After {retry:?}"
+    );
+    // The limit is the guesser's: the server's own loopback client is not held back.
+    let (status, _) = json_of(server.get("/sandboxes/").await).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -586,6 +586,7 @@ impl SandboxBackend for DockerBackend {
         match self.docker.inspect_image(image).await {
             Ok(i) => Ok(Some(ImageInfo {
                 size: i.size.and_then(|s| u64::try_from(s).ok()),
+                id: i.id,
             })),
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(self.map_err(&format!("image {image}"), e)),
@@ -595,6 +596,7 @@ impl SandboxBackend for DockerBackend {
     async fn ensure_image(&self, image: &str) -> Result<ImageInfo> {
         let info = |i: bollard::models::ImageInspect| ImageInfo {
             size: i.size.and_then(|s| u64::try_from(s).ok()),
+            id: i.id,
         };
         match self.docker.inspect_image(image).await {
             Ok(i) => return Ok(info(i)),

@@ -476,6 +476,7 @@ impl PodmanBackend {
             .map_err(|e| self.conn_err(e, &format!("image {image}")))?;
         Ok(ImageInfo {
             size: v.get("Size").and_then(Value::as_u64),
+            id: v.get("Id").and_then(Value::as_str).map(str::to_string),
         })
     }
 

@@ -38,6 +38,8 @@ pub struct Config {
     pub spill_bytes: u64,
     /// Spill cap of all commands together in bytes on disk; 0 turns spilling off.
     pub spill_total_bytes: u64,
+    /// Abstract socket of the sudo service (see [`crate::sudo`]); `None`: no sudo.
+    pub sudo_socket: Option<String>,
 }
 
 /// Default `--spill-bytes`.
@@ -70,6 +72,9 @@ USAGE: sandbox-agent [FLAGS]
                              0: no spill, at least 1048576 otherwise)
   --spill-total-bytes N      spill cap of all processes together, oldest dropped first
                              (default 536870912; 0: no spill, at least 1048576 otherwise)
+  --sudo-socket NAME         serve sudo on the abstract socket NAME (default, when the agent
+                             is PID 1 and root: colima-e2b-sudo; empty: no sudo). Commands find
+                             it by env COLIMA_E2B_SUDO_SOCKET, else the default name
   --version                  print the envd version this agent implements
 ";
 
@@ -106,6 +111,9 @@ impl Config {
             spill_dir: std::env::temp_dir(),
             spill_bytes: DEFAULT_SPILL_BYTES,
             spill_total_bytes: DEFAULT_SPILL_TOTAL_BYTES,
+            // Only inside a sandbox by default: on a host it would be a way to root.
+            sudo_socket: (std::process::id() == 1 && crate::sys::geteuid() == 0)
+                .then(|| crate::sudo::DEFAULT_SOCKET.to_string()),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -147,6 +155,7 @@ impl Config {
                     cfg.stall_timeout = Duration::from_millis(ms);
                 }
                 "--spill-dir" => cfg.spill_dir = PathBuf::from(value()?),
+                "--sudo-socket" => cfg.sudo_socket = Some(value()?).filter(|s| !s.is_empty()),
                 "--spill-bytes" => cfg.spill_bytes = spill_cap(flag, &value()?)?,
                 "--spill-total-bytes" => cfg.spill_total_bytes = spill_cap(flag, &value()?)?,
                 other => return Err(format!("unknown flag {other}\n\n{USAGE}")),

@@ -26,11 +26,15 @@
 pub mod auth;
 pub mod config;
 pub mod connect;
+pub mod connection;
 pub mod files;
 pub mod output;
 pub mod process;
+pub mod rpc;
 pub mod server;
 pub mod spill;
+pub mod streams;
+pub mod sudo;
 pub mod supervisor;
 pub mod sys;
 pub mod tree;

@@ -4,6 +4,11 @@ use sandbox_agent::config::{Config, SECRET_ENV, SECRET_FILE_ENV, USAGE};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Installed as `sudo` too (a link to this binary).
+    let called = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&called).file_name() == Some(std::ffi::OsStr::new("sudo")) {
+        sandbox_agent::sudo::client::main(&args);
+    }
     if args.first().map(String::as_str) == Some(sandbox_agent::supervisor::SUPERVISE_ARG) {
         sandbox_agent::supervisor::main(&args[1..]);
     }

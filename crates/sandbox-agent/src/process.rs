@@ -189,6 +189,9 @@ pub struct ProcessTable {
     reap_pending: AtomicBool,
     /// Live supervisors: never targets of a kill-all.
     supervisors: Mutex<HashSet<u32>>,
+    /// Supervisors of commands run through sudo, with the supervisor of the command
+    /// that called sudo: killing that command kills them too.
+    escalated: Mutex<HashMap<u32, u32>>,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     ended: Mutex<VecDeque<(u32, Instant)>>,
     ring_cap: usize,
@@ -211,6 +214,7 @@ impl ProcessTable {
             gate: RwLock::new(()),
             reap_pending: AtomicBool::new(false),
             supervisors: Mutex::new(HashSet::new()),
+            escalated: Mutex::new(HashMap::new()),
             procs: Mutex::new(HashMap::new()),
             ended: Mutex::new(VecDeque::new()),
             ring_cap: ring_cap.max(READ_CHUNK),
@@ -230,6 +234,7 @@ impl ProcessTable {
         let mut sups = lock(&self.supervisors);
         while let Some((pid, _)) = sys::reap_one() {
             sups.remove(&pid);
+            lock(&self.escalated).remove(&pid);
         }
     }
 
@@ -258,9 +263,13 @@ impl ProcessTable {
         if sig == Signal::KILL {
             return self.kill_tree(proc.supervisor).await;
         }
-        let sup = proc.supervisor;
+        let roots = self.tree_roots(proc.supervisor);
         let n = self
-            .with_gate(move |_| tree::signal_once(&move |s: &Snapshot| s.descendants(sup), sig))
+            .with_gate(move |_| {
+                let scope =
+                    move |s: &Snapshot| roots.iter().flat_map(|r| s.descendants(*r)).collect();
+                tree::signal_once(&scope, sig)
+            })
             .await
             .unwrap_or(0);
         let (table, p) = (self.clone(), proc.clone());
@@ -274,6 +283,62 @@ impl ProcessTable {
             }
         });
         n
+    }
+
+    /// `supervisor` and the supervisors of what its command ran through sudo, theirs too.
+    fn tree_roots(&self, supervisor: u32) -> Vec<u32> {
+        let escalated = lock(&self.escalated);
+        let mut roots = vec![supervisor];
+        let mut i = 0;
+        while i < roots.len() {
+            let parent = roots[i];
+            for (sup, _) in escalated.iter().filter(|(_, p)| **p == parent) {
+                if !roots.contains(sup) {
+                    roots.push(*sup);
+                }
+            }
+            i += 1;
+        }
+        roots
+    }
+
+    /// The supervisor of the command `pid` belongs to: its nearest supervisor ancestor.
+    pub fn supervisor_of(&self, pid: u32) -> Option<u32> {
+        let sups = lock(&self.supervisors).clone();
+        let mut p = pid;
+        for _ in 0..4096 {
+            if sups.contains(&p) {
+                return Some(p);
+            }
+            let st = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            p = tree::ProcStat::parse(p, &st)?.ppid;
+            if p <= 1 {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Starts `spec` for sudo under a supervisor of its own, with the caller's stdio,
+    /// as part of the command whose supervisor is `parent` (see [`crate::sudo`]).
+    pub async fn start_escalated(
+        &self,
+        spec: &Spec,
+        stdio: [Stdio; 3],
+        parent: Option<u32>,
+    ) -> Result<supervisor::Supervised, EnvdError> {
+        supervisor::launch(spec, stdio, &self.spawn_lock, |sup| {
+            lock(&self.supervisors).insert(sup);
+            if let Some(parent) = parent {
+                lock(&self.escalated).insert(sup, parent);
+            }
+        })
+        .await
+    }
+
+    /// Kills what sudo started under `supervisor` (its client is gone).
+    pub async fn kill_escalated(self: &Arc<Self>, supervisor: u32) -> usize {
+        self.kill_tree(supervisor).await
     }
 
     /// Process groups a kill must never signal whole: the agent's own (the supervisors'
@@ -291,12 +356,16 @@ impl ProcessTable {
         // The first stop right here, before any hop to another thread: a fork bomb leaves
         // each thread of the sandbox a sliver of CPU. (The reaper runs on this thread, so
         // the supervisor's pid cannot be reaped and reused meanwhile.)
-        let first = tree::children_groups(supervisor);
+        let roots = self.tree_roots(supervisor);
+        let first: Vec<u32> = roots
+            .iter()
+            .flat_map(|r| tree::children_groups(*r))
+            .collect();
         for g in first.iter().filter(|g| !self.protected_group(**g)) {
             let _ = sys::kill_group(*g, Signal::STOP);
         }
         self.with_gate(move |t| {
-            let scope = move |s: &Snapshot| s.descendants(supervisor);
+            let scope = move |s: &Snapshot| roots.iter().flat_map(|r| s.descendants(*r)).collect();
             let protected = |g: u32| t.protected_group(g);
             tree::freeze_and_kill(
                 &scope,

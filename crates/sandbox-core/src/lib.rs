@@ -32,7 +32,7 @@ pub use agent::{AgentBinary, AgentClient, ProcessOutput, ProcessStream};
 pub use backend::memory::InMemoryBackend;
 pub use backend::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
-    ImageFile, ImageInfo, SandboxBackend, SandboxProfile,
+    ImageFile, ImageInfo, ImageLink, SandboxBackend, SandboxProfile,
 };
 pub use error::{BoxError, Error, Result};
 pub use manager::{

@@ -294,6 +294,7 @@ async fn agent_bench(
                     contents: data.clone().into(),
                     mode: 0o644,
                 }],
+                links: vec![],
                 entrypoint: vec![],
                 labels: BTreeMap::new(),
             }

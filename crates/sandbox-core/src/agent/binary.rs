@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// Where the agent binary lives inside a derived image (its entrypoint).
 pub const AGENT_PATH: &str = "/usr/local/bin/sandbox-agent";
+/// Where derived images have `sudo`: a link to the agent, ahead of `/usr/bin` in PATH.
+pub const SUDO_PATH: &str = "/usr/local/bin/sudo";
 /// Repository prefix of derived images.
 pub const DERIVED_REPO: &str = "colima-e2b-derived";
 
@@ -75,14 +77,19 @@ impl AgentBinary {
         &self.sha256
     }
 
-    /// The derived image for template image `base`:
+    /// The derived image for template image `base` (engine image id `base_id`):
     /// `colima-e2b-derived/<base as a repository path>:<12 hex>`, where the hex digits
-    /// hash this agent build and `base`, so different bases never share a tag.
-    pub fn derived_tag(&self, base: &str) -> String {
+    /// hash this agent build, `base` and its id, so different bases never share a tag,
+    /// and a name given to a new image (rebuilt, pulled again) gets a new derivation.
+    pub fn derived_tag(&self, base: &str, base_id: Option<&str>) -> String {
         let mut h = Sha256::new();
         h.update(self.sha256.as_bytes());
         h.update(b"\n");
         h.update(base.as_bytes());
+        if let Some(id) = base_id {
+            h.update(b"\n");
+            h.update(id.as_bytes());
+        }
         let digest = hex(&h.finalize());
         format!("{DERIVED_REPO}/{}:{}", repo_path(base), &digest[..12])
     }
@@ -91,14 +98,19 @@ impl AgentBinary {
 impl AgentBinary {
     /// The derivation that puts this agent into `base` as its entrypoint, tagged
     /// [`AgentBinary::derived_tag`].
-    pub fn derive_request(&self, base: &str) -> crate::backend::DeriveImage {
+    pub fn derive_request(&self, base: &str, base_id: Option<&str>) -> crate::backend::DeriveImage {
         crate::backend::DeriveImage {
             base: base.to_string(),
-            tag: self.derived_tag(base),
+            tag: self.derived_tag(base, base_id),
             files: vec![crate::backend::ImageFile {
                 path: AGENT_PATH.into(),
                 contents: self.contents.clone(),
                 mode: 0o755,
+            }],
+            // The agent is `sudo` too (see the agent's `sudo` module).
+            links: vec![crate::backend::ImageLink {
+                path: SUDO_PATH.into(),
+                target: AGENT_PATH.into(),
             }],
             entrypoint: vec![AGENT_PATH.into()],
             labels: std::collections::BTreeMap::from([
@@ -187,17 +199,22 @@ mod tests {
     fn derived_tags_are_valid_references_and_differ_by_base_and_build() {
         let a = AgentBinary::from_bytes(b"\x7fELF one".to_vec());
         let b = AgentBinary::from_bytes(b"\x7fELF two".to_vec());
-        let tag = a.derived_tag("colima-e2b/base:latest");
+        let tag = a.derived_tag("colima-e2b/base:latest", None);
         assert!(
             tag.starts_with("colima-e2b-derived/colima-e2b/base-latest:"),
             "{tag}"
         );
         assert_eq!(tag.rsplit(':').next().map(str::len), Some(12));
-        assert_eq!(tag, a.derived_tag("colima-e2b/base:latest"));
-        assert_ne!(tag, b.derived_tag("colima-e2b/base:latest"));
+        assert_eq!(tag, a.derived_tag("colima-e2b/base:latest", None));
+        assert_ne!(tag, b.derived_tag("colima-e2b/base:latest", None));
         assert_ne!(
-            a.derived_tag("foo/bar:latest"),
-            a.derived_tag("foo-bar:latest")
+            a.derived_tag("foo/bar:latest", None),
+            a.derived_tag("foo-bar:latest", None)
+        );
+        // The same name on a new image derives anew.
+        assert_ne!(
+            a.derived_tag("colima-e2b/base:latest", Some("sha256:1")),
+            a.derived_tag("colima-e2b/base:latest", Some("sha256:2"))
         );
         assert_eq!(
             repo_path("Registry.io:5000/A__b/c@sha256:ab"),

@@ -9,7 +9,7 @@ pub mod command;
 pub mod errors;
 pub mod stream;
 
-pub use binary::{generate_hex, generate_secret, AgentBinary, AGENT_PATH, DERIVED_REPO};
+pub use binary::{generate_hex, generate_secret, AgentBinary, AGENT_PATH, DERIVED_REPO, SUDO_PATH};
 pub use client::{http_client, AgentClient, MAX_UNARY_RESPONSE};
 pub use envd_proto::{AGENT_PORT, ENVD_VERSION, SECRET_ENV};
 pub use stream::{FileStream, ProcessOutput, ProcessStream};

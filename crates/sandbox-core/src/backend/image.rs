@@ -37,6 +37,15 @@ pub struct ImageFile {
     pub mode: u32,
 }
 
+/// A symbolic link to add to a derived image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageLink {
+    /// Absolute path of the link inside the image.
+    pub path: String,
+    /// What it points to.
+    pub target: String,
+}
+
 /// An image to derive from a base image: the base plus files, with a new entrypoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeriveImage {
@@ -46,6 +55,8 @@ pub struct DeriveImage {
     pub tag: String,
     /// Files to add (owned by root).
     pub files: Vec<ImageFile>,
+    /// Symbolic links to add.
+    pub links: Vec<ImageLink>,
     /// New entrypoint; the derived image has no CMD.
     pub entrypoint: Vec<String>,
     /// Labels added to the image.
@@ -56,25 +67,33 @@ impl DeriveImage {
     /// The files as an uncompressed tar archive rooted at `/`, for engines' archive APIs.
     pub fn tar(&self) -> std::io::Result<Vec<u8>> {
         let mut builder = tar::Builder::new(Vec::new());
-        for file in &self.files {
-            let rel = file.path.trim_start_matches('/');
+        let relative = |path: &str| {
+            let rel = path.trim_start_matches('/');
             if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "image file path {:?} must be absolute and normal",
-                        file.path
-                    ),
+                    format!("image file path {path:?} must be absolute and normal"),
                 ));
             }
+            Ok(rel.to_string())
+        };
+        let header = |kind: tar::EntryType, mode: u32, size: usize| {
             let mut header = tar::Header::new_ustar();
-            header.set_size(file.contents.len() as u64);
-            header.set_mode(file.mode);
+            header.set_size(size as u64);
+            header.set_mode(mode);
             header.set_uid(0);
             header.set_gid(0);
             header.set_mtime(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            builder.append_data(&mut header, rel, &file.contents[..])?;
+            header.set_entry_type(kind);
+            header
+        };
+        for file in &self.files {
+            let mut h = header(tar::EntryType::Regular, file.mode, file.contents.len());
+            builder.append_data(&mut h, relative(&file.path)?, &file.contents[..])?;
+        }
+        for link in &self.links {
+            let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+            builder.append_link(&mut h, relative(&link.path)?, &link.target)?;
         }
         builder.into_inner()
     }
@@ -196,10 +215,31 @@ mod tests {
                 contents: std::sync::Arc::from(&b"x"[..]),
                 mode: 0o755,
             }],
+            links: vec![ImageLink {
+                path: "/usr/local/bin/link".into(),
+                target: "agent".into(),
+            }],
             entrypoint: vec![],
             labels: BTreeMap::new(),
         };
-        assert!(req("/usr/local/bin/agent").tar().is_ok());
+        let tar = req("/usr/local/bin/agent").tar().expect("tar");
+        let mut archive = tar::Archive::new(&tar[..]);
+        let kinds: Vec<(String, tar::EntryType)> = archive
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let path = e.path().expect("path").to_string_lossy().into_owned();
+                (path, e.header().entry_type())
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("usr/local/bin/agent".to_string(), tar::EntryType::Regular),
+                ("usr/local/bin/link".to_string(), tar::EntryType::Symlink),
+            ]
+        );
         for bad in ["/", "/a/../b", "/a//b", "relative/.."] {
             assert!(req(bad).tar().is_err(), "{bad}");
         }
@@ -211,6 +251,7 @@ mod tests {
             base: "b".into(),
             tag: "t".into(),
             files: vec![],
+            links: vec![],
             entrypoint: vec!["/usr/local/bin/sandbox-agent".into()],
             labels: BTreeMap::from([
                 (

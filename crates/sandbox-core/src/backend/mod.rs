@@ -6,7 +6,7 @@ pub mod image;
 pub mod instrumented;
 pub mod memory;
 
-pub use image::{split_image, DeriveImage, DeriveSteps, ImageFile};
+pub use image::{split_image, DeriveImage, DeriveSteps, ImageFile, ImageLink};
 
 use std::collections::BTreeMap;
 use std::fmt::{Debug, Display};
@@ -156,10 +156,12 @@ pub struct ContainerInfo {
 }
 
 /// What the engine says about a local image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageInfo {
     /// Its size on disk, bytes, when the engine says.
     pub size: Option<u64>,
+    /// The engine's image id (changes when the name is given to a new image).
+    pub id: Option<String>,
 }
 
 /// How the server reaches a sandbox's agent.

@@ -9,7 +9,7 @@ use envd_proto::AGENT_PORT;
 
 use super::{Cleanup, Fixture};
 use crate::agent::command::ShellCommand;
-use crate::agent::{generate_secret, AgentBinary, AgentClient, AGENT_PATH, SECRET_ENV};
+use crate::agent::{generate_secret, AgentBinary, AgentClient, AGENT_PATH, SECRET_ENV, SUDO_PATH};
 use crate::backend::{ContainerSpec, SandboxBackend};
 use crate::error::Error;
 use crate::types::Limits;
@@ -47,12 +47,12 @@ async fn agent_container<'a>(
              COLIMA_E2B_AGENT_BINARY"
         )
     });
-    let derive = agent.derive_request(&fixture.image);
-    let tag = derive.tag.clone();
-    backend
+    let base = backend
         .ensure_image(&fixture.image)
         .await
         .expect("the fixture image is available");
+    let derive = agent.derive_request(&fixture.image, base.id.as_deref());
+    let tag = derive.tag.clone();
     backend
         .derive_image(&derive)
         .await
@@ -156,6 +156,8 @@ pub async fn a_derived_image_runs_the_agent_as_its_entrypoint(
     };
     let cmdline = sh(&client, "root", "tr '\\0' ' ' < /proc/1/cmdline").await;
     assert_eq!(cmdline.trim(), AGENT_PATH, "PID 1 is not the agent alone");
+    let link = sh(&client, "root", &format!("readlink {SUDO_PATH}")).await;
+    assert_eq!(link.trim(), AGENT_PATH, "the derived image's link");
     let info = backend.inspect(&spec.name).await.expect("inspect");
     assert_eq!(info.state, crate::SandboxState::Running);
     cleanup.run().await;

@@ -408,6 +408,7 @@ pub async fn deriving_reuses_an_existing_tag_and_names_a_missing_base(
             contents: b"#!/bin/sh\nexec sleep infinity\n".to_vec().into(),
             mode: 0o755,
         }],
+        links: vec![],
         entrypoint: vec!["/usr/local/bin/colima-e2b-probe".into()],
         labels: BTreeMap::from([(SUITE_LABEL.to_string(), fixture.run_id.clone())]),
     };

@@ -1,9 +1,11 @@
-//! Template images: a template's image is made available once (pulled when missing), and
-//! with the agent, the image sandboxes really run is derived from it once per (template
-//! image, agent build) and reused, also across restarts (the backend keeps a tag).
+//! Template images: a template's image is made available (pulled when missing), and with
+//! the agent, the image sandboxes really run is derived from it once per (template image
+//! and its engine id, agent build) and reused, also across restarts (the backend keeps a
+//! tag).
 
 use super::{lock, SandboxManager};
 use crate::agent::AgentBinary;
+use crate::backend::ImageInfo;
 use crate::error::Result;
 
 /// A template's image as sandboxes run it.
@@ -15,12 +17,12 @@ pub(super) struct RunImage {
 }
 
 impl SandboxManager {
-    fn image_ready(&self, image: &str) -> Option<Option<u64>> {
-        lock(&self.inner.images_ready).get(image).copied()
+    fn image_ready(&self, image: &str) -> Option<ImageInfo> {
+        lock(&self.inner.images_ready).get(image).cloned()
     }
 
-    fn mark_image_ready(&self, image: &str, size: Option<u64>) {
-        lock(&self.inner.images_ready).insert(image.to_string(), size);
+    fn mark_image_ready(&self, image: &str, info: ImageInfo) {
+        lock(&self.inner.images_ready).insert(image.to_string(), info);
     }
 
     /// Forgets that `image` was seen (it vanished from the engine).
@@ -31,30 +33,33 @@ impl SandboxManager {
     /// The image a sandbox of template image `base` runs: `base` itself without the
     /// agent, else the image derived from it with the agent as entrypoint.
     pub(super) async fn template_image(&self, base: &str) -> Result<RunImage> {
-        let size = match self.image_ready(base) {
-            Some(size) => size,
-            None => {
-                let size = self.inner.backend.ensure_image(base).await?.size;
-                self.mark_image_ready(base, size);
-                size
-            }
+        // Asked every time (one inspect): a name given to a new image (rebuilt, pulled
+        // again) is seen at the next create, and derived anew.
+        let info = match self.inner.backend.image_info(base).await? {
+            Some(info) => info,
+            None => self.inner.backend.ensure_image(base).await?,
         };
         match &self.inner.config.agent {
             Some(agent) => {
-                let name = self.derived_image(base, agent).await?;
+                let name = self.derived_image(base, info.id.as_deref(), agent).await?;
                 // The derived image is the base plus the agent.
-                let size = size.map(|s| s + agent.contents().len() as u64);
+                let size = info.size.map(|s| s + agent.contents().len() as u64);
                 Ok(RunImage { name, size })
             }
             None => Ok(RunImage {
                 name: base.to_string(),
-                size,
+                size: info.size,
             }),
         }
     }
 
-    async fn derived_image(&self, base: &str, agent: &AgentBinary) -> Result<String> {
-        let tag = agent.derived_tag(base);
+    async fn derived_image(
+        &self,
+        base: &str,
+        base_id: Option<&str>,
+        agent: &AgentBinary,
+    ) -> Result<String> {
+        let tag = agent.derived_tag(base, base_id);
         if self.image_ready(&tag).is_some() {
             return Ok(tag);
         }
@@ -62,9 +67,9 @@ impl SandboxManager {
         if self.image_ready(&tag).is_some() {
             return Ok(tag);
         }
-        let req = agent.derive_request(base);
+        let req = agent.derive_request(base, base_id);
         self.inner.backend.derive_image(&req).await?;
-        self.mark_image_ready(&tag, None);
+        self.mark_image_ready(&tag, ImageInfo::default());
         Ok(tag)
     }
 }

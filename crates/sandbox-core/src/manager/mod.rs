@@ -144,7 +144,7 @@ struct Inner {
     /// What the engine's host has (CPUs, memory), read at start.
     host: Mutex<Option<EngineInfo>>,
     /// Images known to be local, with their sizes where the engine said.
-    images_ready: Mutex<HashMap<String, Option<u64>>>,
+    images_ready: Mutex<HashMap<String, crate::backend::ImageInfo>>,
     /// Serialises image derivations, so concurrent creates derive a template once.
     derive_lock: tokio::sync::Mutex<()>,
     /// Clients of agents met so far (rebuilt from the container after a restart).
