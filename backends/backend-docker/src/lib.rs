@@ -101,6 +101,8 @@ pub struct DockerBackend {
     published: bool,
     /// The storage driver enforces per-container sizes (`--storage-opt size=`).
     quota: bool,
+    /// The size limit covers the whole root filesystem, image included (btrfs, zfs).
+    quota_counts_image: bool,
 }
 
 impl fmt::Debug for DockerBackend {
@@ -202,6 +204,8 @@ impl DockerBackend {
                     };
                     let info = docker.info().await.ok().unwrap_or_default();
                     let quota = storage_has_quota(&info);
+                    let quota_counts_image =
+                        matches!(info.driver.as_deref(), Some("btrfs" | "zfs"));
                     return Ok(Self {
                         docker,
                         endpoint,
@@ -209,6 +213,7 @@ impl DockerBackend {
                         networks: OnceCell::new(),
                         published,
                         quota,
+                        quota_counts_image,
                     });
                 }
                 Err(e) => tried.push(format!("{endpoint} ({source}): {}", short_error(&e))),
@@ -720,6 +725,27 @@ impl SandboxBackend for DockerBackend {
             .remove_container(name, Some(options))
             .await
             .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
+        let c = self
+            .docker
+            .inspect_container(
+                name,
+                Some(
+                    bollard::query_parameters::InspectContainerOptionsBuilder::new()
+                        .size(true)
+                        .build(),
+                ),
+            )
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))?;
+        let bytes = if self.quota_counts_image {
+            c.size_root_fs
+        } else {
+            c.size_rw
+        };
+        Ok(bytes.and_then(|b| u64::try_from(b).ok()))
     }
 
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {

@@ -111,6 +111,8 @@ struct HostFacts {
     cgroup_version: String,
     /// The storage driver enforces per-container sizes (`storage_opts.size`).
     quota: bool,
+    /// The size limit covers the whole root filesystem, image included (btrfs, zfs).
+    quota_counts_image: bool,
 }
 
 /// The Podman implementation of [`SandboxBackend`].
@@ -331,6 +333,12 @@ impl PodmanBackend {
             network_backend: text(&["networkBackend"]),
             cgroup_version: text(&["cgroupVersion"]),
             quota: wire::storage_has_quota(&info),
+            quota_counts_image: matches!(
+                info.get("store")
+                    .and_then(|s| s.get("graphDriverName"))
+                    .and_then(Value::as_str),
+                Some("btrfs" | "zfs")
+            ),
         };
         Ok(Self {
             podman,
@@ -793,6 +801,23 @@ impl SandboxBackend for PodmanBackend {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
+        let v: Value = self
+            .raw
+            .get_json(format!(
+                "{API}/containers/{}/json?size=true",
+                path_segment(name)
+            ))
+            .await
+            .map_err(|e| self.conn_err(e, &format!("container {name}")))?;
+        let field = if self.host.quota_counts_image {
+            "SizeRootFs"
+        } else {
+            "SizeRw"
+        };
+        Ok(v.get(field).and_then(Value::as_u64))
     }
 
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {

@@ -76,6 +76,9 @@ impl SandboxBackend for Instrumented {
     async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
         self.timed("inspect", self.0.inspect(name)).await
     }
+    async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
+        self.timed("disk_usage", self.0.disk_usage(name)).await
+    }
     async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
         self.timed("list", self.0.list(labels)).await
     }

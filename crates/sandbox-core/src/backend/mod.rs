@@ -227,6 +227,14 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
     /// temporary container behind, also on failure.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()>;
 
+    /// Bytes of the container's storage that its disk quota counts: the writable layer,
+    /// plus the image where the quota covers the whole root filesystem (btrfs, zfs).
+    /// May take seconds (the engine adds the layer up). `None`: the engine cannot say.
+    async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
+        let _ = name;
+        Ok(None)
+    }
+
     /// How the server reaches the agent listening on `port` inside the container.
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress>;
 }

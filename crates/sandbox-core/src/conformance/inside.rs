@@ -297,7 +297,8 @@ pub async fn the_disk_quota_stops_writes_inside(backend: &dyn SandboxBackend, fi
         cleanup.run().await;
         return;
     }
-    // Where the quota counts the image too (btrfs), room beyond the image.
+    // Where the quota counts the image too (btrfs with full qgroups), room beyond it;
+    // where it counts only writes (XFS, btrfs simple quotas), the writes go further.
     let image_mb = backend
         .ensure_image(&fixture.image)
         .await
@@ -309,15 +310,17 @@ pub async fn the_disk_quota_stops_writes_inside(backend: &dyn SandboxBackend, fi
         disk_mb: Some(image_mb + 96),
         ..fixture.spec("x").limits
     };
-    let Some((_spec, client, cleanup)) =
+    let Some((spec, client, cleanup)) =
         agent_container(backend, fixture, "quota", Some(limits)).await
     else {
         return;
     };
     let out = ShellCommand {
-        cmd: "dd if=/dev/zero of=/tmp/fill bs=1M count=160 2>&1; echo status=$?; \
-              rm -f /tmp/fill; dd if=/dev/zero of=/tmp/small bs=1M count=8 2>&1; echo again=$?"
-            .into(),
+        cmd: format!(
+            "dd if=/dev/zero of=/tmp/fill bs=1M count={} 2>&1; echo status=$?; \
+             rm -f /tmp/fill; dd if=/dev/zero of=/tmp/small bs=1M count=8 2>&1; echo again=$?",
+            image_mb + 96 + 64
+        ),
         user: Some("user".into()),
         ..ShellCommand::default()
     }
@@ -336,6 +339,17 @@ pub async fn the_disk_quota_stops_writes_inside(backend: &dyn SandboxBackend, fi
     assert!(
         text.contains("again=0"),
         "writing after freeing space failed: {text}"
+    );
+    // The usage the quota counts includes the 8 MiB still written, within the quota.
+    let used = backend
+        .disk_usage(&spec.name)
+        .await
+        .expect("disk usage")
+        .expect("a backend with quotas reports the usage they count");
+    let quota = (image_mb + 96) << 20;
+    assert!(
+        (8 << 20..=quota).contains(&used),
+        "usage {used} is not between 8 MiB and the quota {quota}"
     );
     cleanup.run().await;
 }

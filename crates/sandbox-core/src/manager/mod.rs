@@ -15,6 +15,7 @@ mod commands;
 mod create;
 mod deadlines;
 pub mod diagnosis;
+mod disk;
 mod images;
 mod lifecycle;
 mod recovery;
@@ -151,6 +152,8 @@ struct Inner {
     agents: Mutex<HashMap<SandboxId, AgentClient>>,
     /// One connection pool for every agent.
     http: reqwest::Client,
+    /// Disk usage per sandbox as its quota counts it, with when it was read.
+    disk_used: Mutex<HashMap<SandboxId, (std::time::Instant, u64)>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -198,6 +201,7 @@ impl SandboxManager {
                 derive_lock: tokio::sync::Mutex::new(()),
                 agents: Mutex::new(HashMap::new()),
                 http: crate::agent::http_client(),
+                disk_used: Mutex::new(HashMap::new()),
             }),
         }
     }

@@ -1,0 +1,41 @@
+//! A sandbox's disk usage as its quota counts it. The agent sees only its filesystem,
+//! which on some storages (btrfs) is the engine's whole one; the engine knows the
+//! container's own size, but takes a while to add it up (it walks the layer), so the
+//! answer is kept for a while and bounded in time.
+
+use std::time::{Duration, Instant};
+
+use super::{lock, SandboxManager};
+use crate::labels;
+use crate::types::SandboxId;
+
+/// How long a usage read from the engine is reused.
+const FRESH_FOR: Duration = Duration::from_secs(30);
+/// How long one read from the engine may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SandboxManager {
+    /// Bytes of sandbox `id`'s storage that its disk quota counts, when the engine says
+    /// (in time); a value up to [`FRESH_FOR`] old may be given.
+    pub async fn disk_used(&self, id: &SandboxId) -> Option<u64> {
+        let cached = lock(&self.inner.disk_used).get(id).cloned();
+        if let Some((at, bytes)) = cached {
+            if at.elapsed() < FRESH_FOR {
+                return Some(bytes);
+            }
+        }
+        let name = labels::container_name(id);
+        let read = tokio::time::timeout(READ_TIMEOUT, self.inner.backend.disk_usage(&name));
+        match read.await {
+            Ok(Ok(Some(bytes))) => {
+                // Sandboxes that are gone leave no entries behind.
+                let live: Vec<SandboxId> = self.registry().sandboxes.keys().cloned().collect();
+                let mut cache = lock(&self.inner.disk_used);
+                cache.retain(|k, _| live.contains(k));
+                cache.insert(id.clone(), (Instant::now(), bytes));
+                Some(bytes)
+            }
+            _ => cached.map(|(_, bytes)| bytes),
+        }
+    }
+}
