@@ -46,6 +46,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Every descendant of each of `roots`: one command's tree, with what it ran through sudo.
+fn descendants_of(roots: Vec<u32>) -> impl Fn(&Snapshot) -> Vec<ProcStat> {
+    move |s: &Snapshot| roots.iter().flat_map(|r| s.descendants(*r)).collect()
+}
+
 /// A command started through Start.
 #[derive(Debug)]
 pub struct Proc {
@@ -265,11 +270,7 @@ impl ProcessTable {
         }
         let roots = self.tree_roots(proc.supervisor);
         let n = self
-            .with_gate(move |_| {
-                let scope =
-                    move |s: &Snapshot| roots.iter().flat_map(|r| s.descendants(*r)).collect();
-                tree::signal_once(&scope, sig)
-            })
+            .with_gate(move |_| tree::signal_once(&descendants_of(roots), sig))
             .await
             .unwrap_or(0);
         let (table, p) = (self.clone(), proc.clone());
@@ -364,18 +365,21 @@ impl ProcessTable {
         for g in first.iter().filter(|g| !self.protected_group(**g)) {
             let _ = sys::kill_group(*g, Signal::STOP);
         }
-        self.with_gate(move |t| {
-            let scope = move |s: &Snapshot| roots.iter().flat_map(|r| s.descendants(*r)).collect();
-            let protected = |g: u32| t.protected_group(g);
-            tree::freeze_and_kill(
-                &scope,
-                &first,
-                &protected,
-                Instant::now() + tree::KILL_DEADLINE,
-            )
-        })
-        .await
-        .unwrap_or(0)
+        self.with_gate(move |t| t.freeze_and_kill(&descendants_of(roots), &first))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Freezes and kills `scope`, starting with the process groups `first`; never a
+    /// protected group whole.
+    fn freeze_and_kill(&self, scope: &dyn tree::Scope, first: &[u32]) -> usize {
+        let protected = |g: u32| self.protected_group(g);
+        tree::freeze_and_kill(
+            scope,
+            first,
+            &protected,
+            Instant::now() + tree::KILL_DEADLINE,
+        )
     }
 
     /// The processes a kill-all addresses: as PID 1 every process of the sandbox, else
@@ -398,16 +402,9 @@ impl ProcessTable {
     pub async fn kill_all(self: &Arc<Self>) -> KillAllReport {
         let killed = self
             .with_gate(|t| {
-                let scope = t.everything_scope();
-                let protected = |g: u32| t.protected_group(g);
                 let sups: Vec<u32> = lock(&t.supervisors).iter().copied().collect();
                 let first: Vec<u32> = sups.into_iter().flat_map(tree::children_groups).collect();
-                tree::freeze_and_kill(
-                    &scope,
-                    &first,
-                    &protected,
-                    Instant::now() + tree::KILL_DEADLINE,
-                )
+                t.freeze_and_kill(&t.everything_scope(), &first)
             })
             .await
             .unwrap_or(0);

@@ -544,16 +544,7 @@ async fn sample(state: &AppState, id: &str) -> Answer {
     } else {
         m.mem_total.min(limit)
     };
-    // The quota is the sandbox's disk, whatever the engine's filesystem holds; its usage
-    // is what the engine counts against the quota (the agent sees the filesystem's).
-    let disk_total = info.limits.disk_mb.map_or(m.disk_total, |mb| mb << 20);
-    let disk_used = match info.limits.disk_mb {
-        Some(_) => match state.manager.disk_used(&id).await {
-            Some(bytes) => bytes,
-            None => m.disk_used.min(disk_total),
-        },
-        None => m.disk_used,
-    };
+    let (disk_used, disk_total) = state.manager.disk(&info, m.disk_used, m.disk_total).await;
     let now = time::OffsetDateTime::now_utc();
     let ts = time::OffsetDateTime::from_unix_timestamp(m.ts as i64).unwrap_or(now);
     Ok(json_response(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{lock, SandboxManager};
 use crate::labels;
-use crate::types::SandboxId;
+use crate::types::{SandboxId, SandboxInfo};
 
 /// How long a usage read from the engine is reused.
 const FRESH_FOR: Duration = Duration::from_secs(30);
@@ -15,9 +15,25 @@ const FRESH_FOR: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl SandboxManager {
+    /// Sandbox `id`'s disk as (used, total) bytes, given what its agent sees of its
+    /// filesystem. With a quota, the total is the quota and the usage what the engine
+    /// counts against it (the filesystem's figure, capped at the quota, when the engine
+    /// does not say in time); without one, the agent's figures.
+    pub async fn disk(&self, info: &SandboxInfo, fs_used: u64, fs_total: u64) -> (u64, u64) {
+        let Some(mb) = info.limits.disk_mb else {
+            return (fs_used, fs_total);
+        };
+        let total = mb << 20;
+        let used = match self.disk_used(&info.id).await {
+            Some(bytes) => bytes,
+            None => fs_used.min(total),
+        };
+        (used, total)
+    }
+
     /// Bytes of sandbox `id`'s storage that its disk quota counts, when the engine says
     /// (in time); a value up to [`FRESH_FOR`] old may be given.
-    pub async fn disk_used(&self, id: &SandboxId) -> Option<u64> {
+    async fn disk_used(&self, id: &SandboxId) -> Option<u64> {
         let cached = lock(&self.inner.disk_used).get(id).cloned();
         if let Some((at, bytes)) = cached {
             if at.elapsed() < FRESH_FOR {

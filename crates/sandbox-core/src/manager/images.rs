@@ -5,7 +5,6 @@
 
 use super::{lock, SandboxManager};
 use crate::agent::AgentBinary;
-use crate::backend::ImageInfo;
 use crate::error::Result;
 
 /// A template's image as sandboxes run it.
@@ -17,17 +16,13 @@ pub(super) struct RunImage {
 }
 
 impl SandboxManager {
-    fn image_ready(&self, image: &str) -> Option<ImageInfo> {
-        lock(&self.inner.images_ready).get(image).cloned()
+    fn derived_ready(&self, tag: &str) -> bool {
+        lock(&self.inner.derived_ready).contains(tag)
     }
 
-    fn mark_image_ready(&self, image: &str, info: ImageInfo) {
-        lock(&self.inner.images_ready).insert(image.to_string(), info);
-    }
-
-    /// Forgets that `image` was seen (it vanished from the engine).
+    /// Forgets that derived `image` was seen (it vanished from the engine).
     pub(super) fn forget_image(&self, image: &str) {
-        lock(&self.inner.images_ready).remove(image);
+        lock(&self.inner.derived_ready).remove(image);
     }
 
     /// The image a sandbox of template image `base` runs: `base` itself without the
@@ -60,16 +55,16 @@ impl SandboxManager {
         agent: &AgentBinary,
     ) -> Result<String> {
         let tag = agent.derived_tag(base, base_id);
-        if self.image_ready(&tag).is_some() {
+        if self.derived_ready(&tag) {
             return Ok(tag);
         }
         let _one_at_a_time = self.inner.derive_lock.lock().await;
-        if self.image_ready(&tag).is_some() {
+        if self.derived_ready(&tag) {
             return Ok(tag);
         }
         let req = agent.derive_request(base, base_id);
         self.inner.backend.derive_image(&req).await?;
-        self.mark_image_ready(&tag, ImageInfo::default());
+        lock(&self.inner.derived_ready).insert(tag.clone());
         Ok(tag)
     }
 }

@@ -22,7 +22,7 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -144,8 +144,8 @@ struct Inner {
     unfinished: Mutex<HashMap<SandboxId, std::time::Instant>>,
     /// What the engine's host has (CPUs, memory), read at start.
     host: Mutex<Option<EngineInfo>>,
-    /// Images known to be local, with their sizes where the engine said.
-    images_ready: Mutex<HashMap<String, crate::backend::ImageInfo>>,
+    /// Derived images known to exist (their tags name what they were made from).
+    derived_ready: Mutex<HashSet<String>>,
     /// Serialises image derivations, so concurrent creates derive a template once.
     derive_lock: tokio::sync::Mutex<()>,
     /// Clients of agents met so far (rebuilt from the container after a restart).
@@ -197,7 +197,7 @@ impl SandboxManager {
                 journal,
                 unfinished: Mutex::new(HashMap::new()),
                 host: Mutex::new(None),
-                images_ready: Mutex::new(HashMap::new()),
+                derived_ready: Mutex::new(HashSet::new()),
                 derive_lock: tokio::sync::Mutex::new(()),
                 agents: Mutex::new(HashMap::new()),
                 http: crate::agent::http_client(),
