@@ -302,7 +302,7 @@ async fn wait(
                 return match (f.next(), f.next(), f.next()) {
                     (Some("exit"), Some("code"), Some(n)) => Ok(n.parse().unwrap_or(1)),
                     (Some("exit"), Some("signal"), Some(n)) => Ok(128 + n.parse::<i32>().unwrap_or(0)),
-                    (Some("error"), _, _) => Err(io::Error::other(line["error ".len()..].to_string())),
+                    (Some("error"), _, _) => Err(io::Error::other(line.strip_prefix("error ").unwrap_or("the sudo service refused").to_string())),
                     _ => Err(io::Error::other("the sudo service ended without an exit status")),
                 };
             }
