@@ -7,8 +7,9 @@
 #
 # base   - what E2B's base template offers, on Debian bookworm: bash, python3 with pip,
 #          venv and the `python` name, node and npm, git, curl, wget, procps, coreutils,
-#          ca-certificates, less, unzip, xz; the user `user` (uid 1000, home /home/user,
-#          in group `sudo`). `sudo` is the sandbox agent's (no setuid binary: see the
+#          ca-certificates, less, unzip, xz, passwd (useradd, for templates' USER
+#          steps), iproute2 (`ss`, for the SDKs' wait_for_port); the user `user` (uid
+#          1000, home /home/user, in group `sudo`). `sudo` is the sandbox agent's (no setuid binary: see the
 #          README's Templates section). pip may install outside a venv (as E2B's).
 # python - the seed's example template name; the same rootfs.
 #
@@ -19,7 +20,7 @@ set -euo pipefail
 log() { printf '[images] %s\n' "$*" >&2; }
 cache=${COLIMA_E2B_CACHE:-/var/cache/colima-e2b}
 images=(colima-e2b/base:latest colima-e2b/python:latest)
-packages=bash,coreutils,procps,ca-certificates,python3-minimal,python3,python3-pip,python3-venv,python-is-python3,nodejs,npm,git,curl,wget,less,unzip,xz-utils
+packages=bash,coreutils,procps,passwd,iproute2,ca-certificates,python3-minimal,python3,python3-pip,python3-venv,python-is-python3,nodejs,npm,git,curl,wget,less,unzip,xz-utils
 hooks=(
   # The essential variant has no passwd tools, so the user is written directly.
   'echo "user:x:1000:1000:user:/home/user:/bin/bash" >> "$1/etc/passwd"'

@@ -54,7 +54,7 @@ async fn the_base_template_has_what_e2b_programs_expect() {
         "set -e; bash --version | head -1; python --version; python3 -m pip --version; \
          pip --version; python3 -m venv --help >/dev/null && echo venv; node --version; \
          npm --version; git --version; curl --version | head -1; wget --version | head -1; \
-         ps -p $$ -o comm=; ls --version | head -1; test -s /etc/ssl/certs/ca-certificates.crt \
+         ps -p $$ -o comm=; ls --version | head -1; ss -V; test -x /usr/sbin/useradd && test -x /usr/sbin/usermod && echo useradd-ok; test -s /etc/ssl/certs/ca-certificates.crt \
          && echo certs; stat -c '%U %a' /home/user; id -un; echo $HOME",
     )
     .await;
@@ -70,6 +70,8 @@ async fn the_base_template_has_what_e2b_programs_expect() {
         "bash\n",
         "coreutils",
         "certs",
+        "ss utility, iproute2",
+        "useradd-ok",
         "user 755",
         "\nuser\n/home/user\n",
     ] {

@@ -12,7 +12,16 @@
 //! nofile/fsize ulimits, a size-capped log, no mounts, no host namespaces, and a
 //! dedicated network with inter-container traffic off (an `internal` one when the
 //! sandbox has no internet).
+//!
+//! # Image builds
+//! [`SandboxBackend::build_image`] uses the classic builder (`/build`, builder version 1)
+//! with the context streamed from disk. It never pulls: the classic builder pulls a
+//! missing base whatever `pull` says, so the images the Dockerfile's `FROM` and
+//! `COPY --from` name are looked up first. A failed build's step images are removed
+//! (untagged ones only, newest first, the base never); a build whose future is dropped is
+//! cancelled by the engine as its connection closes, and a task removes its images.
 
+mod build;
 mod convert;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,14 +37,18 @@ use bollard::models::{
     NetworkCreateRequest, NetworkingConfig, PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    CommitContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
-    ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, StartContainerOptions,
+    BuildImageOptions, BuilderVersion, CommitContainerOptions, CreateContainerOptions,
+    CreateImageOptions, InspectContainerOptions, ListContainersOptions, ListImagesOptions,
+    ListNetworksOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
     UploadToContainerOptions,
 };
 use bollard::Docker;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
-use sandbox_core::backend::split_image;
+use sandbox_core::backend::{
+    build_failure, context_chunks, is_build_context_problem, split_image, BuildRequest, BuildSink,
+    StepTracker,
+};
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
     ImageInfo, Result, SandboxBackend,
@@ -46,6 +59,11 @@ use tokio::sync::OnceCell;
 const NAME: &str = "docker";
 /// Seconds bollard waits for one engine call.
 const CALL_TIMEOUT_SECS: u64 = 120;
+/// Seconds a build request may take to be answered: the engine reads the whole context
+/// first (the build's output then streams without a deadline).
+const BUILD_ANSWER_SECS: u64 = 15 * 60;
+/// CFS period of build steps, microseconds.
+const CPU_PERIOD: i32 = 100_000;
 
 /// How the server reaches the agent inside a container.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -461,6 +479,248 @@ impl DockerBackend {
         tracing::info!(image, "pulled image");
         Ok(())
     }
+
+    /// Fails with [`Error::NotFound`] when an image the Dockerfile builds on is not local.
+    async fn check_bases(&self, req: &BuildRequest) -> Result<()> {
+        let (context, dockerfile) = (req.context.clone(), req.dockerfile.clone());
+        let text =
+            tokio::task::spawn_blocking(move || build::read_dockerfile(&context, &dockerfile))
+                .await
+                .map_err(|e| Error::backend(NAME, format!("reading the build context: {e}")))?
+                .map_err(|e| {
+                    Error::backend(
+                        NAME,
+                        format!("build context {}: {e}", req.context.display()),
+                    )
+                })?;
+        // No Dockerfile found: the engine says what is wrong with the context.
+        let Some(text) = text else { return Ok(()) };
+        for image in build::external_images(&text) {
+            match self.docker.inspect_image(&image).await {
+                Ok(_) => {}
+                Err(e) if status(&e) == Some(404) => {
+                    return Err(Error::not_found(format!(
+                        "image {image} (not present locally, and builds do not pull; pull \
+                         or build it first)"
+                    )))
+                }
+                // A malformed reference (400): the build says what is wrong with it.
+                Err(e) if status(&e).is_some() => {}
+                Err(e) => return Err(self.map_err(&format!("image {image}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the build of `req`, with `guard` following its stream.
+    async fn run_build(
+        &self,
+        req: &BuildRequest,
+        sink: BuildSink<'_>,
+        guard: &mut StepImages,
+    ) -> Result<()> {
+        let file = tokio::fs::File::open(&req.context).await.map_err(|e| {
+            Error::backend(
+                NAME,
+                format!("build context {}: {e}", req.context.display()),
+            )
+        })?;
+        let docker = self
+            .docker
+            .clone()
+            .with_timeout(Duration::from_secs(BUILD_ANSWER_SECS));
+        let mut stream = docker.build_image(
+            build_options(req),
+            None,
+            Some(bollard::body_try_stream(
+                context_chunks(file).map_ok(bytes::Bytes::from),
+            )),
+        );
+        while let Some(item) = stream.next().await {
+            match item {
+                // bollard turns an error with a message into `DockerStreamError`.
+                Ok(info) if info.error_detail.is_some() => {
+                    let error = serde_json::json!({ "error": "the engine ended the build" });
+                    guard.tracker.message(&error, sink);
+                }
+                Ok(info) => guard.tracker.message(&build_message(info), sink),
+                Err(BollardError::DockerStreamError { error }) => {
+                    guard
+                        .tracker
+                        .message(&serde_json::json!({ "error": error }), sink);
+                }
+                Err(e) => {
+                    guard.tracker.finish(sink);
+                    return Err(build_request_error(&req.tag, e));
+                }
+            }
+            if guard.tracker.out.error.is_some() {
+                break;
+            }
+        }
+        guard.tracker.finish(sink);
+        match guard.tracker.out.error.as_deref() {
+            Some(message) => Err(build_failure(
+                message,
+                guard.tracker.running_from().as_deref(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether other images are built on the image with id `id`.
+    async fn has_children(&self, id: &str) -> Result<bool> {
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| self.map_err("images", e))?;
+        Ok(images.iter().any(|i| i.parent_id == id))
+    }
+}
+
+/// The engine's options for the build of `req`: classic builder, no pull, step
+/// containers removed whatever happens, the request's limits (memory without swap) and
+/// network.
+fn build_options(req: &BuildRequest) -> BuildImageOptions {
+    // bollard takes these as i32: builds get at most 2 GiB - 1 of memory.
+    let memory =
+        (req.memory_bytes > 0).then(|| i32::try_from(req.memory_bytes).unwrap_or(i32::MAX));
+    let quota = (req.cpus > 0.0).then(|| {
+        let quota = (req.cpus * f64::from(CPU_PERIOD)).round();
+        // The engine refuses quotas under 1 ms.
+        if quota >= f64::from(i32::MAX) {
+            i32::MAX
+        } else {
+            (quota as i32).max(1000)
+        }
+    });
+    BuildImageOptions {
+        dockerfile: req.dockerfile.clone(),
+        t: Some(req.tag.clone()),
+        nocache: req.no_cache,
+        pull: None,
+        rm: true,
+        forcerm: true,
+        memory,
+        // Memory plus swap: equal to the memory means no swap.
+        memswap: memory,
+        cpuperiod: quota.map(|_| CPU_PERIOD),
+        cpuquota: quota,
+        labels: (!req.labels.is_empty()).then(|| {
+            req.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
+        networkmode: Some(if req.network { "default" } else { "none" }.into()),
+        version: BuilderVersion::BuilderV1,
+        ..Default::default()
+    }
+}
+
+/// A build stream message as the engine sent it (the fields [`BuildOutput`] reads).
+///
+/// [`BuildOutput`]: sandbox_core::backend::BuildOutput
+fn build_message(info: bollard::models::BuildInfo) -> serde_json::Value {
+    let mut msg = serde_json::Map::new();
+    if let Some(stream) = info.stream {
+        msg.insert("stream".into(), stream.into());
+    }
+    if let Some(id) = info.aux.and_then(|a| a.id) {
+        msg.insert("aux".into(), serde_json::json!({ "ID": id }));
+    }
+    msg.into()
+}
+
+/// The error of a build request that failed in transport or was refused.
+fn build_request_error(tag: &str, e: BollardError) -> Error {
+    match &e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } if is_build_context_problem(*status_code, message) => Error::BuildFailed(message.clone()),
+        // The answer stopped mid-stream: the engine went away.
+        BollardError::HyperResponseError { .. } => Error::EngineUnavailable(short_error(&e)),
+        _ => map_error(&format!("build of {tag}"), e),
+    }
+}
+
+/// The step images of a running build. Dropped while armed (the build's future was
+/// dropped: the engine cancels a build whose connection closes), it has a task remove
+/// the images seen so far.
+struct StepImages {
+    docker: Docker,
+    tracker: StepTracker,
+    armed: bool,
+}
+
+impl Drop for StepImages {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let images = self.tracker.step_images();
+        if images.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let docker = self.docker.clone();
+                runtime.spawn(async move {
+                    tracing::debug!(?images, "removing the images of an abandoned build");
+                    remove_step_images(&docker, images).await;
+                });
+            }
+            Err(_) => tracing::warn!(
+                ?images,
+                "an abandoned build's images are left (no runtime to remove them)"
+            ),
+        }
+    }
+}
+
+/// Removes a failed build's step images, newest first (each removal also takes the
+/// untagged parents only it used). Tagged images, and those another image or a container
+/// still needs, stay; a step container the engine is still removing is waited for.
+async fn remove_step_images(docker: &Docker, images: Vec<String>) {
+    const ATTEMPTS: u64 = 8;
+    for id in images {
+        // A step answered from the cache may be someone's tagged image.
+        match docker.inspect_image(&id).await {
+            Ok(i) if i.repo_tags.iter().flatten().any(|t| t != "<none>:<none>") => continue,
+            Ok(_) => {}
+            // Gone already (taken with a newer step's image), or the engine is away.
+            Err(_) => continue,
+        }
+        let options = RemoveImageOptions {
+            force: false,
+            noprune: false,
+            ..Default::default()
+        };
+        for attempt in 1..=ATTEMPTS {
+            match docker.remove_image(&id, Some(options.clone()), None).await {
+                Ok(_) => {
+                    tracing::debug!(image = %id, "removed an image of a failed build");
+                    break;
+                }
+                Err(e)
+                    if status(&e) == Some(409)
+                        && short_error(&e).contains("being used by")
+                        && attempt < ATTEMPTS =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(image = %id, error = %short_error(&e), "kept an image of a failed build");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Whether the engine's storage enforces `--storage-opt size=`: btrfs and zfs always,
@@ -482,6 +742,15 @@ fn backing_filesystem(info: &bollard::models::SystemInfo) -> Option<String> {
         .find(|kv| kv.first().map(String::as_str) == Some("Backing Filesystem"))?
         .get(1)
         .cloned()
+}
+
+/// What an image inspect says of the image.
+fn image_info_of(i: bollard::models::ImageInspect) -> ImageInfo {
+    ImageInfo {
+        size: i.size.and_then(|s| u64::try_from(s).ok()),
+        id: i.id,
+        user: i.config.and_then(|c| c.user),
+    }
 }
 
 /// The HTTP status of an engine error response, if it is one.
@@ -589,22 +858,15 @@ impl SandboxBackend for DockerBackend {
 
     async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
         match self.docker.inspect_image(image).await {
-            Ok(i) => Ok(Some(ImageInfo {
-                size: i.size.and_then(|s| u64::try_from(s).ok()),
-                id: i.id,
-            })),
+            Ok(i) => Ok(Some(image_info_of(i))),
             Err(e) if status(&e) == Some(404) => Ok(None),
             Err(e) => Err(self.map_err(&format!("image {image}"), e)),
         }
     }
 
     async fn ensure_image(&self, image: &str) -> Result<ImageInfo> {
-        let info = |i: bollard::models::ImageInspect| ImageInfo {
-            size: i.size.and_then(|s| u64::try_from(s).ok()),
-            id: i.id,
-        };
         match self.docker.inspect_image(image).await {
-            Ok(i) => return Ok(info(i)),
+            Ok(i) => return Ok(image_info_of(i)),
             Err(e) if status(&e) == Some(404) => {}
             Err(e) => return Err(self.map_err(&format!("image {image}"), e)),
         }
@@ -613,7 +875,7 @@ impl SandboxBackend for DockerBackend {
                 .docker
                 .inspect_image(image)
                 .await
-                .map(info)
+                .map(image_info_of)
                 .map_err(|e| self.map_err(&format!("image {image}"), e)),
             Err(e) => {
                 let why = short_error(&e);
@@ -632,6 +894,57 @@ impl SandboxBackend for DockerBackend {
     /// the image keeps the base's layers.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
         derive_with(self, req).await
+    }
+
+    /// Classic builder; see the crate docs for what is checked first and removed after.
+    async fn build_image(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
+        self.check_bases(req).await?;
+        let mut guard = StepImages {
+            docker: self.docker.clone(),
+            tracker: StepTracker::default(),
+            armed: true,
+        };
+        let outcome = self.run_build(req, sink, &mut guard).await;
+        guard.armed = false;
+        if let Err(e) = outcome {
+            remove_step_images(&self.docker, guard.tracker.step_images()).await;
+            return Err(e);
+        }
+        guard.tracker.built_image(self, &req.tag).await
+    }
+
+    /// `DELETE /images/{image}` without force. An image that is the base of others is
+    /// refused here, unless `image` is only one of its tags: the engine would just untag
+    /// it and keep it.
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        let what = format!("image {image}");
+        let info = self
+            .docker
+            .inspect_image(image)
+            .await
+            .map_err(|e| self.map_err(&what, e))?;
+        let tags: Vec<&String> = info
+            .repo_tags
+            .iter()
+            .flatten()
+            .filter(|t| *t != "<none>:<none>")
+            .collect();
+        let untag_only = tags.len() > 1
+            && tags
+                .iter()
+                .any(|t| *t == image || **t == format!("{image}:latest"));
+        if let (false, Some(id)) = (untag_only, info.id.as_deref()) {
+            if self.has_children(id).await? {
+                return Err(Error::Conflict(format!(
+                    "{what}: other images are built on it"
+                )));
+            }
+        }
+        self.docker
+            .remove_image(image, Some(RemoveImageOptions::default()), None)
+            .await
+            .map(drop)
+            .map_err(|e| self.map_err(&what, e))
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {

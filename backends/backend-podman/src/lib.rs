@@ -25,12 +25,19 @@
 //!   must not listen on 0.0.0.0.
 //! - Rootless Podman (and remote engines) cannot route to container IPs, so the agent port
 //!   is published on 127.0.0.1 instead; rootless on cgroup v1 cannot pause or read stats.
+//! - Image builds (libpod's `/build`, buildah): `RUN` steps would share the host's network
+//!   namespace unless asked otherwise (see the `build` module), so every build asks for a
+//!   private one. A build whose client goes away keeps running inside the service: when a
+//!   build's future is dropped, a task reads the build to its end and then removes what
+//!   it produced (its result too). Images do not depend on their parent images (layers
+//!   are shared), so removing an image others were built on is not refused.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,6 +50,10 @@ use futures_util::StreamExt;
 use podman_api::opts::{ContainerDeleteOpts, NetworkCreateOpts, PullOpts};
 use podman_api::{ApiVersion, Podman};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
+use sandbox_core::backend::{
+    build_failure, context_chunks, is_build_context_problem, BuildEvent, BuildRequest, BuildSink,
+    StepTracker,
+};
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
     ImageInfo, Result, SandboxBackend, SandboxState,
@@ -50,6 +61,7 @@ use sandbox_core::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod build;
 pub mod discovery;
 pub mod wire;
 
@@ -126,7 +138,7 @@ pub struct PodmanBackend {
     podman: Podman,
     /// The same service through containers-api directly, for the calls whose podman-api
     /// typed form is wrong or fragile (see [`wire`]).
-    raw: RequestClient<ConnError>,
+    raw: Arc<RequestClient<ConnError>>,
     endpoint: String,
     config: PodmanConfig,
     host: HostFacts,
@@ -268,6 +280,8 @@ fn fault(code: u16, message: &str, what: &str) -> Error {
         || has("already exists")
         || has("state improper")
         || has("already paused")
+        || has("image is in use")
+        || has("dependent child")
     {
         Error::Conflict(format!("{what}: {message}"))
     } else {
@@ -311,7 +325,7 @@ impl PodmanBackend {
     async fn connect_to(url: &str, config: &PodmanConfig) -> std::result::Result<Self, String> {
         let podman = Podman::new_versioned(url, ApiVersion::new(4, Some(0), Some(0)))
             .map_err(|e| e.to_string())?;
-        let raw = raw_client(url)?;
+        let raw = Arc::new(raw_client(url)?);
         let timeout = Duration::from_secs(config.connect_timeout_secs.max(1));
         let info: Value = tokio::time::timeout(timeout, raw.get_json(format!("{API}/info")))
             .await
@@ -485,7 +499,21 @@ impl PodmanBackend {
         Ok(ImageInfo {
             size: v.get("Size").and_then(Value::as_u64),
             id: v.get("Id").and_then(Value::as_str).map(str::to_string),
+            user: v
+                .pointer("/Config/User")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
+    }
+
+    /// The error of a build request that libpod refused or that failed in transport.
+    fn build_request_error(&self, e: ConnError, tag: &str) -> Error {
+        if let ConnError::Fault { code, message } = &e {
+            if is_build_context_problem(code.as_u16(), message) {
+                return Error::BuildFailed(message.clone());
+            }
+        }
+        self.conn_err(e, &format!("build of {tag}"))
     }
 
     async fn start_and_inspect(&self, name: &str) -> Result<ContainerInfo> {
@@ -630,6 +658,63 @@ impl SandboxBackend for PodmanBackend {
     /// the image keeps the base's layers.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
         derive_with(self, req).await
+    }
+
+    /// `POST /libpod/build` with the context streamed from disk; see the crate docs for
+    /// the network and for builds whose future is dropped.
+    async fn build_image(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
+        let file = tokio::fs::File::open(&req.context).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                format!("build context {}: {e}", req.context.display()),
+            )
+        })?;
+        // What the tag names now: an abandoned build that only gave it back is kept.
+        let previous = self.image_info(&req.tag).await?.and_then(|i| i.id);
+        let response = self
+            .raw
+            .post(
+                format!("{API}/build?{}", build::build_query(req)),
+                Payload::XTar(Body::wrap_stream(context_chunks(file))),
+                Headers::none(),
+            )
+            .await
+            .map_err(|e| self.build_request_error(e, &req.tag))?;
+        let mut run = BuildRun {
+            raw: self.raw.clone(),
+            body: response.into_body(),
+            lines: build::Lines::default(),
+            tracker: StepTracker::default(),
+            tag: req.tag.clone(),
+            previous,
+            armed: true,
+        };
+        let read = run.follow(sink).await;
+        run.armed = false;
+        let failure = match (read, run.tracker.out.error.as_deref()) {
+            (Err(e), _) => {
+                Some(self.conn_err(ConnError::Hyper(e), &format!("build of {}", req.tag)))
+            }
+            (Ok(()), Some(message)) => Some(build_failure(
+                message,
+                run.tracker.running_from().as_deref(),
+            )),
+            (Ok(()), None) => None,
+        };
+        if let Some(e) = failure {
+            remove_step_images(&self.raw, run.tracker.step_images()).await;
+            return Err(e);
+        }
+        run.tracker.built_image(self, &req.tag).await
+    }
+
+    /// `DELETE /libpod/images/{image}` without force.
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        self.raw
+            .delete(format!("{API}/images/{}", path_segment(image)))
+            .await
+            .map(drop)
+            .map_err(|e| self.conn_err(e, &format!("image {image}")))
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
@@ -927,6 +1012,127 @@ impl DeriveSteps for PodmanBackend {
 
     async fn remove_temporary(&self, name: &str) -> Result<()> {
         SandboxBackend::remove(self, name).await
+    }
+}
+
+/// A build being read. Dropped while armed (the build's future was dropped), it hands
+/// the rest of the stream to a task: libpod goes on building whatever happens to the
+/// connection, so the task reads the build to its end and removes what it produced, its
+/// result included, as a build given up on must not leave an image.
+struct BuildRun {
+    raw: Arc<RequestClient<ConnError>>,
+    body: Body,
+    lines: build::Lines,
+    tracker: StepTracker,
+    /// The tag the build gives its image.
+    tag: String,
+    /// The id of the image the tag named before the build.
+    previous: Option<String>,
+    armed: bool,
+}
+
+impl BuildRun {
+    /// Reads the build stream to its end, sending its events to `sink`.
+    async fn follow(&mut self, sink: BuildSink<'_>) -> std::result::Result<(), hyper::Error> {
+        while let Some(chunk) = self.body.next().await {
+            for msg in self.lines.push(&chunk?) {
+                build::take_message(&mut self.tracker, &msg, sink);
+            }
+        }
+        if let Some(msg) = self.lines.finish() {
+            build::take_message(&mut self.tracker, &msg, sink);
+        }
+        self.tracker.finish(sink);
+        Ok(())
+    }
+}
+
+impl BuildRun {
+    /// Takes the tag off the abandoned build's result `result` (which removes the image
+    /// when that was its only name), unless the tag named it before the build or names
+    /// a newer build's image by now.
+    async fn untag_result(&self, result: &str) {
+        let bare = |id: &str| id.trim_start_matches("sha256:").to_string();
+        if self.previous.as_deref().map(bare) == Some(bare(result)) {
+            return;
+        }
+        let named: std::result::Result<Value, _> = self
+            .raw
+            .get_json(format!("{API}/images/{}/json", path_segment(&self.tag)))
+            .await;
+        let current = named
+            .ok()
+            .and_then(|v| v.get("Id").and_then(Value::as_str).map(bare));
+        if current == Some(bare(result)) {
+            remove_image_quietly(&self.raw, &self.tag).await;
+        }
+    }
+}
+
+impl Drop for BuildRun {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut rest = BuildRun {
+            raw: self.raw.clone(),
+            body: std::mem::take(&mut self.body),
+            lines: std::mem::take(&mut self.lines),
+            tracker: std::mem::take(&mut self.tracker),
+            tag: std::mem::take(&mut self.tag),
+            previous: self.previous.take(),
+            armed: false,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("an abandoned build is left running (no runtime to follow it)");
+            return;
+        };
+        runtime.spawn(async move {
+            let quiet = |_: BuildEvent| {};
+            if let Err(e) = rest.follow(&quiet).await {
+                tracing::debug!(error = %e, "lost an abandoned build's stream");
+            }
+            let images = rest.tracker.step_images();
+            tracing::debug!(tag = %rest.tag, ?images, "removing what an abandoned build made");
+            if let Some(result) = &rest.tracker.out.image_id {
+                rest.untag_result(result).await;
+            }
+            remove_step_images(&rest.raw, images).await;
+        });
+    }
+}
+
+/// Removes a failed build's step images, newest first (each removal also takes the
+/// untagged parents only it used). Tagged images, and those another image or a container
+/// still needs, stay.
+async fn remove_step_images(raw: &RequestClient<ConnError>, images: Vec<String>) {
+    for id in images {
+        let info: std::result::Result<Value, _> = raw
+            .get_json(format!("{API}/images/{}/json", path_segment(&id)))
+            .await;
+        let tagged = match &info {
+            Ok(v) => v
+                .get("RepoTags")
+                .and_then(Value::as_array)
+                .is_some_and(|t| !t.is_empty()),
+            // Gone already (taken with a newer step's image), or the engine is away.
+            Err(_) => continue,
+        };
+        // A step answered from the cache may be someone's tagged image.
+        if !tagged {
+            remove_image_quietly(raw, &id).await;
+        }
+    }
+}
+
+/// Removes image `id` without force, logging what stops it.
+async fn remove_image_quietly(raw: &RequestClient<ConnError>, id: &str) {
+    match raw
+        .delete(format!("{API}/images/{}", path_segment(id)))
+        .await
+    {
+        Ok(_) => tracing::debug!(image = %id, "removed an image of a failed build"),
+        Err(e) => tracing::debug!(image = %id, error = %e, "kept an image of a failed build"),
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// File transfers of the native API.
     pub files: FilesConfig,
+    /// Template builds (native and E2B's template API).
+    pub builds: BuildsConfig,
     /// Template name to template: an image reference, or a table with `image`, `user`
     /// (default `user`) and `workdir`.
     pub templates: BTreeMap<String, Template>,
@@ -129,6 +131,7 @@ impl Default for Config {
             profile: ProfileConfig::default(),
             commands: CommandsConfig::default(),
             files: FilesConfig::default(),
+            builds: BuildsConfig::default(),
             templates,
             agent_binary: None,
             auth: AuthConfig::default(),
@@ -279,6 +282,66 @@ impl Default for FilesConfig {
     }
 }
 
+/// `[builds]`: template builds, on the configured engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildsConfig {
+    /// Builds running at once.
+    pub max_concurrent: usize,
+    /// Builds that may wait for a slot; more get 429.
+    pub max_queued: usize,
+    /// Memory of each build step, MiB.
+    pub memory_mb: u64,
+    /// CPUs of each build step.
+    pub cpus: f64,
+    /// Longest a build may take, seconds.
+    pub timeout: u64,
+    /// Whether RUN steps may reach the network (package registries).
+    pub network: bool,
+    /// Log kept per build, KiB (the oldest lines go first).
+    pub max_log_kb: u64,
+    /// Largest build context or COPY upload, MiB.
+    pub max_upload_mb: u64,
+    /// How long a new sandbox's ready command may take to pass, seconds.
+    pub ready_timeout: u64,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        let d = sandbox_core::template::registry::RegistryConfig::default();
+        Self {
+            max_concurrent: d.max_concurrent_builds,
+            max_queued: d.max_queued_builds,
+            memory_mb: d.build_memory_mb,
+            cpus: d.build_cpus,
+            timeout: d.build_timeout.as_secs(),
+            network: d.build_network,
+            max_log_kb: (d.max_log_bytes >> 10) as u64,
+            max_upload_mb: d.max_upload_bytes >> 20,
+            ready_timeout: d.ready_timeout.as_secs(),
+        }
+    }
+}
+
+impl BuildsConfig {
+    /// What the template registry runs builds with (`dir`: the state directory's).
+    pub fn registry(&self) -> sandbox_core::template::registry::RegistryConfig {
+        sandbox_core::template::registry::RegistryConfig {
+            dir: None,
+            max_concurrent_builds: self.max_concurrent.max(1),
+            max_queued_builds: self.max_queued,
+            build_memory_mb: self.memory_mb.max(64),
+            build_cpus: if self.cpus > 0.0 { self.cpus } else { 1.0 },
+            build_timeout: std::time::Duration::from_secs(self.timeout.max(1)),
+            build_network: self.network,
+            max_log_bytes: usize::try_from(self.max_log_kb.saturating_mul(1 << 10))
+                .unwrap_or(usize::MAX),
+            max_upload_bytes: self.max_upload_mb.saturating_mul(1 << 20),
+            ready_timeout: std::time::Duration::from_secs(self.ready_timeout.max(1)),
+        }
+    }
+}
+
 /// `[auth]`: one key store for every way in.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -342,6 +405,7 @@ const KEYS: &[&str] = &[
     "profile",
     "commands",
     "files",
+    "builds",
     "templates",
     "agent_binary",
     "e2b",

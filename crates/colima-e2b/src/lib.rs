@@ -7,3 +7,4 @@ pub mod doctor;
 pub mod engine;
 pub mod listener;
 pub mod server;
+pub mod template_cli;

@@ -18,19 +18,19 @@ struct Cli {
 #[derive(clap::Args, Debug)]
 struct ConfigArgs {
     /// TOML configuration file (default: $XDG_CONFIG_HOME/colima-e2b/config.toml if present).
-    #[arg(long, env = "COLIMA_E2B_CONFIG")]
+    #[arg(long, env = "COLIMA_E2B_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1; sandboxes can reach 0.0.0.0 listeners).
-    #[arg(long)]
+    #[arg(long, global = true)]
     host: Option<String>,
     /// Port to listen on (default 8000).
-    #[arg(long)]
+    #[arg(long, global = true)]
     port: Option<u16>,
     /// Container engine backend.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     backend: Option<BackendKind>,
     /// Log filter, e.g. `debug` or `colima_e2b=debug,info`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     log_level: Option<String>,
 }
 
@@ -69,6 +69,14 @@ enum Command {
         config: ConfigArgs,
         #[command(subcommand)]
         command: colima_e2b::client::SandboxCommand,
+    },
+    /// Build templates on a running server from a Dockerfile (`build NAME [-f FILE]
+    /// [CONTEXT]`, with its live log), list them (`ls`) and remove them (`rm NAME`).
+    Template {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: colima_e2b::template_cli::TemplateCommand,
     },
 }
 
@@ -119,6 +127,14 @@ fn main() -> ExitCode {
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?
                 .block_on(colima_e2b::client::run(&config, command))
+        }),
+        Command::Template { config, command } => config.load().and_then(|config| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?
+                .block_on(colima_e2b::template_cli::run(&config, command))
         }),
         Command::Server(args) => args.load().and_then(|config| {
             init_logging(&config.log_level);

@@ -33,6 +33,7 @@ pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>)
         agent,
         agent_port: Some(sandbox_core::agent::AGENT_PORT),
         stall_timeout: Duration::from_secs(config.stall_timeout),
+        builds: config.builds.registry(),
         ..ManagerConfig::default()
     }
 }

@@ -239,7 +239,7 @@ fn way(req: &Request, host: Option<&str>) -> Way {
     if path == crate::e2b::API_BASE || path.starts_with(&format!("{}/", crate::e2b::API_BASE)) {
         return Way::Control;
     }
-    if path == "/files" {
+    if path == "/files" || path.starts_with(&format!("{}/", crate::e2b::templates::UPLOAD_BASE)) {
         return Way::Signed;
     }
     let mut parts = path.trim_matches('/').split('/');

@@ -149,6 +149,10 @@ pub fn status_of(e: &Error) -> u16 {
         Error::Unsupported { .. } => 501,
         Error::Agent { .. } => 502,
         Error::Backend { .. } => 500,
+        // The client's Dockerfile or template failed, not the server.
+        Error::BuildFailed(_) => 422,
+        // The template's own ready command failed: the template is at fault.
+        Error::TemplateNotReady(_) => 422,
         // `Error` is non-exhaustive: anything new is the server's own failure until mapped.
         _ => 500,
     }

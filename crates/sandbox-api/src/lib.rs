@@ -15,6 +15,7 @@ pub mod files;
 pub mod health;
 pub mod metrics;
 pub mod sandboxes;
+pub mod templates;
 pub mod text;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -85,6 +86,7 @@ type Apis = (
     sandboxes::SandboxApi,
     files::FileApi,
     commands::CommandApi,
+    templates::TemplateApi,
 );
 
 fn service() -> OpenApiService<Apis, ()> {
@@ -94,6 +96,7 @@ fn service() -> OpenApiService<Apis, ()> {
             sandboxes::SandboxApi,
             files::FileApi,
             commands::CommandApi,
+            templates::TemplateApi,
         ),
         "colima-e2b",
         VERSION,
@@ -144,6 +147,10 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .at("/openapi.yaml", yaml)
         .nest(e2b::API_BASE, e2b_routes())
         .at(
+            format!("{}/:id/:hash", e2b::templates::UPLOAD_BASE),
+            poem::put(e2b::templates::upload),
+        )
+        .at(
             "/files",
             poem::endpoint::make(|req| async move {
                 Ok::<_, poem::Error>(e2b::proxy::signed_files(req).await)
@@ -172,7 +179,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
 
 /// The E2B control plane (API key required) and data plane, relative to `/e2b`.
 fn e2b_routes() -> impl Endpoint<Output = Response> {
-    use e2b::control;
+    use e2b::{control, templates};
     use poem::{get, post};
     let control = Route::new()
         .at("/sandboxes", post(control::create).get(control::list_v1))
@@ -188,6 +195,25 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/pause", post(control::pause))
         .at("/sandboxes/:id/resume", post(control::resume))
         .at("/sandboxes/:id/metrics", get(control::metrics))
+        .at("/v3/templates", post(templates::request_v3))
+        .at("/v2/templates", get(templates::list))
+        .at("/templates", get(templates::list))
+        .at("/templates/aliases/:alias", get(templates::alias))
+        .at(
+            "/templates/tags",
+            post(templates::assign_tags).delete(templates::delete_tags),
+        )
+        .at(
+            "/templates/:id",
+            get(templates::get).delete(templates::delete),
+        )
+        .at("/templates/:id/tags", get(templates::list_tags))
+        .at("/templates/:id/files/:hash", get(templates::file_link))
+        .at("/v2/templates/:id/builds/:build", post(templates::trigger))
+        .at(
+            "/templates/:id/builds/:build/status",
+            get(templates::status),
+        )
         .around(control::require_enabled);
     Route::new()
         .nest(
@@ -212,7 +238,23 @@ async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result
     // Raw uploads stream to the sandbox under their own cap; a body without a type is
     // taken as the bytes it is.
     // The E2B data plane streams to the sandbox's agent, which enforces its own limits.
-    if req.uri().path().starts_with(e2b::ENVD_BASE) || req.uri().path() == "/files" {
+    // Template files and contexts stream to disk under the template registry's cap.
+    let path = req.uri().path().to_string();
+    let native_build = req.method() == poem::http::Method::POST
+        && path.starts_with("/templates/")
+        && path.ends_with("/builds");
+    if native_build {
+        // The native build takes any archive type as the bytes it is.
+        req.headers_mut().insert(
+            poem::http::header::CONTENT_TYPE,
+            poem::http::HeaderValue::from_static("application/octet-stream"),
+        );
+    }
+    if path.starts_with(e2b::ENVD_BASE)
+        || path == "/files"
+        || path.starts_with(&format!("{}/", e2b::templates::UPLOAD_BASE))
+        || native_build
+    {
         return next.call(req).await.map(IntoResponse::into_response);
     }
     if req.method() == poem::http::Method::PUT && req.uri().path().ends_with("/files/raw") {

@@ -67,6 +67,13 @@ pub enum Error {
         /// What happened.
         message: String,
     },
+    /// An image build failed on its own terms (a step exited non-zero, a file it names
+    /// is missing): the engine worked, the Dockerfile or template did not.
+    #[error("build failed: {0}")]
+    BuildFailed(String),
+    /// A new sandbox's template did not come up: its ready command never passed.
+    #[error("template not ready: {0}")]
+    TemplateNotReady(String),
     /// Anything else a backend reported.
     #[error("{backend} backend error: {source}")]
     Backend {
@@ -107,6 +114,8 @@ impl Error {
             Error::Unsupported { .. } => "unsupported",
             Error::Backend { .. } => "backend_error",
             Error::Agent { .. } => "agent_error",
+            Error::BuildFailed(_) => "build_failed",
+            Error::TemplateNotReady(_) => "template_not_ready",
         }
     }
 }
@@ -135,6 +144,8 @@ mod tests {
                 operation: "o",
             },
             Error::backend("b", "boom"),
+            Error::BuildFailed("x".into()),
+            Error::TemplateNotReady("x".into()),
             Error::Agent {
                 code: "unavailable".into(),
                 message: "x".into(),

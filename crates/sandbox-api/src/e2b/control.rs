@@ -39,7 +39,7 @@ pub struct Reject {
 }
 
 /// What the handlers' bodies return.
-type Answer = Result<Response, Reject>;
+pub(crate) type Answer = Result<Response, Reject>;
 
 /// An E2B error with `status`.
 pub(crate) fn reject(status: StatusCode, message: impl Into<String>) -> Reject {
@@ -91,23 +91,23 @@ impl From<Error> for Reject {
 }
 
 /// Turns a handler body's result into the response.
-fn answer(result: Answer) -> Response {
+pub(crate) fn answer(result: Answer) -> Response {
     result.unwrap_or_else(Reject::into_response)
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
     Response::builder()
         .status(status)
         .content_type("application/json")
         .body(body.to_string())
 }
 
-fn no_content() -> Response {
+pub(crate) fn no_content() -> Response {
     Response::builder().status(StatusCode::NO_CONTENT).finish()
 }
 
 /// Parses a JSON body; an empty body reads as `{}` (E2B clients send none for some calls).
-async fn parse_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, Reject> {
+pub(crate) async fn parse_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, Reject> {
     let bytes = body
         .into_bytes()
         .await
@@ -246,7 +246,7 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     };
     let timeout = timeout_secs(req.timeout, default)?;
     // E2B names templates by alias or id, optionally with a tag.
-    let template = req.template_id.split(':').next().unwrap_or_default();
+    let template = req.template_id.as_str();
     let spec = SandboxSpec {
         metadata: req.metadata.unwrap_or_default(),
         envs: req.env_vars.unwrap_or_default(),

@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod proxy;
+pub mod templates;
 
 use std::sync::Arc;
 
@@ -34,6 +35,9 @@ pub struct E2b {
     pub settings: Arc<E2bSettings>,
     /// Client for proxied traffic: no overall timeout (streams may run for hours).
     pub http: reqwest::Client,
+    /// Key of the signed template-file upload links (new at every start: links live an
+    /// hour, and the SDK asks for a new one at each build).
+    pub upload_key: Arc<[u8; 32]>,
 }
 
 impl E2b {
@@ -46,9 +50,18 @@ impl E2b {
             .http1_only()
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
+        let mut key = [0u8; 32];
+        if getrandom::fill(&mut key).is_err() {
+            // No OS entropy: links stay unguessable enough from the clock and address.
+            let seed = format!("{:?}{:p}", std::time::SystemTime::now(), &key);
+            for (i, b) in seed.bytes().enumerate() {
+                key[i % 32] ^= b;
+            }
+        }
         Self {
             settings: Arc::new(settings),
             http,
+            upload_key: Arc::new(key),
         }
     }
 }

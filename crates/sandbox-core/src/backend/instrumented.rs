@@ -70,6 +70,17 @@ impl SandboxBackend for Instrumented {
     async fn derive_image(&self, req: &DeriveImage) -> Result<()> {
         self.timed("derive_image", self.0.derive_image(req)).await
     }
+    async fn build_image(
+        &self,
+        req: &crate::backend::BuildRequest,
+        sink: crate::backend::BuildSink<'_>,
+    ) -> Result<ImageInfo> {
+        self.timed("build_image", self.0.build_image(req, sink))
+            .await
+    }
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        self.timed("remove_image", self.0.remove_image(image)).await
+    }
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {
         self.timed("create", self.0.create(spec)).await
     }

@@ -2,10 +2,15 @@
 //! what the core hands a backend ([`ContainerSpec`] with its [`SandboxProfile`]), and the
 //! backends that live in the core itself ([`memory`], and the [`instrumented`] wrapper).
 
+pub mod build;
 pub mod image;
 pub mod instrumented;
 pub mod memory;
 
+pub use build::{
+    build_failure, context_chunks, is_build_context_problem, BuildEvent, BuildOutput, BuildRequest,
+    BuildSink, StepTracker,
+};
 pub use image::{split_image, DeriveImage, DeriveSteps, ImageFile, ImageLink};
 
 use std::collections::BTreeMap;
@@ -162,6 +167,8 @@ pub struct ImageInfo {
     pub size: Option<u64>,
     /// The engine's image id (changes when the name is given to a new image).
     pub id: Option<String>,
+    /// The user the image's config runs as (`Config.User`; empty or `None`: root).
+    pub user: Option<String>,
 }
 
 /// How the server reaches a sandbox's agent.
@@ -226,6 +233,30 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
     /// exists it is reused as is (the caller puts a content hash in the tag). Leaves no
     /// temporary container behind, also on failure.
     async fn derive_image(&self, req: &DeriveImage) -> Result<()>;
+
+    /// Builds `req.tag` from the Dockerfile in `req.context` with the engine's builder,
+    /// never pulling (a base that is not local is [`crate::Error::NotFound`] naming it),
+    /// within `req`'s memory, CPU and network, sending its events to `sink` as they come.
+    /// A failed build (also one whose future is dropped) leaves no step container and
+    /// removes the untagged images its steps produced. Returns the built image.
+    async fn build_image(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
+        let _ = (req, sink);
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "build_image",
+        })
+    }
+
+    /// Removes image `image` (a reference or id) and the untagged parents only it used.
+    /// An image in use by a container, or one others are built on, is a
+    /// [`crate::Error::Conflict`]; a missing one is [`crate::Error::NotFound`].
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        let _ = image;
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "remove_image",
+        })
+    }
 
     /// Bytes of the container's storage that its disk quota counts: the writable layer,
     /// plus the image where the quota covers the whole root filesystem (btrfs, zfs).

@@ -5,10 +5,11 @@
 //! the check asserts the declared behaviour instead (an [`Error::Unsupported`]), so no
 //! check is silently skipped. [`lifecycle`] holds the checks that need no running
 //! process (the in-memory backend passes them all); [`inside`] the ones that look from
-//! inside a real container through the agent. Each check panics with a message naming
+//! inside a real container through the agent; [`build`] those of image builds. Each check panics with a message naming
 //! what broke, and removes every container it created (a failing one reports what is
 //! left, labelled [`SUITE_LABEL`]).
 
+pub mod build;
 pub mod inside;
 pub mod lifecycle;
 
@@ -155,6 +156,10 @@ macro_rules! conformance_tests {
             lifecycle: concurrent_creates_give_distinct_running_containers,
             lifecycle: internet_off_is_accepted_where_declared,
             lifecycle: deriving_reuses_an_existing_tag_and_names_a_missing_base,
+            build: a_build_reports_steps_output_and_cached_steps,
+            build: a_failed_build_is_build_failed_and_leaves_no_step_images,
+            build: a_build_from_a_base_that_is_not_local_is_not_found,
+            build: an_abandoned_build_leaves_no_images,
             inside: a_derived_image_runs_the_agent_as_its_entrypoint,
             inside: the_baseline_profile_applies_inside,
             inside: limits_apply_inside,

@@ -64,17 +64,12 @@ impl SandboxManager {
             .template
             .clone()
             .unwrap_or_else(|| config.default_template.clone());
-        let template = config
-            .templates
-            .get(&template_name)
-            .cloned()
-            .ok_or_else(|| {
-                let known: Vec<&str> = config.templates.keys().map(String::as_str).collect();
-                Error::InvalidArgument(format!(
-                    "unknown template {template_name:?}; known templates: {}",
-                    known.join(", ")
-                ))
-            })?;
+        let template = self.resolve_template(&template_name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown template {template_name:?}; known templates: {}",
+                self.template_names().join(", ")
+            ))
+        })?;
         let timeout = spec.timeout.unwrap_or(config.default_timeout);
         self.check_timeout(timeout)?;
         validate_envs(&spec.envs)?;
@@ -390,6 +385,10 @@ impl SandboxManager {
                 default_workdir: workdir,
             })
             .await?;
+        if r.template.start_cmd.is_some() || r.template.ready_cmd.is_some() {
+            self.start_and_wait_ready(&client, &r.template, &r.template.user)
+                .await?;
+        }
         Ok(client)
     }
 }

@@ -19,6 +19,7 @@ mod disk;
 mod images;
 mod lifecycle;
 mod recovery;
+mod templates;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +41,7 @@ use crate::types::{Limits, SandboxId, SandboxInfo, SandboxState};
 pub use agents::{ProxyTarget, Vouch};
 pub use commands::CommandLimits;
 pub use recovery::RecoveryReport;
+pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
 
 use deadlines::DeadlineStore;
 use recovery::CreateJournal;
@@ -87,6 +89,8 @@ pub struct ManagerConfig {
     pub agent_ready_timeout: Duration,
     /// How long the agent lets a stream's reader take nothing before dropping it.
     pub stall_timeout: Duration,
+    /// How templates are built (their records go to `state_dir/templates`).
+    pub builds: crate::template::registry::RegistryConfig,
 }
 
 impl Default for ManagerConfig {
@@ -111,6 +115,7 @@ impl Default for ManagerConfig {
             agent: None,
             agent_ready_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
+            builds: Default::default(),
         }
     }
 }
@@ -154,6 +159,10 @@ struct Inner {
     http: reqwest::Client,
     /// Disk usage per sandbox as its quota counts it, with when it was read.
     disk_used: Mutex<HashMap<SandboxId, (std::time::Instant, u64)>>,
+    /// Templates built by this server.
+    templates: Arc<crate::template::registry::Registry>,
+    /// Images of builds a restart cut off, removed at start.
+    interrupted_builds: Mutex<Vec<String>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -185,6 +194,11 @@ impl SandboxManager {
         let creates = Semaphore::new(config.max_concurrent_creates.max(1));
         let deadlines = DeadlineStore::new(config.state_dir.as_ref().map(|d| d.join("deadlines")));
         let journal = CreateJournal::new(config.state_dir.as_ref().map(|d| d.join("creating")));
+        let mut builds = config.builds.clone();
+        if builds.dir.is_none() {
+            builds.dir = config.state_dir.as_ref().map(|d| d.join("templates"));
+        }
+        let (templates, interrupted) = crate::template::registry::Registry::open(builds);
         Self {
             inner: Arc::new(Inner {
                 // Every engine call the manager makes is timed and counted.
@@ -202,6 +216,8 @@ impl SandboxManager {
                 agents: Mutex::new(HashMap::new()),
                 http: crate::agent::http_client(),
                 disk_used: Mutex::new(HashMap::new()),
+                templates: Arc::new(templates),
+                interrupted_builds: Mutex::new(interrupted),
             }),
         }
     }
@@ -227,6 +243,10 @@ impl SandboxManager {
         let info = self.inner.backend.check().await?;
         *lock(&self.inner.host) = Some(info);
         let report = self.recover().await?;
+        let interrupted = std::mem::take(&mut *lock(&self.inner.interrupted_builds));
+        for image in interrupted {
+            self.remove_build_images(&image).await;
+        }
         self.spawn_reaper();
         Ok(report)
     }

@@ -1,5 +1,16 @@
 //! Templates: what a sandbox is made from. Configuration names each template's image and
-//! the user (and working directory) its commands run as by default.
+//! the user (and working directory) its commands run as by default; templates built by
+//! the server ([`registry`]) add their own, from a Dockerfile or E2B's build steps.
+//!
+//! - [`registry`]: built templates, their builds, tags and names, kept in the state dir.
+//! - [`steps`]: E2B's build steps turned into a Dockerfile and its context.
+//! - [`files`]: uploaded build files, content-addressed.
+//! - [`log`]: a build's log, bounded.
+
+pub mod files;
+pub mod log;
+pub mod registry;
+pub mod steps;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +24,10 @@ pub struct Template {
     pub user: String,
     /// Working directory when a command names none; `None`: the user's home.
     pub workdir: Option<String>,
+    /// Started (in the background, as `user`) in every new sandbox of this template.
+    pub start_cmd: Option<String>,
+    /// Run until it exits 0 before a create returns (after `start_cmd`).
+    pub ready_cmd: Option<String>,
 }
 
 /// The user of templates that name none (E2B's).
@@ -25,6 +40,8 @@ impl Template {
             image: image.into(),
             user: DEFAULT_USER.into(),
             workdir: None,
+            start_cmd: None,
+            ready_cmd: None,
         }
     }
 }
@@ -45,6 +62,10 @@ struct TemplateTable {
     user: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start_cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ready_cmd: Option<String>,
 }
 
 fn default_user() -> String {
@@ -59,6 +80,8 @@ impl From<TemplateForm> for Template {
                 image: t.image,
                 user: t.user,
                 workdir: t.workdir,
+                start_cmd: t.start_cmd,
+                ready_cmd: t.ready_cmd,
             },
         }
     }
@@ -70,6 +93,8 @@ impl From<Template> for TemplateTable {
             image: t.image,
             user: t.user,
             workdir: t.workdir,
+            start_cmd: t.start_cmd,
+            ready_cmd: t.ready_cmd,
         }
     }
 }
