@@ -139,3 +139,94 @@ async fn the_readme_curl_examples_run_verbatim() {
     let (status, _) = tests::json_of(server.get(&format!("/sandboxes/{id}")).await).await;
     assert_eq!(status, 404, "the README's DELETE removed it");
 }
+
+/// The bash blocks of the README's "Building templates" section.
+fn readme_template_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n### Building templates\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .and_then(|s| s.split("\n### ").next())
+        .expect("the README's Building templates section");
+    section
+        .split("```bash\n")
+        .skip(1)
+        .filter_map(|b| b.split("\n```").next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_template_examples_run_verbatim() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options.clone()).await;
+    let blocks = readme_template_blocks();
+    assert_eq!(blocks.len(), 2, "the CLI, then the API: {blocks:#?}");
+    let port = server
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let dir = options.state_dir.join("readme-templates");
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let bin_dir = tests::server_binary()
+        .parent()
+        .expect("binary dir")
+        .to_path_buf();
+    let script = blocks
+        .join("\n")
+        .replace("localhost:8000", &format!("localhost:{port}"));
+    // `colima-e2b` on PATH finds this server by the same settings it runs with.
+    let out = std::process::Command::new("bash")
+        .args(["-c", &format!("set -e\n{script}")])
+        .current_dir(&dir)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("COLIMA_E2B_PORT", &port)
+        .env("COLIMA_E2B_OWNER", &options.owner)
+        .env("COLIMA_E2B_STATE_DIR", &options.state_dir)
+        .env_remove("COLIMA_E2B_CONFIG")
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{script}\n{stdout}\n{stderr}");
+    assert!(stderr.contains("built template my-app"), "{stderr}");
+    let listed = stdout
+        .lines()
+        .find(|l| l.starts_with("my-app "))
+        .unwrap_or_else(|| panic!("template ls: {stdout}"));
+    assert!(listed.contains("ready"), "{listed}");
+    assert!(stdout.contains(r#""step":"finalize""#), "{stdout}");
+    let created = stdout
+        .lines()
+        .rev()
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v.get("sandbox_id").is_some())
+        })
+        .unwrap_or_else(|| panic!("no created sandbox in {stdout}"));
+    assert_eq!(created["template_id"], "my-app:v2", "{created}");
+    let id = created["sandbox_id"].as_str().expect("sandbox_id");
+    // The start command serves, as the ready command found before the create returned.
+    let (status, ran) = server
+        .run(id, "curl -s localhost:8080 | grep -c app.py")
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["stdout"], "1\n", "{ran}");
+    let (status, _) = tests::json_of(server.delete(&format!("/sandboxes/{id}")).await).await;
+    assert_eq!(status, 200);
+    let (status, body) = tests::json_of(server.delete("/templates/my-app").await).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -75,8 +75,14 @@ impl SandboxManager {
         validate_envs(&spec.envs)?;
         labels::validate_metadata(&spec.metadata)?;
         let limits = Limits {
-            cpus: spec.cpus.unwrap_or(config.default_limits.cpus),
-            memory_mb: spec.memory_mb.unwrap_or(config.default_limits.memory_mb),
+            cpus: spec
+                .cpus
+                .or(template.cpus)
+                .unwrap_or(config.default_limits.cpus),
+            memory_mb: spec
+                .memory_mb
+                .or(template.memory_mb)
+                .unwrap_or(config.default_limits.memory_mb),
             disk_mb: self.disk_quota(spec.disk_mb)?,
             ..config.default_limits
         };

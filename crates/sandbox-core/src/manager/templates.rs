@@ -235,6 +235,8 @@ impl SandboxManager {
                 workdir: b.workdir.clone(),
                 start_cmd: b.start_cmd.clone().filter(|c| !c.trim().is_empty()),
                 ready_cmd: b.ready_cmd.clone().filter(|c| !c.trim().is_empty()),
+                cpus: None,
+                memory_mb: None,
             },
             no_cache: b.no_cache,
         };

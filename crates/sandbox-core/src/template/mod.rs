@@ -15,7 +15,7 @@ pub mod steps;
 use serde::{Deserialize, Serialize};
 
 /// One template.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "TemplateForm", into = "TemplateTable")]
 pub struct Template {
     /// Image reference, e.g. `colima-e2b/base:latest`.
@@ -28,6 +28,10 @@ pub struct Template {
     pub start_cmd: Option<String>,
     /// Run until it exits 0 before a create returns (after `start_cmd`).
     pub ready_cmd: Option<String>,
+    /// CPUs its sandboxes get when a create asks for none (E2B's `cpuCount`).
+    pub cpus: Option<f64>,
+    /// Memory its sandboxes get when a create asks for none, MiB (E2B's `memoryMB`).
+    pub memory_mb: Option<u64>,
 }
 
 /// The user of templates that name none (E2B's).
@@ -42,6 +46,8 @@ impl Template {
             workdir: None,
             start_cmd: None,
             ready_cmd: None,
+            cpus: None,
+            memory_mb: None,
         }
     }
 }
@@ -66,6 +72,10 @@ struct TemplateTable {
     start_cmd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ready_cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    memory_mb: Option<u64>,
 }
 
 fn default_user() -> String {
@@ -82,6 +92,8 @@ impl From<TemplateForm> for Template {
                 workdir: t.workdir,
                 start_cmd: t.start_cmd,
                 ready_cmd: t.ready_cmd,
+                cpus: t.cpus,
+                memory_mb: t.memory_mb,
             },
         }
     }
@@ -95,6 +107,8 @@ impl From<Template> for TemplateTable {
             workdir: t.workdir,
             start_cmd: t.start_cmd,
             ready_cmd: t.ready_cmd,
+            cpus: t.cpus,
+            memory_mb: t.memory_mb,
         }
     }
 }

@@ -489,10 +489,14 @@ impl Registry {
             }
             _ => record.current(),
         }?;
-        build
+        let mut template = build
             .template
             .clone()
-            .filter(|_| build.status == BuildStatus::Ready)
+            .filter(|_| build.status == BuildStatus::Ready)?;
+        // What the template was built for (E2B's cpuCount and memoryMB).
+        template.cpus = template.cpus.or(record.cpu_count.map(f64::from));
+        template.memory_mb = template.memory_mb.or(record.memory_mb);
+        Some(template)
     }
 
     /// A new build of template `name` (created when missing), waiting for its steps;
@@ -1056,6 +1060,21 @@ mod tests {
         assert!(r.find("web").is_none());
         assert!(registry(Some(dir.clone())).find("web").is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_template_built_for_cpus_and_memory_gives_them_to_its_sandboxes() {
+        let r = registry(None);
+        let (t, b) = r
+            .request("sized", vec![], Some(2), Some(1024))
+            .expect("request");
+        r.update(&t.id, |rec| {
+            let build = &mut rec.builds[0];
+            build.status = BuildStatus::Ready;
+            build.template = Some(Template::new(b.image.clone()));
+        });
+        let got = r.resolve("sized").expect("ready");
+        assert_eq!((got.cpus, got.memory_mb), (Some(2.0), Some(1024)));
     }
 
     #[test]

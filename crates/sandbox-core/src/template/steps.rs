@@ -415,6 +415,8 @@ pub fn plan(t: &StepsTemplate, base: &Base, nonce: &str) -> Result<Plan> {
             workdir,
             start_cmd: t.start_cmd.clone().filter(|c| !c.trim().is_empty()),
             ready_cmd: t.ready_cmd.clone().filter(|c| !c.trim().is_empty()),
+            cpus: None,
+            memory_mb: None,
         },
     })
 }
