@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The official E2B SDKs, unchanged, against a real colima-e2b server on a real engine:
-# the Python suite (tests/e2b/test_sdk.py) once per pinned `e2b` version
-# (tests/e2b/requirements-<version>.txt) and the JS smoke test (tests/e2b/js, npm `e2b`).
+# the Python suite (tests/e2b/test_sdk.py and test_templates.py, the template-build API)
+# once per pinned `e2b` version (tests/e2b/requirements-<version>.txt) and the JS tests
+# (tests/e2b/js, npm `e2b`): smoke.mjs, then templates.mjs.
 #
 #   deploy/e2b-tests.sh [docker|podman]
 #
@@ -14,7 +15,8 @@
 # server and removes every container of that owner. Exits non-zero if any suite failed.
 #
 # E2B_SDK_VERSIONS="2.63.0" narrows the Python versions; PYTEST_ARGS passes more
-# arguments to pytest (e.g. "-k files -x"); E2B_SKIP_JS=1 skips the JS smoke test;
+# arguments to pytest, run in tests/e2b (e.g. "-k files -x", or "test_templates.py" for
+# that file only); E2B_SKIP_JS=1 skips the JS tests;
 # E2B_JUNIT_DIR keeps the pytest JUnit XML reports there; E2B_TESTS_NO_BUILD=1 uses the
 # existing builds (COLIMA_E2B_BIN or target/debug/colima-e2b, COLIMA_E2B_AGENT_BINARY or
 # the build-agent.sh output path).
@@ -107,7 +109,7 @@ done
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   step "npm packages for tests/e2b/js"
   if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-    echo "node and npm are needed for the JS smoke test (E2B_SKIP_JS=1 skips it)" >&2
+    echo "node and npm are needed for the JS tests (E2B_SKIP_JS=1 skips them)" >&2
     exit 1
   fi
   js=tests/e2b/js
@@ -127,12 +129,15 @@ server=
 results=()
 failed=0
 
+# A ready command that never passes fails a create after this long (test_templates.py).
+ready_timeout=15
+export E2B_TEST_READY_TIMEOUT=$ready_timeout
 # Only ever called in a subshell (`&`, `$(...)`): it execs, so that `$!` is the server's
 # own pid and the EXIT trap's kill reaches the server, not a wrapper shell.
 server_env() {
   exec env -u COLIMA_E2B_CONFIG \
     COLIMA_E2B_OWNER="$owner" COLIMA_E2B_STATE_DIR="$state" COLIMA_E2B_LOG_LEVEL=info \
-    COLIMA_E2B_BACKEND="$engine" "$@"
+    COLIMA_E2B_BACKEND="$engine" COLIMA_E2B_BUILDS__READY_TIMEOUT="$ready_timeout" "$@"
 }
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
@@ -212,7 +217,7 @@ else
   reports=$(mktemp -d "${TMPDIR:-/tmp}/e2b-junit.XXXXXX")
 fi
 for ver in $versions; do
-  step "Python SDK e2b==$ver: tests/e2b/test_sdk.py"
+  step "Python SDK e2b==$ver: tests/e2b (test_sdk.py, test_templates.py)"
   if ! "${venv[$ver]}/bin/python" tests/e2b/check_sdk_api.py; then
     results+=("FAIL python e2b==$ver (the SDK lacks calls the suite makes: check_sdk_api.py)")
     failed=1
@@ -247,6 +252,13 @@ if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
     results+=("PASS js e2b@$jsver smoke")
   else
     results+=("FAIL js e2b@$jsver smoke")
+    failed=1
+  fi
+  step "JS SDK e2b@$jsver: tests/e2b/js/templates.mjs"
+  if (cd tests/e2b/js && node templates.mjs); then
+    results+=("PASS js e2b@$jsver templates")
+  else
+    results+=("FAIL js e2b@$jsver templates")
     failed=1
   fi
 fi

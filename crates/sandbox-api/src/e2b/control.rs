@@ -147,11 +147,22 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 /// E2B's `Sandbox` (what create, connect and resume return).
+/// A sandbox's `templateID` and `alias`: a built template's id and name, else the
+/// configured template's name for both.
+fn template_names(state: &AppState, reference: &str) -> (String, String) {
+    let (name, _) = sandbox_core::template::registry::split_reference(reference);
+    match state.manager.templates().find(name) {
+        Some(t) => (t.id, t.name),
+        None => (reference.to_string(), reference.to_string()),
+    }
+}
+
 fn sandbox_json(state: &AppState, info: &SandboxInfo, token: Option<&str>) -> Value {
+    let (template_id, alias) = template_names(state, &info.template);
     let mut body = json!({
         "sandboxID": info.id.as_str(),
-        "templateID": info.template,
-        "alias": info.template,
+        "templateID": template_id,
+        "alias": alias,
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "trafficAccessToken": null,
@@ -169,11 +180,12 @@ fn domain(state: &AppState) -> Option<String> {
 }
 
 /// E2B's `ListedSandbox`.
-fn listed_json(info: &SandboxInfo) -> Value {
+fn listed_json(state: &AppState, info: &SandboxInfo) -> Value {
+    let (template_id, alias) = template_names(state, &info.template);
     json!({
         "sandboxID": info.id.as_str(),
-        "templateID": info.template,
-        "alias": info.template,
+        "templateID": template_id,
+        "alias": alias,
         "clientID": CLIENT_ID,
         "startedAt": rfc3339(info.started_at),
         "endAt": rfc3339(info.expires_at),
@@ -320,7 +332,7 @@ pub async fn list_v1(Data(state): Data<&AppState>, req: &Request) -> Response {
         .list(&filter)
         .iter()
         .filter(|s| s.state == SandboxState::Running)
-        .map(listed_json)
+        .map(|s| listed_json(state, s))
         .collect();
     json_response(StatusCode::OK, Value::Array(items))
 }
@@ -365,7 +377,7 @@ fn list_page(state: &AppState, q: ListQuery) -> Answer {
     };
     let page: Vec<&SandboxInfo> = all.iter().skip(start).take(limit).collect();
     let more = start + page.len() < all.len();
-    let items: Vec<Value> = page.iter().map(|s| listed_json(s)).collect();
+    let items: Vec<Value> = page.iter().map(|s| listed_json(state, s)).collect();
     let mut resp = json_response(StatusCode::OK, Value::Array(items));
     if let Some(last) = page.last().filter(|_| more) {
         if let Ok(v) = last.id.as_str().parse() {
@@ -384,7 +396,7 @@ pub async fn get(Data(state): Data<&AppState>, Path(id): Path<String>) -> Respon
 async fn detail(state: &AppState, id: &str) -> Answer {
     let info = state.manager.get(&parse_id(id)?).await?;
     let token = token_for(state, &info).await?;
-    let mut body = listed_json(&info);
+    let mut body = listed_json(state, &info);
     if let Some(obj) = body.as_object_mut() {
         if let Some(token) = token {
             obj.insert("envdAccessToken".into(), json!(token));

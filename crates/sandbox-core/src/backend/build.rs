@@ -152,8 +152,30 @@ impl BuildOutput {
         if trimmed.starts_with("Removing intermediate container ") {
             return;
         }
-        sink(BuildEvent::Output(line.to_string()));
+        sink(BuildEvent::Output(strip_ansi(line)));
     }
+}
+
+/// `line` without terminal escape sequences (Docker's builder colours a step's stderr).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // CSI: parameters and intermediates, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `Step 3/7 : RUN x` (Docker) or `STEP 3/7: RUN x` (Podman).
@@ -453,6 +475,12 @@ mod tests {
         assert_eq!(events[4], BuildEvent::Output("partial".into()));
         assert_eq!(out.images, vec!["5afd883f81a7aaaa", "f348a920ee5"]);
         assert!(out.error.is_none());
+    }
+
+    #[test]
+    fn terminal_colours_are_stripped() {
+        assert_eq!(strip_ansi("\x1b[91mabout to fail\x1b[0m"), "about to fail");
+        assert_eq!(strip_ansi("plain [1/2]"), "plain [1/2]");
     }
 
     #[test]

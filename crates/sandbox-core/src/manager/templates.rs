@@ -272,6 +272,28 @@ impl SandboxManager {
                 users.join(", ")
             )));
         }
+        // Templates built on this one need its image (the engine keeps it for them).
+        let images: Vec<&str> = record.builds.iter().map(|b| b.image.as_str()).collect();
+        let children: Vec<String> = self
+            .inner
+            .templates
+            .list()
+            .into_iter()
+            .filter(|t| t.id != record.id)
+            .filter(|t| {
+                t.builds
+                    .iter()
+                    .any(|b| b.base.as_deref().is_some_and(|base| images.contains(&base)))
+            })
+            .map(|t| t.name)
+            .collect();
+        if !children.is_empty() {
+            return Err(Error::Conflict(format!(
+                "templates {} are built on template {}; remove them first",
+                children.join(", "),
+                record.name
+            )));
+        }
         let record = self.inner.templates.remove(&record.id)?;
         for build in &record.builds {
             self.remove_build_images(&build.image).await;

@@ -94,6 +94,9 @@ pub struct BuildRecord {
     /// Seconds it took, when it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// The image it was built on, when known (a steps build's base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// A built template.
@@ -555,6 +558,7 @@ impl Registry {
             template: None,
             reason: None,
             seconds: None,
+            base: None,
         };
         record.builds.push(build.clone());
         // Requested builds that never got their steps are forgotten after a while.
@@ -637,6 +641,13 @@ impl Registry {
             });
         }
         state.queued += 1;
+        if let Some(b) = state
+            .templates
+            .get_mut(template_id)
+            .and_then(|r| r.builds.iter_mut().find(|b| b.id == build_id))
+        {
+            b.base = job.base.clone();
+        }
         let log = state
             .logs
             .entry(build_id.to_string())
