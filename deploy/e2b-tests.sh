@@ -247,20 +247,15 @@ done
 
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
-  step "JS SDK e2b@$jsver: tests/e2b/js/smoke.mjs"
-  if (cd tests/e2b/js && node smoke.mjs); then
-    results+=("PASS js e2b@$jsver smoke")
-  else
-    results+=("FAIL js e2b@$jsver smoke")
-    failed=1
-  fi
-  step "JS SDK e2b@$jsver: tests/e2b/js/templates.mjs"
-  if (cd tests/e2b/js && node templates.mjs); then
-    results+=("PASS js e2b@$jsver templates")
-  else
-    results+=("FAIL js e2b@$jsver templates")
-    failed=1
-  fi
+  for js in smoke templates; do
+    step "JS SDK e2b@$jsver: tests/e2b/js/$js.mjs"
+    if (cd tests/e2b/js && node "$js.mjs"); then
+      results+=("PASS js e2b@$jsver $js")
+    else
+      results+=("FAIL js e2b@$jsver $js")
+      failed=1
+    fi
+  done
 fi
 [ -n "${E2B_JUNIT_DIR:-}" ] || rm -rf "$reports"
 exit "$failed"

@@ -2,6 +2,23 @@
 
 import os
 
+import pytest
+
+
+def require_e2b_environment():
+    """Ends the run unless the SDKs are pointed at a server (`colima-e2b env`)."""
+    missing = [
+        k
+        for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
+        if not os.environ.get(k)
+    ]
+    if missing:
+        pytest.exit(
+            f"{', '.join(missing)} not set: start the server and "
+            '`eval "$(target/debug/colima-e2b env --port P)"` (deploy/e2b-tests.sh does it)',
+            returncode=2,
+        )
+
 
 def pytest_report_header(config):
     try:

@@ -122,6 +122,8 @@ from typing import Callable, List, Optional
 import httpx
 import pytest
 
+from conftest import require_e2b_environment
+
 import e2b
 from e2b import (
     AsyncSandbox,
@@ -281,17 +283,7 @@ def secure_is_honoured() -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def e2b_environment():
-    missing = [
-        k
-        for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
-        if not os.environ.get(k)
-    ]
-    if missing:
-        pytest.exit(
-            f"{', '.join(missing)} not set: start the server and "
-            '`eval "$(target/debug/colima-e2b env --port P)"` (deploy/e2b-tests.sh does it)',
-            returncode=2,
-        )
+    require_e2b_environment()
     yield
     # Whatever a failed test left behind under this run's tag.
     try:

@@ -58,6 +58,8 @@ from typing import List, Optional
 import httpx
 import pytest
 
+from conftest import require_e2b_environment
+
 from e2b import (
     BuildException,
     BuildInfo,
@@ -195,17 +197,7 @@ class Templates:
 
 @pytest.fixture(scope="module", autouse=True)
 def e2b_environment():
-    missing = [
-        k
-        for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
-        if not os.environ.get(k)
-    ]
-    if missing:
-        pytest.exit(
-            f"{', '.join(missing)} not set: start the server and "
-            '`eval "$(target/debug/colima-e2b env --port P)"` (deploy/e2b-tests.sh does it)',
-            returncode=2,
-        )
+    require_e2b_environment()
     yield
     try:
         for info in list_tagged():

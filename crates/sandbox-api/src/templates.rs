@@ -198,6 +198,14 @@ impl poem_openapi::types::Example for BuildStarted {
     }
 }
 
+/// The answer to a build request.
+#[derive(ApiResponse)]
+pub enum BuildAccepted {
+    /// The build is queued; follow its log.
+    #[oai(status = 202)]
+    Accepted(Json<BuildStarted>),
+}
+
 /// A streamed build log.
 #[derive(ApiResponse)]
 pub enum LogStream {
@@ -311,7 +319,7 @@ impl TemplateApi {
         /// Build every step again, ignoring the engine's cache.
         no_cache: Query<Option<bool>>,
         body: Binary<Body>,
-    ) -> Result<poem_openapi::payload::Response<Json<BuildStarted>>, ApiError> {
+    ) -> Result<BuildAccepted, ApiError> {
         let templates = state.manager.templates();
         let stream = body.0.into_bytes_stream();
         let context = match templates.receive_context(stream).await {
@@ -329,14 +337,13 @@ impl TemplateApi {
             no_cache: no_cache.0.unwrap_or(false),
         };
         let (t, b) = state.manager.start_dockerfile_build(&req, context)?;
-        Ok(poem_openapi::payload::Response::new(Json(BuildStarted {
+        Ok(BuildAccepted::Accepted(Json(BuildStarted {
             name: t.name,
             template_id: t.id,
             build_id: b.id,
             status: b.status.as_str().into(),
             tags: b.tags,
-        }))
-        .status(poem::http::StatusCode::ACCEPTED))
+        })))
     }
 
     /// Get a build

@@ -6,29 +6,15 @@
 //   cd tests/e2b/js && npm ci && node smoke.mjs
 import { CommandExitError, Sandbox } from 'e2b'
 
+import { check, progress, run, watchdog } from './harness.mjs'
+
 const TEMPLATE = process.env.E2B_TEST_TEMPLATE || 'base'
 const DIR = '/home/user/js-smoke'
-let step = 'startup'
-let passed = 0
 
-function check(cond, message) {
-  if (!cond) throw new Error(message)
-}
 
-async function run(name, fn) {
-  step = name
-  const started = Date.now()
-  await fn()
-  passed++
-  console.log(`ok   ${name} (${Date.now() - started} ms)`)
-}
 
 // A hung stream must not hang CI.
-const watchdog = setTimeout(() => {
-  console.error(`FAIL: ${step}: timed out after 240 s`)
-  process.exit(1)
-}, 240_000)
-watchdog.unref()
+watchdog(240)
 
 async function main() {
   const missing = ['E2B_API_KEY', 'E2B_API_URL', 'E2B_SANDBOX_URL', 'E2B_DOMAIN'].filter(
@@ -117,7 +103,7 @@ async function main() {
       check(await sbx.isRunning(), 'isRunning() is false')
     })
   } finally {
-    step = 'kill'
+    progress.step = 'kill'
     const killed = await sbx.kill()
     check(killed === true, `kill() returned ${killed}`)
   }
@@ -128,12 +114,12 @@ async function main() {
 
 main().then(
   () => {
-    console.log(`e2b JS smoke: ${passed} passed, 0 failed`)
+    console.log(`e2b JS smoke: ${progress.passed} passed, 0 failed`)
     process.exit(0)
   },
   (e) => {
-    console.error(`FAIL: ${step}: ${e && e.stack ? e.stack : e}`)
-    console.log(`e2b JS smoke: ${passed} passed, 1 failed`)
+    console.error(`FAIL: ${progress.step}: ${e && e.stack ? e.stack : e}`)
+    console.log(`e2b JS smoke: ${progress.passed} passed, 1 failed`)
     process.exit(1)
   },
 )

@@ -13,24 +13,14 @@ import { join } from 'node:path'
 
 import { BuildError, Sandbox, Template, waitForURL } from 'e2b'
 
+import { check, progress, run, watchdog } from './harness.mjs'
+
 const TOKEN = randomBytes(4).toString('hex')
 const NAME = `t-${TOKEN}-js`
 const FAILING = `t-${TOKEN}-js-fails`
 const STEPS = 7 // steps of fullTemplate()
-let step = 'startup'
-let passed = 0
 
-function check(cond, message) {
-  if (!cond) throw new Error(message)
-}
 
-async function run(name, fn) {
-  step = name
-  const started = Date.now()
-  await fn()
-  passed++
-  console.log(`ok   ${name} (${Date.now() - started} ms)`)
-}
 
 // The line this is called from.
 function lineHere() {
@@ -40,11 +30,7 @@ function lineHere() {
 }
 
 // Builds on a 2-core machine take a while; a hung poll must not hang CI.
-const watchdog = setTimeout(() => {
-  console.error(`FAIL: ${step}: timed out after 480 s`)
-  process.exit(1)
-}, 480_000)
-watchdog.unref()
+watchdog(480)
 
 function api(method, path) {
   const url = process.env.E2B_API_URL.replace(/\/+$/, '') + path
@@ -246,22 +232,22 @@ async function main() {
       check((await Template.exists(NAME)) === false, `${NAME} still exists after DELETE`)
     })
   } finally {
-    const current = step
+    const current = progress.step
     if (sbx) await sbx.kill().catch(() => {})
     for (const id of templateIds) await api('DELETE', `/templates/${id}`).catch(() => {})
     rmSync(ctx, { recursive: true, force: true })
-    step = current
+    progress.step = current
   }
 }
 
 main().then(
   () => {
-    console.log(`e2b JS templates: ${passed} passed, 0 failed`)
+    console.log(`e2b JS templates: ${progress.passed} passed, 0 failed`)
     process.exit(0)
   },
   (e) => {
-    console.error(`FAIL: ${step}: ${e && e.stack ? e.stack : e}`)
-    console.log(`e2b JS templates: ${passed} passed, 1 failed`)
+    console.error(`FAIL: ${progress.step}: ${e && e.stack ? e.stack : e}`)
+    console.log(`e2b JS templates: ${progress.passed} passed, 1 failed`)
     process.exit(1)
   },
 )
