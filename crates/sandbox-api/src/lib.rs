@@ -228,6 +228,12 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
 
 /// Bytes of an oversized body read and discarded before answering 413, so that ordinary
 /// clients see the answer instead of a reset connection. Larger bodies are cut off.
+/// A time as RFC 3339, the form every API answer uses.
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Refuses request bodies over [`MAX_JSON_BODY`] with 413, whether they come with a

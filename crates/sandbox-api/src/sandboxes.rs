@@ -8,10 +8,9 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
 use sandbox_core::{SandboxInfo, SandboxSpec};
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::{parse_id, ApiError};
-use crate::AppState;
+use crate::{rfc3339, AppState};
 
 #[derive(Tags)]
 enum SandboxTags {
@@ -107,10 +106,6 @@ impl poem_openapi::types::Example for Sandbox {
             internet: true,
         }
     }
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 impl From<SandboxInfo> for Sandbox {

@@ -10,19 +10,14 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use sandbox_core::manager::DockerfileBuild;
 use sandbox_core::template::registry::{BuildRecord, TemplateRecord};
 use sandbox_core::Error;
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{rfc3339, AppState};
 
 #[derive(Tags)]
 enum TemplateTags {
     /// Build templates from Dockerfiles, follow their builds, list and delete them.
     Templates,
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// One build of a template.

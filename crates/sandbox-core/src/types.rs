@@ -17,6 +17,21 @@ const MAX_SANDBOX_ID_LEN: usize = 63;
 
 /// A sandbox id: a DNS-label-safe string of lowercase ASCII letters and digits.
 ///
+/// `len` random characters of `[a-z0-9]` (DNS-label safe), from the OS random source.
+pub(crate) fn random_alphanumeric(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut raw = vec![0u8; len];
+    // getrandom only fails when the OS has no entropy source at all.
+    getrandom::fill(&mut raw).expect("the OS random source is available");
+    // 256 % 36 != 0, so fold the top bytes to keep the distribution near uniform.
+    raw.into_iter()
+        .map(|b| {
+            let b = if b >= 252 { b - 252 } else { b };
+            ALPHABET[(b % 36) as usize] as char
+        })
+        .collect()
+}
+
 /// Ids appear in host names such as `49983-<id>.localhost`, so they are checked on parse.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -25,18 +40,10 @@ pub struct SandboxId(String);
 impl SandboxId {
     /// A new random id with the project prefix.
     pub fn generate() -> Self {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        let mut raw = [0u8; SANDBOX_ID_RANDOM_LEN];
-        // getrandom only fails when the OS has no entropy source at all.
-        getrandom::fill(&mut raw).expect("the OS random source is available");
-        let mut id = String::with_capacity(SANDBOX_ID_PREFIX.len() + SANDBOX_ID_RANDOM_LEN);
-        id.push_str(SANDBOX_ID_PREFIX);
-        // 256 % 36 != 0, so reject the top bytes to keep the distribution uniform.
-        for b in raw {
-            let b = if b >= 252 { b - 252 } else { b };
-            id.push(ALPHABET[(b % 36) as usize] as char);
-        }
-        Self(id)
+        Self(format!(
+            "{SANDBOX_ID_PREFIX}{}",
+            random_alphanumeric(SANDBOX_ID_RANDOM_LEN)
+        ))
     }
 
     /// The id as a string slice.

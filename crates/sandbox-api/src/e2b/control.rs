@@ -15,9 +15,8 @@ use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use sandbox_core::{Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
 
-use crate::AppState;
+use crate::{rfc3339, AppState};
 
 /// E2B's default lifetime, seconds, when a v1 create or a resume names none.
 const DEFAULT_TIMEOUT_SECS: u64 = 15;
@@ -140,10 +139,6 @@ fn timeout_secs(value: Option<i64>, default: u64) -> Result<Duration, Reject> {
             format!("timeout must be a positive number of seconds, not {t}"),
         )),
     }
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// E2B's `Sandbox` (what create, connect and resume return).

@@ -18,11 +18,10 @@ use sandbox_core::Error;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Sha256;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::control::{answer, json_response, no_content, parse_body, reject};
-use crate::AppState;
+use crate::{rfc3339, AppState};
 
 /// Where signed file uploads go (outside `/e2b`: the SDK sends no key with them).
 pub const UPLOAD_BASE: &str = "/template-files";
@@ -30,10 +29,6 @@ pub const UPLOAD_BASE: &str = "/template-files";
 const UPLOAD_LINK_TTL: Duration = Duration::from_secs(3600);
 /// What every template reports as its envd version.
 const ENVD_VERSION: &str = envd_proto::ENVD_VERSION;
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
 
 fn status_of(b: &BuildRecord) -> &'static str {
     b.status.as_str()

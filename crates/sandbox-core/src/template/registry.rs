@@ -26,10 +26,6 @@ pub const IMAGE_REPO: &str = "colima-e2b-template";
 pub const DEFAULT_TAG: &str = "default";
 /// Entries per page of a build's log (E2B's status endpoint returns at most 100).
 pub const LOG_PAGE: usize = 100;
-/// How often, and how many times, a failed build's image is looked for (an engine that
-/// does not stop a build given up may tag it late).
-const LATE_IMAGE_EVERY: Duration = Duration::from_secs(15);
-const LATE_IMAGE_CHECKS: u32 = 240;
 
 /// Where a build is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,18 +254,7 @@ fn now() -> OffsetDateTime {
 
 /// A new template id: 20 characters of `[a-z0-9]`.
 fn template_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut raw = [0u8; 20];
-    if getrandom::fill(&mut raw).is_err() {
-        // No entropy source: ids still differ by time.
-        let t = now().unix_timestamp_nanos() as u128;
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = (t >> (i % 16 * 8)) as u8 ^ i as u8;
-        }
-    }
-    raw.iter()
-        .map(|b| ALPHABET[(*b % 36) as usize] as char)
-        .collect()
+    crate::types::random_alphanumeric(20)
 }
 
 /// Checks a template name: what E2B allows in aliases, plus `/` for namespaces.
@@ -735,31 +720,6 @@ impl Registry {
                         b.reason = Some(reason);
                         b.finished_at = Some(now());
                         b.seconds = Some(seconds);
-                    }
-                });
-                // An engine that kept building after the build was given up (Podman
-                // does not stop on a dropped request) may still tag the image later:
-                // watched for a while, and removed when it appears.
-                let (backend, image) = (backend.clone(), build.image.clone());
-                let checks = if started.elapsed() >= self.config.build_timeout {
-                    LATE_IMAGE_CHECKS
-                } else {
-                    1
-                };
-                tokio::spawn(async move {
-                    for _ in 0..checks {
-                        match backend.remove_image(&image).await {
-                            Ok(()) => {
-                                tracing::info!(%image, "removed the image of a failed build");
-                                return;
-                            }
-                            Err(Error::NotFound { .. }) => {}
-                            Err(e) => {
-                                tracing::debug!(%image, error = %e, "failed build's image not removed");
-                                return;
-                            }
-                        }
-                        tokio::time::sleep(LATE_IMAGE_EVERY).await;
                     }
                 });
                 metrics::counter!("colima_e2b_template_builds_total", "outcome" => "error")
