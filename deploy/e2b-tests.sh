@@ -2,7 +2,7 @@
 # The official E2B SDKs, unchanged, against a real colima-e2b server on a real engine:
 # the Python suite (tests/e2b/test_sdk.py and test_templates.py, the template-build API)
 # once per pinned `e2b` version (tests/e2b/requirements-<version>.txt) and the JS tests
-# (tests/e2b/js, npm `e2b`): smoke.mjs, then templates.mjs.
+# (tests/e2b/js, npm `e2b`): smoke.mjs, templates.mjs, parity.mjs, parity_files.mjs.
 #
 #   deploy/e2b-tests.sh [docker|podman]
 #
@@ -217,7 +217,7 @@ else
   reports=$(mktemp -d "${TMPDIR:-/tmp}/e2b-junit.XXXXXX")
 fi
 for ver in $versions; do
-  step "Python SDK e2b==$ver: tests/e2b (test_sdk.py, test_templates.py)"
+  step "Python SDK e2b==$ver: tests/e2b (pytest.ini testpaths)"
   if ! "${venv[$ver]}/bin/python" tests/e2b/check_sdk_api.py; then
     results+=("FAIL python e2b==$ver (the SDK lacks calls the suite makes: check_sdk_api.py)")
     failed=1
@@ -247,7 +247,7 @@ done
 
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
-  for js in smoke templates; do
+  for js in smoke templates parity parity_files; do
     step "JS SDK e2b@$jsver: tests/e2b/js/$js.mjs"
     if (cd tests/e2b/js && node "$js.mjs"); then
       results+=("PASS js e2b@$jsver $js")

@@ -35,3 +35,34 @@ def pytest_report_header(config):
             os.environ.get("E2B_DOMAIN", "<unset>"),
         ),
     ]
+
+
+# Shared by the parity suites (test_parity.py, test_parity_files.py): sandboxes tagged with
+# this run's tag and killed when the test ends, whatever it left.
+PARITY_TAG = f"e2b-parity-{os.getpid()}"
+PARITY_TEMPLATE = os.environ.get("E2B_TEST_TEMPLATE", "base")
+
+
+@pytest.fixture
+def new_sandbox(request):
+    """Factory: ``new_sandbox(**create_kwargs)`` -> a fresh ``e2b.Sandbox``, killed at the
+    end of the test. Metadata gets ``suite=<PARITY_TAG>``."""
+    require_e2b_environment()
+    from e2b import Sandbox
+
+    def make(**kwargs):
+        kwargs.setdefault("timeout", 600)
+        kwargs["metadata"] = {"suite": PARITY_TAG, **(kwargs.get("metadata") or {})}
+        template = kwargs.pop("template", PARITY_TEMPLATE)
+        sandbox = Sandbox.create(template, **kwargs)
+
+        def kill():
+            try:
+                Sandbox.kill(sandbox.sandbox_id)
+            except Exception:
+                pass
+
+        request.addfinalizer(kill)
+        return sandbox
+
+    return make

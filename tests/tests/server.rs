@@ -342,3 +342,61 @@ async fn concurrent_creates_beyond_the_limit_get_429_and_leave_nothing_half_crea
     // Exactly the successful creates exist in the engine.
     assert_eq!(remove_owner_containers(&options.owner), created.len());
 }
+
+#[tokio::test]
+async fn env_prints_the_key_of_the_server_on_its_port_and_requests_are_logged() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let port = server.url.rsplit(':').next().expect("port").to_string();
+    // Neither the owner nor the state directory is given: only the port, as a user
+    // would in another terminal.
+    let out = std::process::Command::new(tests::server_binary())
+        .args(["env", "--port", &port])
+        .env_remove("COLIMA_E2B_OWNER")
+        .env_remove("COLIMA_E2B_STATE_DIR")
+        .env_remove("COLIMA_E2B_CONFIG")
+        .output()
+        .expect("run colima-e2b env");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let key = server.api_key();
+    assert!(
+        printed.contains(&format!("export E2B_API_KEY={key}\n")),
+        "env printed another key than the running server's ({key}):\n{printed}"
+    );
+    // The key it printed works.
+    let resp = server
+        .http
+        .get(server.url("/e2b/v2/sandboxes"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(resp.status(), 200);
+    // One info line per request: method, path, operation, status, time, sandbox; never
+    // the query or a key.
+    server
+        .get("/sandboxes/clmnosuchsandbox?secret=hunter2")
+        .await;
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("request") && l.contains("path=/sandboxes/clmnosuchsandbox"))
+        .unwrap_or_else(|| panic!("no request line in the log:\n{log}"));
+    for part in [
+        "method=GET",
+        "status=404",
+        "ms=",
+        "sandbox=\"clmnosuchsandbox\"",
+        "operation=",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    assert!(!log.contains("hunter2"), "the query reached the log");
+    assert!(!log.contains(&key), "the key reached the log");
+}

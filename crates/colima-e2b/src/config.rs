@@ -89,6 +89,8 @@ pub struct Config {
     pub files: FilesConfig,
     /// Template builds (native and E2B's template API).
     pub builds: BuildsConfig,
+    /// What is kept about each sandbox over time: resource samples and its log.
+    pub history: HistoryConfig,
     /// Template name to template: an image reference, or a table with `image`, `user`
     /// (default `user`) and `workdir`.
     pub templates: BTreeMap<String, Template>,
@@ -132,6 +134,7 @@ impl Default for Config {
             commands: CommandsConfig::default(),
             files: FilesConfig::default(),
             builds: BuildsConfig::default(),
+            history: HistoryConfig::default(),
             templates,
             agent_binary: None,
             auth: AuthConfig::default(),
@@ -342,6 +345,52 @@ impl BuildsConfig {
     }
 }
 
+/// `[history]`: what is kept about each sandbox over time, in memory (E2B's
+/// `get_metrics(start, end)` and sandbox logs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Seconds between two resource samples of a running sandbox; 0 turns sampling off.
+    pub metrics_interval: u64,
+    /// Seconds resource samples are kept.
+    pub metrics_retention: u64,
+    /// Log entries kept per sandbox (the oldest go first).
+    pub log_entries: usize,
+    /// Seconds the log of a sandbox that ended stays readable.
+    pub log_retention: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let m = sandbox_core::manager::MetricsHistoryConfig::default();
+        let l = sandbox_core::manager::LogConfig::default();
+        Self {
+            metrics_interval: m.interval.as_secs(),
+            metrics_retention: m.retention.as_secs(),
+            log_entries: l.entries,
+            log_retention: l.retention.as_secs(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The manager's sampler settings.
+    pub fn metrics(&self) -> sandbox_core::manager::MetricsHistoryConfig {
+        sandbox_core::manager::MetricsHistoryConfig {
+            interval: std::time::Duration::from_secs(self.metrics_interval),
+            retention: std::time::Duration::from_secs(self.metrics_retention.max(1)),
+        }
+    }
+
+    /// The manager's log settings.
+    pub fn logs(&self) -> sandbox_core::manager::LogConfig {
+        sandbox_core::manager::LogConfig {
+            entries: self.log_entries.clamp(1, 100_000),
+            retention: std::time::Duration::from_secs(self.log_retention),
+        }
+    }
+}
+
 /// `[auth]`: one key store for every way in.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -406,6 +455,7 @@ const KEYS: &[&str] = &[
     "commands",
     "files",
     "builds",
+    "history",
     "templates",
     "agent_binary",
     "e2b",

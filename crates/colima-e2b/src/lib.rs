@@ -6,5 +6,6 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod listener;
+pub mod running;
 pub mod server;
 pub mod template_cli;

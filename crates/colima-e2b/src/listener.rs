@@ -1,7 +1,9 @@
 //! Accepted connections: small writes leave at once (Nagle off), the kernel buffers a
 //! bounded amount per client, and a client that takes nothing for the stall timeout is
 //! dropped, whatever it was receiving (a WebSocket, a proxied stream, a download), so a
-//! reader that stops cannot hold the server's memory or tasks.
+//! reader that stops cannot hold the server's memory or tasks. A handler can abort a
+//! connection ([`sandbox_api::abort`]): its writes fail from then on, so a broken proxied
+//! stream is not ended as if complete.
 
 use std::io;
 use std::pin::Pin;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use poem::http::uri::Scheme;
 use poem::listener::{Acceptor, TcpAcceptor};
 use poem::web::{LocalAddr, RemoteAddr};
+use sandbox_api::abort::{AbortFlag, Aborts};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -22,12 +25,18 @@ const SEND_BUFFER: usize = 256 << 10;
 pub struct GuardedAcceptor {
     inner: TcpAcceptor,
     stall: Duration,
+    aborts: Aborts,
 }
 
 impl GuardedAcceptor {
-    /// Wraps `inner`; writes that make no progress for `stall` fail.
-    pub fn new(inner: TcpAcceptor, stall: Duration) -> Self {
-        Self { inner, stall }
+    /// Wraps `inner`; writes that make no progress for `stall` fail, and so do writes to
+    /// a connection aborted through `aborts`.
+    pub fn new(inner: TcpAcceptor, stall: Duration, aborts: Aborts) -> Self {
+        Self {
+            inner,
+            stall,
+            aborts,
+        }
     }
 }
 
@@ -48,16 +57,22 @@ impl Acceptor for GuardedAcceptor {
         if let Err(e) = socket2::SockRef::from(&io).set_send_buffer_size(SEND_BUFFER) {
             tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
-        Ok((StallGuard::new(io, self.stall), local, remote, scheme))
+        let mut guard = StallGuard::new(io, self.stall);
+        if let Some(peer) = remote.as_socket_addr() {
+            guard.abort = Some(self.aborts.register(*peer));
+        }
+        Ok((guard, local, remote, scheme))
     }
 }
 
 /// A client connection whose writes fail with `TimedOut` once they have made no
-/// progress for the stall timeout (the connection is then closed).
+/// progress for the stall timeout, and with `ConnectionAborted` once a handler aborted
+/// it (the connection is then closed).
 pub struct StallGuard {
     io: TcpStream,
     stall: Duration,
     pending_since: Option<Pin<Box<Sleep>>>,
+    abort: Option<AbortFlag>,
 }
 
 impl StallGuard {
@@ -66,7 +81,18 @@ impl StallGuard {
             io,
             stall,
             pending_since: None,
+            abort: None,
         }
+    }
+
+    /// An error once a handler aborted the connection.
+    fn aborted<T>(&self) -> Option<Poll<io::Result<T>>> {
+        self.abort.as_ref().filter(|a| a.is_aborted()).map(|_| {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the response was aborted",
+            )))
+        })
     }
 
     /// After the inner write answered `poll`: progress clears the clock; being stuck
@@ -115,6 +141,9 @@ impl AsyncWrite for StallGuard {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.aborted() {
+            return err;
+        }
         let poll = Pin::new(&mut self.io).poll_write(cx, buf);
         self.watch(cx, poll)
     }
@@ -124,6 +153,9 @@ impl AsyncWrite for StallGuard {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.aborted() {
+            return err;
+        }
         let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.watch(cx, poll)
     }
@@ -133,6 +165,9 @@ impl AsyncWrite for StallGuard {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(err) = self.aborted() {
+            return err;
+        }
         let poll = Pin::new(&mut self.io).poll_flush(cx);
         self.watch(cx, poll)
     }

@@ -102,7 +102,8 @@ fn main() -> ExitCode {
                 .map(|s| print!("{s}"))
                 .map_err(|e| e.to_string())
         }),
-        Command::Env(args) => args.load().and_then(|c| {
+        Command::Env(args) => args.load().and_then(|mut c| {
+            colima_e2b::running::adopt(&mut c);
             if !c.e2b.enabled {
                 return Err("the E2B compatibility layer is disabled (e2b.enabled = false)".into());
             }
@@ -121,14 +122,16 @@ fn main() -> ExitCode {
                 Err("some checks failed (see above)".into())
             }
         }),
-        Command::Sandbox { config, command } => config.load().and_then(|config| {
+        Command::Sandbox { config, command } => config.load().and_then(|mut config| {
+            colima_e2b::running::adopt(&mut config);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?
                 .block_on(colima_e2b::client::run(&config, command))
         }),
-        Command::Template { config, command } => config.load().and_then(|config| {
+        Command::Template { config, command } => config.load().and_then(|mut config| {
+            colima_e2b::running::adopt(&mut config);
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()

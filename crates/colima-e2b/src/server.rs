@@ -34,6 +34,8 @@ pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>)
         agent_port: Some(sandbox_core::agent::AGENT_PORT),
         stall_timeout: Duration::from_secs(config.stall_timeout),
         builds: config.builds.registry(),
+        metrics_history: config.history.metrics(),
+        logs: config.history.logs(),
         ..ManagerConfig::default()
     }
 }
@@ -114,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         ..AuthSettings::default()
     }));
     let e2b = e2b_layer(&config);
+    let aborts = sandbox_api::abort::Aborts::default();
     let app = sandbox_api::app(AppState {
         manager,
         metrics,
@@ -127,8 +130,11 @@ pub async fn run(config: Config) -> Result<(), String> {
             checks: std::sync::Arc::new(own_checks),
             allow_unlimited_disk: config.allow_unlimited_disk,
         },
+        aborts: aborts.clone(),
     });
-    let acceptor = GuardedAcceptor::new(acceptor, Duration::from_secs(config.stall_timeout));
+    let acceptor =
+        GuardedAcceptor::new(acceptor, Duration::from_secs(config.stall_timeout), aborts);
+    let _record = crate::running::record(&config);
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(5)))
         .await

@@ -11,13 +11,15 @@
 
 pub mod codec;
 pub mod error;
+pub mod events;
 pub mod messages;
 pub mod signature;
 
 pub use error::{Code, EnvdError, Reason};
 
-/// The envd version whose features the agent implements (the SDK gates features on it).
-pub const ENVD_VERSION: &str = "0.5.7";
+/// The envd version whose features the agent implements (the SDKs gate features on it:
+/// 0.6.2 file metadata, 0.6.3 entry info in watch events, 0.6.4 watching network mounts).
+pub const ENVD_VERSION: &str = "0.6.4";
 /// Port the agent listens on inside every sandbox (envd's).
 pub const AGENT_PORT: u16 = 49983;
 /// Header carrying the per-sandbox access token on every request but `/health`.

@@ -363,7 +363,7 @@ pub struct ProcessEventMessage {
 /// `filesystem.FileType`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum FileType {
-    /// Unknown.
+    /// Unknown (also a symlink whose target is missing or neither file nor directory).
     #[serde(rename = "FILE_TYPE_UNSPECIFIED")]
     Unspecified,
     /// Regular file (and anything that is neither a directory nor a symlink).
@@ -372,7 +372,8 @@ pub enum FileType {
     /// Directory.
     #[serde(rename = "FILE_TYPE_DIRECTORY")]
     Directory,
-    /// Symbolic link.
+    /// Symbolic link: what envd before 0.6 reported for a link; newer envd (and the
+    /// agent) report the target's type and set [`EntryInfo::is_symlink`].
     #[serde(rename = "FILE_TYPE_SYMLINK")]
     Symlink,
 }
@@ -383,15 +384,16 @@ pub enum FileType {
 pub struct EntryInfo {
     /// Base name.
     pub name: String,
-    /// Type (a symlink reports FILE_TYPE_SYMLINK and `isSymlink`).
+    /// Type; for a symlink, its target's (unspecified when the link is broken), with
+    /// `isSymlink` set.
     #[serde(rename = "type")]
     pub file_type: FileType,
     /// Absolute path.
     pub path: String,
-    /// Size in bytes (int64: a string on the wire).
+    /// Size in bytes (int64: a string on the wire); a symlink's own.
     #[serde(with = "i64_str")]
     pub size: i64,
-    /// Permission bits (`0o644`).
+    /// Permission bits (`0o644`); a symlink's own.
     pub mode: u32,
     /// `ls -l` style: `-rw-r--r--`.
     pub permissions: String,
@@ -402,13 +404,18 @@ pub struct EntryInfo {
     /// Modification time, RFC 3339 UTC.
     #[serde(alias = "modified_time")]
     pub modified_time: String,
-    /// Target when this is a symlink.
+    /// When this is a symlink: its target, absolute and fully resolved; unset when the
+    /// link is broken.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         alias = "symlink_target"
     )]
     pub symlink_target: Option<String>,
+    /// User metadata (envd 0.6.2): the file's `user.e2b.<key>` extended attributes,
+    /// prefix stripped. Empty (and not sent) when there is none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     /// True when the entry itself is a symlink.
     #[serde(default, alias = "is_symlink")]
     pub is_symlink: bool,
@@ -469,10 +476,12 @@ pub struct WatchDirRequest {
     /// Watch subdirectories too.
     #[serde(default)]
     pub recursive: bool,
-    /// Attach EntryInfo to events.
+    /// Attach the EntryInfo of the affected path to each event, while it exists
+    /// (envd 0.6.3).
     #[serde(default, alias = "include_entry")]
     pub include_entry: bool,
-    /// Accepted and ignored.
+    /// Allow watching a directory on a network filesystem (NFS, CIFS/SMB, FUSE), which
+    /// is refused with `invalid_argument` otherwise (envd 0.6.4).
     #[serde(default, alias = "allow_network_mounts")]
     pub allow_network_mounts: bool,
 }
@@ -549,6 +558,10 @@ pub struct WriteInfo {
     /// Always `file`.
     #[serde(rename = "type")]
     pub file_type: String,
+    /// The metadata stored on the file (envd 0.6.2); empty (and not sent) when none
+    /// was given or the filesystem keeps no extended attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST /init` body.
@@ -644,6 +657,34 @@ mod tests {
         };
         let s = serde_json::to_string(&m).unwrap_or_default();
         assert_eq!(s, r#"{"event":{"data":{"stdout":"/wBh"}}}"#);
+    }
+
+    #[test]
+    fn entry_metadata_is_sent_only_when_there_is_some() {
+        let mut e = EntryInfo {
+            name: "f".into(),
+            file_type: FileType::File,
+            path: "/f".into(),
+            size: 1,
+            mode: 0o644,
+            permissions: "-rw-r--r--".into(),
+            owner: "user".into(),
+            group: "user".into(),
+            modified_time: "1970-01-01T00:00:00Z".into(),
+            symlink_target: None,
+            metadata: BTreeMap::new(),
+            is_symlink: false,
+        };
+        let v = serde_json::to_value(&e).unwrap_or_default();
+        assert!(v.get("metadata").is_none(), "{v}");
+        e.metadata.insert("author".into(), "mish".into());
+        let v = serde_json::to_value(&e).unwrap_or_default();
+        assert_eq!(v["metadata"], serde_json::json!({"author": "mish"}));
+        let back: EntryInfo = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, e);
+        let w: WriteInfo =
+            serde_json::from_str(r#"{"path":"/f","name":"f","type":"file"}"#).expect("parse");
+        assert!(w.metadata.is_empty());
     }
 
     #[test]

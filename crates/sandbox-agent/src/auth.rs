@@ -73,7 +73,8 @@ impl SignatureError {
         match self {
             SignatureError::Missing => "missing or invalid access token",
             SignatureError::Invalid => "invalid signature",
-            SignatureError::Expired => "signature expired",
+            // envd's exact text (E2B's own SDK tests compare it).
+            SignatureError::Expired => "signature is already expired",
         }
     }
 }

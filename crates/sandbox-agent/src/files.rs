@@ -6,6 +6,7 @@ use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use hyper::{HeaderMap, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::connect::{AgentBody, RestResponse};
+use crate::metadata::Metadata as UserMetadata;
 use crate::sys::FsIdentity;
 use crate::users::{Names, User, UserDb};
 use envd_proto::messages::{EntryInfo, FileType, WriteInfo};
@@ -146,22 +148,34 @@ pub fn entry_info(path: &Path, names: &Names) -> io::Result<EntryInfo> {
     Ok(entry_from_metadata(path, &md, names))
 }
 
-fn entry_from_metadata(path: &Path, md: &Metadata, names: &Names) -> EntryInfo {
-    let ft = md.file_type();
-    let is_symlink = ft.is_symlink();
-    let file_type = if is_symlink {
-        FileType::Symlink
-    } else if ft.is_dir() {
+/// The EntryInfo type of what `md` describes (after following any symlink).
+fn type_of(md: &Metadata) -> FileType {
+    if md.is_dir() {
         FileType::Directory
     } else {
         FileType::File
-    };
-    let symlink_target = if is_symlink {
-        std::fs::read_link(path)
-            .ok()
-            .map(|t| t.to_string_lossy().into_owned())
+    }
+}
+
+/// EntryInfo from the link-level metadata `md` of `path`. A symlink is described as
+/// envd does: `type` is its target's (unspecified when broken or neither file nor
+/// directory), `symlinkTarget` the fully resolved absolute target (unset when broken),
+/// `isSymlink` true; size, mode and permissions stay the link's own.
+fn entry_from_metadata(path: &Path, md: &Metadata, names: &Names) -> EntryInfo {
+    let is_symlink = md.file_type().is_symlink();
+    let (file_type, symlink_target) = if is_symlink {
+        match std::fs::canonicalize(path) {
+            Ok(target) => {
+                let kind = match std::fs::metadata(&target) {
+                    Ok(t) if t.is_dir() || t.is_file() => type_of(&t),
+                    _ => FileType::Unspecified,
+                };
+                (kind, Some(target.to_string_lossy().into_owned()))
+            }
+            Err(_) => (FileType::Unspecified, None),
+        }
     } else {
-        None
+        (type_of(md), None)
     };
     EntryInfo {
         name: path
@@ -177,6 +191,7 @@ fn entry_from_metadata(path: &Path, md: &Metadata, names: &Names) -> EntryInfo {
         group: names.group(md.gid()),
         modified_time: rfc3339(md.modified().unwrap_or(UNIX_EPOCH)),
         symlink_target,
+        metadata: crate::metadata::read(path),
         is_symlink,
     }
 }
@@ -206,7 +221,8 @@ fn listing_too_large(path: &Path, depth: u32, what: String) -> EnvdError {
 }
 
 /// ListDir: entries below `path` down to `depth` levels (0 counts as 1), not following
-/// symlinks into other directories, as the serialized answer (`{"entries":[...]}`).
+/// symlinks into other directories, as the serialized answer (`{"entries":[...]}`), in
+/// lexical depth-first order (`a`, `a/a1`, `b`, `b/b1`), as envd walks.
 /// A listing that would not fit the largest answer a client reads
 /// ([`MAX_UNARY_ANSWER`]) or has more than [`MAX_LIST_ENTRIES`] entries is refused with
 /// `resource_exhausted` before it is built further.
@@ -222,18 +238,20 @@ pub fn list_dir(path: &Path, depth: u32, names: &Names) -> Result<Vec<u8>, EnvdE
     const TAIL: &[u8] = b"]}";
     let mut out = br#"{"entries":["#.to_vec();
     let mut count = 0usize;
-    let mut stack = vec![(path.to_path_buf(), 1u32)];
-    while let Some((dir, level)) = stack.pop() {
-        let rd = match std::fs::read_dir(&dir) {
+    // Sorted children still to list, per open directory; `pending` counts them all, so
+    // the paths held stay within the entry cap however the tree is shaped.
+    let mut pending = 0usize;
+    let read_sorted = |dir: &Path, count: usize, pending: &mut usize| {
+        let rd = match std::fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) if dir == path => {
                 return Err(EnvdError::from_io(&e, &dir.display().to_string()))
             }
-            Err(_) => continue,
+            Err(_) => return Ok(Vec::new().into_iter()),
         };
         let mut children: Vec<PathBuf> = Vec::new();
         for e in rd.flatten() {
-            if children.len() + count >= MAX_LIST_ENTRIES {
+            if count + *pending + children.len() >= MAX_LIST_ENTRIES {
                 return Err(listing_too_large(
                     path,
                     depth,
@@ -243,30 +261,41 @@ pub fn list_dir(path: &Path, depth: u32, names: &Names) -> Result<Vec<u8>, EnvdE
             children.push(e.path());
         }
         children.sort();
-        for child in children {
-            let Ok(md) = std::fs::symlink_metadata(&child) else {
-                continue;
-            };
-            if md.is_dir() && level < depth {
-                stack.push((child.clone(), level + 1));
-            }
-            let entry = serde_json::to_vec(&entry_from_metadata(&child, &md, names))
-                .map_err(|e| EnvdError::new(Code::Internal, e.to_string()))?;
-            if out.len() + 1 + entry.len() + TAIL.len() > MAX_UNARY_ANSWER {
-                return Err(listing_too_large(
-                    path,
-                    depth,
-                    format!(
-                        "is larger than the largest answer ({} MiB) after {count} entries",
-                        MAX_UNARY_ANSWER >> 20
-                    ),
-                ));
-            }
-            if count > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(&entry);
-            count += 1;
+        *pending += children.len();
+        Ok(children.into_iter())
+    };
+    let mut stack = vec![(read_sorted(path, count, &mut pending)?, 1u32)];
+    while let Some((children, level)) = stack.last_mut() {
+        let level = *level;
+        let Some(child) = children.next() else {
+            stack.pop();
+            continue;
+        };
+        pending -= 1;
+        let Ok(md) = std::fs::symlink_metadata(&child) else {
+            continue;
+        };
+        let entry = serde_json::to_vec(&entry_from_metadata(&child, &md, names))
+            .map_err(|e| EnvdError::new(Code::Internal, e.to_string()))?;
+        if out.len() + 1 + entry.len() + TAIL.len() > MAX_UNARY_ANSWER {
+            return Err(listing_too_large(
+                path,
+                depth,
+                format!(
+                    "is larger than the largest answer ({} MiB) after {count} entries",
+                    MAX_UNARY_ANSWER >> 20
+                ),
+            ));
+        }
+        if count > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&entry);
+        count += 1;
+        // A directory's entries follow it, before its next sibling.
+        if md.is_dir() && level < depth {
+            let grandchildren = read_sorted(&child, count, &mut pending)?;
+            stack.push((grandchildren, level + 1));
         }
     }
     out.extend_from_slice(TAIL);
@@ -555,9 +584,50 @@ fn temp_name(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
+/// Creates the missing directories of `dir`, component by component, with this thread's
+/// identity (the agent's: root) and hands each one it created, and only those, to
+/// `owner` (uid, gid). envd does the same, so a user may write `/0/x` though only root
+/// may create `/0`.
+fn create_parents(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if std::fs::metadata(dir).is_ok_and(|md| md.is_dir()) {
+        return Ok(());
+    }
+    let mut at = PathBuf::new();
+    for c in dir.components() {
+        at.push(c);
+        match std::fs::metadata(&at) {
+            Ok(md) if md.is_dir() => continue,
+            Ok(_) => return Err(rustix::io::Errno::NOTDIR.into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&at) {
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    // Through a descriptor of the new directory itself: a symlink put in
+                    // its place meanwhile is not followed to something else.
+                    use rustix::fs::{Gid, OFlags, Uid};
+                    let fd = rustix::fs::open(
+                        &at,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )?;
+                    rustix::fs::fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+                }
+            }
+            // Someone else made it meanwhile: theirs, not ours to hand over.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The temporary file an upload writes into: created by the acting user (this thread's
 /// fs identity), exclusively, readable by nobody else while partial. Returns it with
-/// the mode the finished file gets (the old file's, else 0644).
+/// the mode the finished file gets (the old file's, else 0644). The target's directory
+/// exists already ([`create_parents`]).
 fn begin_write(target: &Path) -> Result<(PathBuf, File, u32), EnvdError> {
     let shown = || target.display().to_string();
     let mode = match std::fs::symlink_metadata(target) {
@@ -578,10 +648,6 @@ fn begin_write(target: &Path) -> Result<(PathBuf, File, u32), EnvdError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0o644,
         Err(e) => return Err(EnvdError::from_io(&e, &shown())),
     };
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| EnvdError::from_io(&e, &parent.display().to_string()))?;
-    }
     let temp = temp_name(target);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -593,10 +659,12 @@ fn begin_write(target: &Path) -> Result<(PathBuf, File, u32), EnvdError> {
     Ok((temp, f, mode))
 }
 
-/// Puts the finished temporary file in place of `target`.
-fn commit(temp: &Path, target: &Path, file: &File, mode: u32) -> io::Result<()> {
+/// Puts the finished temporary file in place of `target`, with `md` as its whole
+/// metadata (set on the temporary file, so the rename carries it over).
+fn commit(temp: &Path, target: &Path, file: &File, mode: u32, md: &UserMetadata) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    crate::metadata::replace(file, md)?;
     match std::fs::rename(temp, target) {
         Ok(()) => Ok(()),
         // A bind-mounted file (/etc/hosts in a container) cannot be replaced, only
@@ -612,18 +680,35 @@ fn commit(temp: &Path, target: &Path, file: &File, mode: u32) -> io::Result<()> 
                 )
                 .open(target)?;
             io::copy(&mut src, &mut dst)?;
+            // The target keeps its inode, so its old metadata is replaced here.
+            crate::metadata::replace(&dst, md)?;
             std::fs::remove_file(temp)
         }
         Err(e) => Err(e),
     }
 }
 
-fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upload {
+fn begin_upload(
+    user: &User,
+    path: PathBuf,
+    gzip: bool,
+    cap: Option<u64>,
+    md: Arc<UserMetadata>,
+) -> Upload {
     let (tx, mut rx) = mpsc::channel::<Feed>(4);
     let (uid, gid, switch) = (user.uid, user.gid, user.switch);
     let done = tokio::task::spawn_blocking(move || {
+        let target = {
+            let _id = switch.then(|| FsIdentity::enter(uid, gid));
+            upload_target(&path)?
+        };
+        // Missing directories are made by the agent and handed to the user (envd's
+        // rule); everything else is done as the user.
+        if let Some(parent) = target.parent() {
+            create_parents(parent, switch.then_some((uid, gid)))
+                .map_err(|e| EnvdError::from_io(&e, &parent.display().to_string()))?;
+        }
         let _id = switch.then(|| FsIdentity::enter(uid, gid));
-        let target = upload_target(&path)?;
         let (temp, file, mode) = begin_write(&target)?;
         let sink = Capped {
             inner: &file,
@@ -657,7 +742,7 @@ fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upl
         })();
         let result = result.and_then(|()| {
             if committed {
-                commit(&temp, &target, &file, mode)
+                commit(&temp, &target, &file, mode, &md)
             } else {
                 Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -694,6 +779,8 @@ fn begin_upload(user: &User, path: PathBuf, gzip: bool, cap: Option<u64>) -> Upl
                 .unwrap_or_default(),
             path: path.to_string_lossy().into_owned(),
             file_type: "file".into(),
+            // What the file really holds now (nothing where attributes are unsupported).
+            metadata: crate::metadata::read(&target),
         })
     });
     Upload { tx, done }
@@ -732,11 +819,15 @@ pub async fn upload(
     user: &User,
     query_path: Option<String>,
     headers: &HeaderMap,
-    body: Incoming,
+    mut body: Incoming,
     cap: Option<u64>,
     only_query_path: bool,
 ) -> Response<AgentBody> {
-    match upload_inner(user, query_path, headers, body, cap, only_query_path).await {
+    let answer = upload_inner(user, query_path, headers, &mut body, cap, only_query_path).await;
+    // An answer decided before the body ended (a bad request, a writer that failed)
+    // reaches a client still sending only if the rest is read: else it sees EPIPE.
+    drain_upload(&mut body).await;
+    match answer {
         Ok(infos) => crate::connect::json_response(
             StatusCode::OK,
             serde_json::to_vec(&infos).unwrap_or_default(),
@@ -749,7 +840,7 @@ async fn upload_inner(
     user: &User,
     query_path: Option<String>,
     headers: &HeaderMap,
-    body: Incoming,
+    body: &mut Incoming,
     cap: Option<u64>,
     only_query_path: bool,
 ) -> Result<Vec<WriteInfo>, EnvdError> {
@@ -773,6 +864,8 @@ async fn upload_inner(
             ))
         }
     };
+    // One set for every file of the upload, as envd applies it.
+    let md = Arc::new(crate::metadata::from_headers(headers)?);
     let resolve_path = |raw: &str| resolve(user, raw);
 
     if ctype
@@ -814,7 +907,7 @@ async fn upload_inner(
                 }
             };
             let path = resolve_path(&target)?;
-            let up = begin_upload(user, path, gzip, cap);
+            let up = begin_upload(user, path, gzip, cap, md.clone());
             let mut field = field;
             loop {
                 match field.chunk().await {
@@ -850,18 +943,15 @@ async fn upload_inner(
             ));
         };
         let path = resolve_path(&raw)?;
-        let up = begin_upload(user, path, gzip, cap);
-        let mut body = body;
+        let up = begin_upload(user, path, gzip, cap, md);
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         if !up.feed(data).await {
-                            // The writer failed (a full disk, the cap): read on a little,
-                            // so the client gets this answer rather than a reset.
-                            let answer = up.finish().await;
-                            drain_rest(&mut body).await;
-                            return answer.map(|info| vec![info]);
+                            // The writer failed (a full disk, the cap): its error is the
+                            // answer (the caller reads the rest of the body first).
+                            return up.finish().await.map(|info| vec![info]);
                         }
                     }
                 }
@@ -878,20 +968,16 @@ async fn upload_inner(
     }
 }
 
-/// Reads and discards what is left of an upload whose file failed, up to a bound (64 MiB
-/// or 10 s), so the client, still sending, reads the error instead of a reset.
-async fn drain_rest(body: &mut Incoming) {
-    let mut left: usize = 64 << 20;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while let Some(Ok(f)) = body.frame().await {
-            let n = f.data_ref().map_or(0, |d| d.len());
-            if n >= left {
-                break;
-            }
-            left -= n;
-        }
-    })
-    .await;
+/// Most of an upload's body read (and discarded) after its answer is decided.
+pub const UPLOAD_DRAIN_BYTES: usize = 256 << 20;
+/// Longest time spent reading an upload's body after its answer is decided.
+pub const UPLOAD_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads and discards what is left of an upload, up to [`UPLOAD_DRAIN_BYTES`] or
+/// [`UPLOAD_DRAIN_TIME`], so a client still sending reads the answer instead of a
+/// reset. Returns at once when the body is already complete.
+pub async fn drain_upload(body: &mut Incoming) {
+    crate::server::drain_up_to(body, UPLOAD_DRAIN_BYTES, UPLOAD_DRAIN_TIME).await;
 }
 
 /// Names for EntryInfo, read on a blocking thread.

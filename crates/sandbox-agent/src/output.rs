@@ -605,10 +605,12 @@ impl Output {
         let mut st = self.lock();
         if st.back.stopped.is_none() {
             let dir = self.spill.as_ref().map(|s| s.dir().display().to_string());
-            eprintln!(
-                "sandbox-agent: spilling a command's output to {} stopped: {why}",
+            let message = format!(
+                "spilling a command's output to {} stopped: {why}",
                 dir.unwrap_or_default()
             );
+            eprintln!("sandbox-agent: {message}");
+            crate::events::record("warn", &message, &[]);
             st.back.stopped = Some(why.to_string().into());
         }
         st.clear_back();

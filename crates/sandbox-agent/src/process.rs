@@ -574,6 +574,21 @@ impl ProcessTable {
         })
         .await?;
         let pid = started.pid;
+        let mut command = spec.config.cmd.clone();
+        for a in &spec.config.args {
+            command.push(' ');
+            command.push_str(a);
+        }
+        crate::events::record(
+            "info",
+            &format!("process {pid} started"),
+            &[
+                ("pid", pid.to_string()),
+                ("user", spec.user.name.clone()),
+                ("cmd", command),
+                ("tag", spec.tag.clone().unwrap_or_default()),
+            ],
+        );
 
         let wrap = |fd: OwnedFd| AsyncFdIo::new(fd).map(Arc::new);
         let mut readers: Vec<(Stream, Arc<AsyncFdIo>)> = Vec::new();
@@ -649,6 +664,18 @@ impl ProcessTable {
             if p.timed_out.load(Ordering::SeqCst) {
                 end.error = Some("command timed out (deadline exceeded)".into());
             }
+            let killed = !end.exited;
+            let oom = killed && crate::events::note_oom_kills(Some(p.pid));
+            crate::events::record(
+                if killed && !oom { "warn" } else { "info" },
+                &format!("process {} ended: {}", p.pid, end.status),
+                &[
+                    ("pid", p.pid.to_string()),
+                    ("exit_code", end.exit_code.to_string()),
+                    ("status", end.status.clone()),
+                    ("error", end.error.clone().unwrap_or_default()),
+                ],
+            );
             p.output.finish(end);
             lock(&table.ended).push_back((p.pid, Instant::now()));
             status.closed().await;

@@ -14,7 +14,7 @@ use crate::files;
 use crate::server::{drain, header_u64, is_stream, Agent, MAX_KEEPALIVE};
 use crate::streams::{connect_proc, start, stream_input, watch_dir};
 use crate::users::User;
-use crate::watch::Watcher;
+use crate::watch::{WatchOptions, Watcher};
 use envd_proto::messages::*;
 use envd_proto::{Code, EnvdError};
 
@@ -205,6 +205,10 @@ pub(crate) async fn new_watcher(
 ) -> Result<Watcher, EnvdError> {
     let path = files::resolve(user, &r.path)?;
     let names = files::names(&agent.users).await;
-    let (recursive, include) = (r.recursive, r.include_entry);
-    files::run_as(user, move || Watcher::new(path, recursive, include, names)).await
+    let opts = WatchOptions {
+        recursive: r.recursive,
+        include_entry: r.include_entry,
+        allow_network_mounts: r.allow_network_mounts,
+    };
+    files::run_as(user, move || Watcher::new(path, opts, names)).await
 }

@@ -110,8 +110,13 @@ impl Agent {
 /// Reads (and discards) a small rejected request body, so the client is not reset
 /// while still sending and loses our error response; large bodies are cut off.
 pub(crate) async fn drain(mut body: Incoming) {
-    let mut left: usize = 64 << 10;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    drain_up_to(&mut body, 64 << 10, Duration::from_secs(2)).await;
+}
+
+/// Reads and discards the rest of `body`, at most `max_bytes` of it for at most `max_time`.
+pub(crate) async fn drain_up_to(body: &mut Incoming, max_bytes: usize, max_time: Duration) {
+    let mut left = max_bytes;
+    let _ = tokio::time::timeout(max_time, async {
         while let Some(Ok(f)) = body.frame().await {
             let n = f.data_ref().map(|d| d.len()).unwrap_or(0);
             if n >= left {
@@ -121,6 +126,17 @@ pub(crate) async fn drain(mut body: Incoming) {
         }
     })
     .await;
+}
+
+/// Drains a rejected request's body: a `/files` upload's all of it (within
+/// [`files::UPLOAD_DRAIN_BYTES`]), so the SDK, still sending, reads the answer.
+async fn drain_rejected(method: &Method, path: &str, body: Incoming) {
+    if method == Method::POST && path == "/files" {
+        let mut body = body;
+        files::drain_upload(&mut body).await;
+    } else {
+        drain(body).await;
+    }
 }
 
 /// Counts an open streaming response while it lives.
@@ -176,7 +192,8 @@ pub async fn handle(
         if let Err(e) = verdict {
             let err = EnvdError::new(Code::Unauthenticated, e.message());
             let stream = is_stream(&req);
-            drain(req.into_body()).await;
+            let method = req.method().clone();
+            drain_rejected(&method, &path, req.into_body()).await;
             return Ok(if rpc && stream {
                 connect::stream_err(&err)
             } else if rpc {
@@ -202,6 +219,17 @@ pub async fn handle(
         }
         (Method::POST, "/init") => init(agent, req).await,
         (Method::GET, "/metrics") => metrics(&agent),
+        (Method::GET, envd_proto::events::EVENTS_PATH) => {
+            let after = crate::files::parse_query(req.uri().query())
+                .into_iter()
+                .find(|(k, _)| k == "after")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            connect::json_response(
+                StatusCode::OK,
+                serde_json::to_vec(&crate::events::after(after)).unwrap_or_default(),
+            )
+        }
         (Method::POST, envd_proto::KILL_ALL_PATH) => {
             drain(req.into_body()).await;
             let report = agent.procs.kill_all().await;
@@ -354,14 +382,18 @@ async fn rest_files(
 ) -> Response<AgentBody> {
     let query = files::parse_query(req.uri().query());
     let get = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let refuse = |req: Request<Incoming>, e: EnvdError| async move {
+        drain_rejected(&req.method().clone(), "/files", req.into_body()).await;
+        e.rest_response()
+    };
     let basic = match auth::basic_user(req.headers()) {
         _ if signed => None,
         Ok(u) => u,
-        Err(e) => return EnvdError::from_rest_status(401, e).rest_response(),
+        Err(e) => return refuse(req, EnvdError::from_rest_status(401, e)).await,
     };
     let user = match agent.acting_user(get("username").filter(|u| !u.is_empty()).or(basic)) {
         Ok(u) => u,
-        Err(e) => return EnvdError::from_rest_status(401, e.message).rest_response(),
+        Err(e) => return refuse(req, EnvdError::from_rest_status(401, e.message)).await,
     };
     if req.method() == Method::GET {
         let Some(raw) = get("path") else {
@@ -402,6 +434,7 @@ pub async fn run(agent: Arc<Agent>) -> std::io::Result<()> {
         crate::ENVD_VERSION,
         listener.local_addr()?
     );
+    crate::events::init();
     // Children may have exited before the handler was installed.
     agent.procs.reap();
     if let Some(name) = agent.cfg.sudo_socket.clone() {

@@ -135,6 +135,7 @@ fn stalled(tx: StreamSender) {
             tx.stall().as_millis()
         ),
     );
+    crate::events::record("warn", &err.message, &[]);
     tx.abandon(codec::end_stream(Some(&err)));
 }
 

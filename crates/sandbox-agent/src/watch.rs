@@ -28,6 +28,58 @@ const MASK: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::ATTRIB)
     .union(WatchFlags::ONLYDIR);
 
+/// What a watch follows and reports (the WatchDir / CreateWatcher request's options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// Subdirectories too.
+    pub recursive: bool,
+    /// Each event carries the EntryInfo of its path, while that exists (envd 0.6.3).
+    pub include_entry: bool,
+    /// A directory on a network filesystem may be watched (envd 0.6.4); refused otherwise.
+    pub allow_network_mounts: bool,
+}
+
+/// Filesystem magic numbers (`statfs` f_type, linux/magic.h) of the network and FUSE
+/// filesystems envd refuses to watch unless asked: their events may never arrive.
+const NETWORK_FS_MAGIC: [(u32, &str); 5] = [
+    (0x6969, "NFS"),
+    (0xFF53_4D42, "CIFS"),
+    (0x517B, "SMB"),
+    (0xFE53_4D42, "SMB2"),
+    (0x6573_5546, "FUSE"),
+];
+
+/// The network filesystem a statfs `f_type` names, if it is one.
+pub fn network_fs_name(f_type: u64) -> Option<&'static str> {
+    // The magic numbers are 32-bit; a 32-bit f_type may arrive sign-extended.
+    let magic = (f_type & 0xFFFF_FFFF) as u32;
+    NETWORK_FS_MAGIC
+        .iter()
+        .find(|(m, _)| *m == magic)
+        .map(|(_, name)| *name)
+}
+
+/// Refuses to watch `dir` on a network filesystem unless allowed (envd's rule and text).
+fn check_mount(dir: &Path, allow_network_mounts: bool) -> Result<(), EnvdError> {
+    if allow_network_mounts {
+        return Ok(());
+    }
+    let st = rustix::fs::statfs(dir).map_err(|e| {
+        EnvdError::new(
+            Code::Internal,
+            format!("error checking mount status: {}", std::io::Error::from(e)),
+        )
+    })?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    match network_fs_name(st.f_type as u64) {
+        Some(_) => Err(EnvdError::new(
+            Code::InvalidArgument,
+            format!("cannot watch path on network filesystem: {}", dir.display()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// One inotify instance following a directory (and its subdirectories).
 #[derive(Debug)]
 pub struct Watcher {
@@ -41,13 +93,9 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts watching `root`, which must be a directory.
-    pub fn new(
-        root: PathBuf,
-        recursive: bool,
-        include_entry: bool,
-        names: Names,
-    ) -> Result<Self, EnvdError> {
+    /// Starts watching `root`, which must be a directory (on a local filesystem unless
+    /// `opts` allow network mounts).
+    pub fn new(root: PathBuf, opts: WatchOptions, names: Names) -> Result<Self, EnvdError> {
         match std::fs::metadata(&root) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
@@ -64,14 +112,15 @@ impl Watcher {
             }
             Err(e) => return Err(EnvdError::from_io(&e, &root.display().to_string())),
         }
+        check_mount(&root, opts.allow_network_mounts)?;
         let fd = sys::inotify_init().map_err(|e| EnvdError::from_io(&e, "inotify"))?;
         let fd = AsyncFdIo::new(fd).map_err(|e| EnvdError::from_io(&e, "inotify"))?;
         let mut w = Self {
             fd,
             wds: HashMap::new(),
             root: root.clone(),
-            recursive,
-            include_entry,
+            recursive: opts.recursive,
+            include_entry: opts.include_entry,
             names,
             buf: vec![MaybeUninit::uninit(); 64 << 10],
         };
@@ -176,11 +225,8 @@ impl Watcher {
                 .strip_prefix(&self.root)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_else(|_| path.to_string_lossy().into_owned());
-            let entry = if self.include_entry
-                && matches!(
-                    kind,
-                    EventType::Create | EventType::Write | EventType::Chmod
-                ) {
+            // As envd: the entry of whatever is at the path now, none once it is gone.
+            let entry = if self.include_entry {
                 crate::files::entry_info(&path, &self.names).ok()
             } else {
                 None
@@ -264,5 +310,32 @@ impl WatcherRegistry {
                 format!("watcher {id} not found"),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_and_fuse_filesystems_are_recognised_by_magic() {
+        assert_eq!(network_fs_name(0x6969), Some("NFS"));
+        assert_eq!(network_fs_name(0xFF53_4D42), Some("CIFS"));
+        assert_eq!(network_fs_name(0x517B), Some("SMB"));
+        assert_eq!(network_fs_name(0xFE53_4D42), Some("SMB2"));
+        assert_eq!(network_fs_name(0x6573_5546), Some("FUSE"));
+        // Sign-extended, as a 32-bit f_type would read.
+        assert_eq!(network_fs_name(0xFFFF_FFFF_FF53_4D42), Some("CIFS"));
+        // ext4, btrfs, overlayfs, tmpfs, xfs are local.
+        for local in [0xEF53, 0x9123_683E, 0x794C_7630, 0x0102_1994, 0x5846_5342] {
+            assert_eq!(network_fs_name(local), None, "{local:#x}");
+        }
+    }
+
+    #[test]
+    fn a_local_directory_may_be_watched_either_way() {
+        let dir = std::env::temp_dir();
+        assert!(check_mount(&dir, false).is_ok());
+        assert!(check_mount(&dir, true).is_ok());
     }
 }

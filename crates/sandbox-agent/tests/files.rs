@@ -345,8 +345,8 @@ fn stat_reports_complete_entry_info() {
         "{t}"
     );
     let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "link"}));
-    assert_eq!(entry(&v)["type"], "FILE_TYPE_SYMLINK");
-    assert_eq!(entry(&v)["symlinkTarget"], "f.txt");
+    assert_eq!(entry(&v)["type"], "FILE_TYPE_FILE");
+    assert_eq!(entry(&v)["symlinkTarget"], f.to_str().unwrap());
     assert_eq!(entry(&v)["isSymlink"], true);
     let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "."}));
     assert_eq!(entry(&v)["type"], "FILE_TYPE_DIRECTORY");
@@ -1272,4 +1272,515 @@ fn without_a_secret_signatures_are_irrelevant() {
     let r = a.request_no_auth("GET", "/files?path=f.txt&signature=v1_bogus", &[], b"");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"open");
+}
+
+// ------------------------------------------------------------ envd parity
+
+/// The paths of a ListDir answer, relative to `base`, in the order given.
+fn listed(v: &Value, base: &std::path::Path) -> Vec<String> {
+    let prefix = format!("{}/", base.display());
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["path"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches(&prefix)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn list_dir_is_a_lexical_depth_first_walk() {
+    let a = Agent::start();
+    let d = a.home.join("walk");
+    for dir in ["b/b1", "a/a1", "c"] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+    }
+    std::fs::write(d.join("a/a2"), b"").unwrap();
+    std::fs::write(d.join("a/a1/deep"), b"").unwrap();
+    std::fs::write(d.join("ab"), b"").unwrap();
+    let list = |depth: u32| {
+        let (s, v) = a.rpc(
+            "filesystem.Filesystem/ListDir",
+            json!({"path": "walk", "depth": depth}),
+        );
+        assert_eq!(s, 200, "{v}");
+        listed(&v, &d)
+    };
+    assert_eq!(list(1), ["a", "ab", "b", "c"]);
+    assert_eq!(list(2), ["a", "a/a1", "a/a2", "ab", "b", "b/b1", "c"]);
+    assert_eq!(
+        list(3),
+        ["a", "a/a1", "a/a1/deep", "a/a2", "ab", "b", "b/b1", "c"]
+    );
+}
+
+#[test]
+fn symlinks_report_their_target_type_and_resolved_absolute_target() {
+    let a = Agent::start();
+    let d = a.home.join("links");
+    std::fs::create_dir_all(d.join("dir")).unwrap();
+    std::fs::write(d.join("file.txt"), b"12345678").unwrap();
+    std::os::unix::fs::symlink("file.txt", d.join("to_file")).unwrap();
+    std::os::unix::fs::symlink(d.join("dir"), d.join("to_dir")).unwrap();
+    // A chain, resolved to its end.
+    std::os::unix::fs::symlink("to_file", d.join("to_link")).unwrap();
+    std::os::unix::fs::symlink("missing", d.join("broken")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", d.join("to_dev")).unwrap();
+    let real = std::fs::canonicalize(&d).unwrap();
+    let stat = |name: &str| {
+        let (s, v) = a.rpc(
+            "filesystem.Filesystem/Stat",
+            json!({"path": format!("links/{name}")}),
+        );
+        assert_eq!(s, 200, "{v}");
+        v["entry"].clone()
+    };
+    for (name, kind, target) in [
+        ("to_file", "FILE_TYPE_FILE", real.join("file.txt")),
+        ("to_link", "FILE_TYPE_FILE", real.join("file.txt")),
+        ("to_dir", "FILE_TYPE_DIRECTORY", real.join("dir")),
+        ("to_dev", "FILE_TYPE_UNSPECIFIED", "/dev/null".into()),
+    ] {
+        let e = stat(name);
+        assert_eq!(e["type"], kind, "{name}: {e}");
+        assert_eq!(e["symlinkTarget"], target.to_str().unwrap(), "{name}: {e}");
+        assert_eq!(e["isSymlink"], true, "{name}: {e}");
+        // Size and permissions are the link's own.
+        assert!(e["permissions"].as_str().unwrap().starts_with('l'), "{e}");
+        let link_len = std::fs::read_link(d.join(name)).unwrap().as_os_str().len();
+        assert_eq!(e["size"], link_len.to_string(), "{name}: {e}");
+    }
+    let e = stat("broken");
+    assert_eq!(e["type"], "FILE_TYPE_UNSPECIFIED", "{e}");
+    assert!(e.get("symlinkTarget").is_none(), "{e}");
+    assert_eq!(e["isSymlink"], true);
+    let e = stat("file.txt");
+    assert_eq!(
+        (e["type"].as_str(), e["isSymlink"].as_bool()),
+        (Some("FILE_TYPE_FILE"), Some(false))
+    );
+    assert!(e.get("symlinkTarget").is_none(), "{e}");
+    // ListDir describes links the same way, without descending into linked directories.
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/ListDir",
+        json!({"path": "links", "depth": 2}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        listed(&v, &d),
+        ["broken", "dir", "file.txt", "to_dev", "to_dir", "to_file", "to_link"]
+    );
+    let to_dir = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "to_dir")
+        .unwrap();
+    assert_eq!(to_dir["type"], "FILE_TYPE_DIRECTORY");
+    assert_eq!(to_dir["symlinkTarget"], real.join("dir").to_str().unwrap());
+}
+
+#[test]
+fn an_expired_signed_url_says_signature_is_already_expired() {
+    let a = Agent::start();
+    std::fs::write(a.home.join("a.txt"), b"a").unwrap();
+    let exp = now() - 5;
+    for (method, op) in [("GET", "read"), ("POST", "write")] {
+        let url = files_url(&[
+            ("path", "a.txt"),
+            ("signature", &sign("a.txt", op, "", Some(exp))),
+            ("signature_expiration", &exp.to_string()),
+        ]);
+        let r = a.request_no_auth(method, &url, &[OCTET], b"x");
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.json(),
+            json!({"code": 401, "message": "signature is already expired"})
+        );
+    }
+    assert_eq!(std::fs::read(a.home.join("a.txt")).unwrap(), b"a");
+}
+
+#[test]
+fn a_write_creates_missing_parents_the_user_could_not_and_hands_them_over() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let a = Agent::start();
+    if my_id("-u") != 0 {
+        eprintln!("SKIPPED: needs root (the agent creates the parents as root)");
+        return;
+    }
+    // Only root may create entries in `locked`; alice writes below it.
+    let locked = a.home.join("locked");
+    std::fs::create_dir_all(locked.join("existing")).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        locked.join("existing"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let r = a.request(
+        "POST",
+        "/files?path=locked/new/sub/x.txt&username=alice",
+        &[OCTET],
+        b"hello",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for dir in ["locked/new", "locked/new/sub"] {
+        let md = std::fs::metadata(a.home.join(dir)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (ALICE, ALICE), "{dir}");
+        assert_eq!(md.mode() & 0o777, 0o755, "{dir}");
+    }
+    let f = std::fs::metadata(a.home.join("locked/new/sub/x.txt")).unwrap();
+    assert_eq!(f.uid(), ALICE, "the file is written as the user");
+    // Directories that existed keep their owner.
+    assert_eq!(std::fs::metadata(&locked).unwrap().uid(), 0);
+    let r = a.request(
+        "POST",
+        "/files?path=locked/existing/y/z.txt&username=alice",
+        &[OCTET],
+        b"z",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(std::fs::metadata(locked.join("existing")).unwrap().uid(), 0);
+    assert_eq!(
+        std::fs::metadata(locked.join("existing/y")).unwrap().uid(),
+        ALICE
+    );
+    // The file itself still needs the user's permission.
+    let r = a.request(
+        "POST",
+        "/files?path=locked/not-hers.txt&username=alice",
+        &[OCTET],
+        b"x",
+    );
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // A parent that is a file is an error, not a directory made over it.
+    std::fs::write(a.home.join("plain"), b"").unwrap();
+    let r = a.request("POST", "/files?path=plain/x", &[OCTET], b"x");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Sends a whole request (the body must go through: the agent reads it all), then reads
+/// the answer; panics if the agent stopped reading the body (EPIPE, reset).
+fn send_fully(a: &Agent, head: &str, body: &[u8]) -> (u16, Value) {
+    let s = a.connect();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(head.as_bytes()).unwrap();
+    for chunk in body.chunks(1 << 20) {
+        if let Err(e) = w.write_all(chunk) {
+            panic!("the agent stopped reading the body: {e} ({head:?})");
+        }
+    }
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let body = read_body(&mut r, &headers);
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn errors_decided_before_a_big_body_is_read_still_reach_the_client() {
+    let a = Agent::start();
+    let big = vec![b'x'; 20 << 20];
+    let (ct, multi) = multipart(&[("/proc/nope/x", &big)]);
+    let raw = |url: &str, extra: &str| {
+        format!(
+            "POST {url} HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            big.len()
+        )
+    };
+    let token = format!("X-Access-Token: {SECRET}\r\n");
+    let cases: Vec<(&str, String, &[u8], u16)> = vec![
+        ("no token", raw("/files?path=f", ""), &big, 401),
+        (
+            "bad signature",
+            raw("/files?path=f&signature=v1_bogus", ""),
+            &big,
+            401,
+        ),
+        (
+            "unknown user",
+            raw("/files?path=f&username=mallory", &token),
+            &big,
+            401,
+        ),
+        (
+            "unsupported encoding",
+            raw("/files?path=f", &format!("{token}Content-Encoding: br\r\n")),
+            &big,
+            415,
+        ),
+        ("no path", raw("/files", &token), &big, 400),
+        (
+            "bad metadata",
+            raw("/files?path=f", &format!("{token}X-Metadata-K: caf\u{e9}\r\n")),
+            &big,
+            400,
+        ),
+        (
+            "writer fails at once",
+            raw("/files?path=/proc/nope/x", &token),
+            &big,
+            404,
+        ),
+        (
+            "multipart writer fails at once",
+            format!(
+                "POST /files HTTP/1.1\r\nHost: a\r\n{token}Content-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                multi.len()
+            ),
+            &multi,
+            404,
+        ),
+    ];
+    for (why, head, body, want) in cases {
+        let (status, v) = send_fully(&a, &head, body);
+        assert_eq!(status, want, "{why}: {v}");
+        assert_eq!(v["code"], want, "{why}: {v}");
+    }
+    assert!(!a.home.join("f").exists());
+}
+
+#[test]
+fn upload_metadata_is_stored_as_xattrs_shown_everywhere_and_replaced_on_overwrite() {
+    let a = Agent::start();
+    let f = a.home.join("md.txt");
+    let up = |headers: &[(&str, &str)]| {
+        let mut h = vec![OCTET];
+        h.extend_from_slice(headers);
+        let r = a.request("POST", "/files?path=md.txt", &h, b"data");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()[0].clone()
+    };
+    let info = up(&[
+        ("X-Metadata-Author", "mish"),
+        ("x-metadata-purpose", "up load"),
+    ]);
+    if info.get("metadata").is_none() {
+        eprintln!("SKIPPED: {} keeps no extended attributes", a.home.display());
+        return;
+    }
+    let want = json!({"author": "mish", "purpose": "up load"});
+    assert_eq!(info["metadata"], want, "{info}");
+    assert_eq!(
+        (info["type"].as_str(), info["name"].as_str()),
+        (Some("file"), Some("md.txt"))
+    );
+    let mut buf = [0u8; 64];
+    let n = rustix::fs::getxattr(&f, "user.e2b.author", &mut buf[..]).unwrap();
+    assert_eq!(&buf[..n], b"mish");
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "md.txt"}));
+    assert_eq!(v["entry"]["metadata"], want, "{v}");
+    let (_, v) = a.rpc("filesystem.Filesystem/ListDir", json!({"path": "."}));
+    let listed = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "md.txt")
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["metadata"], want);
+    // Foreign user.* attributes are not metadata, and survive an overwrite.
+    rustix::fs::setxattr(&f, "user.other", b"x", rustix::fs::XattrFlags::empty()).unwrap();
+    // An overwrite replaces the whole set...
+    let info = up(&[("X-Metadata-Author", "alice")]);
+    assert_eq!(info["metadata"], json!({"author": "alice"}));
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "md.txt"}));
+    assert_eq!(v["entry"]["metadata"], json!({"author": "alice"}), "{v}");
+    // ...even with no metadata at all.
+    let info = up(&[]);
+    assert!(info.get("metadata").is_none(), "{info}");
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": "md.txt"}));
+    assert!(v["entry"].get("metadata").is_none(), "{v}");
+    // Multipart: the same set on every file; Move keeps it.
+    let (ct, body) = multipart(&[("m1.txt", b"1"), ("m2.txt", b"2")]);
+    let r = a.request(
+        "POST",
+        "/files",
+        &[("Content-Type", &ct), ("X-Metadata-Tag", "both")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for e in r.json().as_array().unwrap() {
+        assert_eq!(e["metadata"], json!({"tag": "both"}), "{e}");
+    }
+    let (_, v) = a.rpc(
+        "filesystem.Filesystem/Move",
+        json!({"source": "m1.txt", "destination": "moved/m1.txt"}),
+    );
+    assert_eq!(v["entry"]["metadata"], json!({"tag": "both"}), "{v}");
+    // Bad values are refused and change nothing.
+    let r = a.request(
+        "POST",
+        "/files?path=md.txt",
+        &[OCTET, ("X-Metadata-K", "tab\there")],
+        b"new",
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let big = "v".repeat(5000);
+    let r = a.request(
+        "POST",
+        "/files?path=md.txt",
+        &[OCTET, ("X-Metadata-K", &big)],
+        b"new",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(std::fs::read(&f).unwrap(), b"data");
+}
+
+#[test]
+fn metadata_is_skipped_where_the_filesystem_keeps_no_xattrs() {
+    // /proc keeps no user attributes: reading gives none, and never an error.
+    let a = Agent::start();
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/Stat",
+        json!({"path": "/proc/self/status"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(v["entry"].get("metadata").is_none(), "{v}");
+}
+
+#[test]
+fn watch_events_carry_the_entry_when_asked_and_it_still_exists() {
+    let a = Agent::start();
+    std::fs::create_dir_all(a.home.join("we")).unwrap();
+    for include in [true, false] {
+        let mut s = a.stream(
+            "filesystem.Filesystem/WatchDir",
+            json!({"path": "we", "includeEntry": include, "allowNetworkMounts": include}),
+            &[],
+        );
+        let (_, first) = s.next().unwrap();
+        assert!(first.get("start").is_some(), "{first}");
+        let r = a.request(
+            "POST",
+            "/files?path=we/f.txt",
+            &[OCTET, ("X-Metadata-K", "v")],
+            b"1",
+        );
+        assert_eq!(r.status, 200);
+        std::fs::remove_file(a.home.join("we/f.txt")).unwrap();
+        let mut removed = false;
+        let mut with_entry = Vec::new();
+        while !removed {
+            let (flags, v) = s.next().expect("event");
+            assert_eq!(flags, 0, "{v}");
+            let Some(fs) = v.get("filesystem") else {
+                continue;
+            };
+            if fs["name"] == "f.txt" {
+                if fs["type"] == "EVENT_TYPE_REMOVE" {
+                    removed = true;
+                    assert!(
+                        fs.get("entry").is_none(),
+                        "a removed path has no entry: {fs}"
+                    );
+                } else if let Some(e) = fs.get("entry") {
+                    with_entry.push(e.clone());
+                }
+            }
+        }
+        if include {
+            // The rename into place creates f.txt: its entry is the finished file's.
+            let e = with_entry.first().expect("an event with the entry");
+            assert_eq!(e["name"], "f.txt");
+            assert_eq!(e["type"], "FILE_TYPE_FILE");
+            assert_eq!(e["path"], a.home.join("we/f.txt").to_str().unwrap());
+        } else {
+            assert!(with_entry.is_empty(), "{with_entry:?}");
+        }
+    }
+    // The polling variant too.
+    let (s, v) = a.rpc(
+        "filesystem.Filesystem/CreateWatcher",
+        json!({"path": "we", "includeEntry": true}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let id = v["watcherId"].as_str().unwrap().to_string();
+    std::fs::write(a.home.join("we/p.txt"), b"x").unwrap();
+    let mut events = Vec::new();
+    assert!(
+        eventually(|| {
+            let (_, v) = a.rpc(
+                "filesystem.Filesystem/GetWatcherEvents",
+                json!({"watcherId": id}),
+            );
+            events.extend(v["events"].as_array().cloned().unwrap_or_default());
+            events
+                .iter()
+                .any(|e| e["name"] == "p.txt" && e["entry"]["name"] == "p.txt")
+        }),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_upload_onto_a_bind_mounted_file_replaces_its_metadata_too() {
+    // A bind-mounted file (/etc/hosts in a container) cannot be renamed over: the agent
+    // copies into it, and must then replace the metadata of that same inode.
+    let dir = std::env::temp_dir().join(format!("agent-bind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, target) = (dir.join("src"), dir.join("target"));
+    std::fs::write(&src, b"old").unwrap();
+    std::fs::write(&target, b"").unwrap();
+    let can_mount = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if my_id("-u") != 0 || !can_mount {
+        eprintln!("SKIPPED: needs root and unshare --mount");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let (src_s, target_s) = (src.to_str().unwrap(), target.to_str().unwrap());
+    let a = Agent::start_wrapped(
+        Some(SECRET),
+        &[],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" \"$1\" && shift && exec \"$@\"",
+            src_s,
+            target_s,
+        ],
+    );
+    let url = files_url(&[("path", target_s)]);
+    let r = a.request(
+        "POST",
+        &url,
+        &[OCTET, ("X-Metadata-Tag", "bound"), ("X-Metadata-Old", "1")],
+        b"new",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    if r.json()[0].get("metadata").is_none() {
+        eprintln!("SKIPPED: {} keeps no extended attributes", dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    assert_eq!(r.json()[0]["metadata"], json!({"tag": "bound", "old": "1"}));
+    // Outside the agent's mounts, the bound file is `src`: written in place.
+    assert_eq!(std::fs::read(&src).unwrap(), b"new");
+    let r = a.request(
+        "POST",
+        &url,
+        &[OCTET, ("X-Metadata-Tag", "again")],
+        b"newer",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (_, v) = a.rpc("filesystem.Filesystem/Stat", json!({"path": target_s}));
+    assert_eq!(v["entry"]["metadata"], json!({"tag": "again"}), "{v}");
+    assert_eq!(std::fs::read(&src).unwrap(), b"newer");
+    let mut buf = [0u8; 16];
+    assert!(rustix::fs::getxattr(&src, "user.e2b.old", &mut buf[..]).is_err());
+    assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,12 +7,14 @@
 //!
 //! Handlers parse and map; every decision is [`sandbox_core::SandboxManager`]'s.
 
+pub mod abort;
 pub mod auth;
 pub mod commands;
 pub mod e2b;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod logs;
 pub mod metrics;
 pub mod sandboxes;
 pub mod templates;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub limits: ApiLimits,
     /// What `/health` reports beyond the engine's own checks.
     pub health: HealthFacts,
+    /// Client connections a handler can abort (the listener registers them).
+    pub aborts: abort::Aborts,
 }
 
 /// Facts `/health` reports that the binary found at startup.
@@ -87,6 +91,7 @@ type Apis = (
     files::FileApi,
     commands::CommandApi,
     templates::TemplateApi,
+    logs::LogApi,
 );
 
 fn service() -> OpenApiService<Apis, ()> {
@@ -97,6 +102,7 @@ fn service() -> OpenApiService<Apis, ()> {
             files::FileApi,
             commands::CommandApi,
             templates::TemplateApi,
+            logs::LogApi,
         ),
         "colima-e2b",
         VERSION,
@@ -195,6 +201,9 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/pause", post(control::pause))
         .at("/sandboxes/:id/resume", post(control::resume))
         .at("/sandboxes/:id/metrics", get(control::metrics))
+        .at("/sandboxes/metrics", get(control::metrics_batch))
+        .at("/sandboxes/:id/logs", get(control::logs_v1))
+        .at("/v2/sandboxes/:id/logs", get(control::logs_v2))
         .at("/v3/templates", post(templates::request_v3))
         .at("/v2/templates", get(templates::list))
         .at("/templates", get(templates::list))

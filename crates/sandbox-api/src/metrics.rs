@@ -39,6 +39,8 @@ pub async fn track<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Resp
         }
         _ => None,
     };
+    let sandbox = sandbox_of(&req);
+    let path = req.uri().path().to_owned();
     let started = Instant::now();
     let result = next.call(req).await.map(IntoResponse::into_response);
     let (status, operation) = match &result {
@@ -59,8 +61,55 @@ pub async fn track<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Resp
     metrics::histogram!(
         "colima_e2b_http_request_duration_seconds",
         "operation" => operation,
-        "method" => method
+        "method" => method.clone()
     )
     .record(started.elapsed().as_secs_f64());
+    // One line per request: never the query (signatures, file paths), bodies or headers.
+    tracing::info!(
+        method = %method,
+        path = %path,
+        operation,
+        status,
+        ms = started.elapsed().as_millis() as u64,
+        sandbox = sandbox.as_deref().unwrap_or("-"),
+        "request"
+    );
     result
+}
+
+/// The sandbox a request is about: the data plane's header, a sandbox host name, or
+/// the path segment after `sandboxes/`.
+fn sandbox_of(req: &Request) -> Option<String> {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    if let Some(id) = req
+        .headers()
+        .get(crate::e2b::proxy::SANDBOX_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid(s))
+    {
+        return Some(id.to_string());
+    }
+    if let Some(t) = req
+        .headers()
+        .get(poem::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(crate::e2b::proxy::target_from_host)
+    {
+        return Some(t.sandbox);
+    }
+    let mut segments = req.uri().path().split('/');
+    while let Some(seg) = segments.next() {
+        if seg == "sandboxes" {
+            return segments
+                .next()
+                .filter(|s| valid(s) && *s != "metrics")
+                .map(String::from);
+        }
+    }
+    None
 }

@@ -43,6 +43,7 @@ fn state_with(config: ManagerConfig, auth: AuthSettings) -> (AppState, SandboxMa
         })),
         limits: sandbox_api::ApiLimits::default(),
         health: sandbox_api::HealthFacts::default(),
+        aborts: sandbox_api::abort::Aborts::default(),
     };
     (state, manager)
 }

@@ -24,6 +24,7 @@ pub mod backend;
 pub mod conformance;
 pub mod error;
 pub mod labels;
+pub mod listing;
 pub mod manager;
 pub mod template;
 pub mod types;

@@ -12,7 +12,8 @@ use percent_encoding::percent_decode_str;
 use poem::http::{header, StatusCode};
 use poem::web::{Data, Path};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
-use sandbox_core::{Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use sandbox_core::manager::{Direction, LogQuery, MetricSample};
+use sandbox_core::{listing, Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -24,8 +25,6 @@ const DEFAULT_TIMEOUT_SECS: u64 = 15;
 const DEFAULT_TIMEOUT_V2_SECS: u64 = 300;
 /// Page size of `GET /v2/sandboxes` when the client names none.
 const DEFAULT_PAGE: usize = 100;
-/// Largest page of `GET /v2/sandboxes`.
-const MAX_PAGE: usize = 1000;
 /// Reported as every sandbox's `clientID`.
 const CLIENT_ID: &str = "colima-e2b";
 
@@ -205,7 +204,11 @@ async fn token_for(state: &AppState, info: &SandboxInfo) -> Result<Option<String
 /// has already checked the API key).
 pub async fn require_enabled<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
     if req.data::<AppState>().is_some_and(|s| s.e2b.is_some()) {
-        next.call(req).await.map(IntoResponse::into_response)
+        // Routing errors (no such route, wrong method) in E2B's shape too.
+        match next.call(req).await {
+            Ok(resp) => Ok(resp.into_response()),
+            Err(e) => Ok(reject(e.status(), e.to_string()).into_response()),
+        }
     } else {
         Ok(reject(
             StatusCode::NOT_FOUND,
@@ -273,13 +276,16 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     ))
 }
 
-/// Query of the list calls.
+/// Query of the list calls, as sent.
 #[derive(Debug, Default)]
 struct ListQuery {
     metadata: Option<String>,
     state: Option<String>,
     limit: Option<usize>,
     next_token: Option<String>,
+    order: Option<String>,
+    started_after: Option<String>,
+    template: Option<String>,
 }
 
 /// Parses the `metadata` filter: `k1=v1&k2=v2` as a form, whose keys and values the
@@ -308,6 +314,9 @@ fn list_query(req: &Request) -> ListQuery {
             "state" => states.push(v),
             "limit" => q.limit = v.parse().ok(),
             "nextToken" | "next_token" => q.next_token = Some(v),
+            "order" => q.order = Some(v),
+            "startedAfter" | "started_after" => q.started_after = Some(v),
+            "template" => q.template = Some(v),
             _ => {}
         }
     }
@@ -315,6 +324,53 @@ fn list_query(req: &Request) -> ListQuery {
         q.state = Some(states.join(","));
     }
     q
+}
+
+/// The core's query for `q`: states default to running and paused.
+fn core_query(state: &AppState, q: ListQuery) -> Result<listing::Query, Reject> {
+    let bad = |m: String| reject(StatusCode::BAD_REQUEST, m);
+    let mut states = Vec::new();
+    for name in q.state.as_deref().unwrap_or("running,paused").split(',') {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" => {}
+            "running" => states.push(SandboxState::Running),
+            "paused" => states.push(SandboxState::Paused),
+            other => return Err(bad(format!("unknown state {other:?} (running, paused)"))),
+        }
+    }
+    let order = match q.order.as_deref().filter(|o| !o.is_empty()) {
+        Some(o) => o.parse().map_err(|e: Error| bad(e.to_string()))?,
+        None => listing::Order::Desc,
+    };
+    let started_after = match q.started_after.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => Some(
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| {
+                    bad(format!(
+                        "startedAfter must be an RFC 3339 time ({e}): {t:?}"
+                    ))
+                })?,
+        ),
+        None => None,
+    };
+    // A template is named by its id or its name: a sandbox matches by either.
+    let template = q.template.filter(|t| !t.is_empty()).map(|t| {
+        let mut names = vec![t.clone()];
+        if let Some(found) = state.manager.templates().find(&t) {
+            names.push(found.id);
+            names.push(found.name);
+        }
+        names
+    });
+    Ok(listing::Query {
+        metadata: metadata_filter(q.metadata.as_deref()),
+        states,
+        started_after,
+        template,
+        order,
+        limit: q.limit.unwrap_or(DEFAULT_PAGE),
+        after: q.next_token.filter(|t| !t.is_empty()),
+    })
 }
 
 /// `GET /sandboxes` (v1): running sandboxes.
@@ -332,52 +388,24 @@ pub async fn list_v1(Data(state): Data<&AppState>, req: &Request) -> Response {
     json_response(StatusCode::OK, Value::Array(items))
 }
 
-/// `GET /v2/sandboxes`: filtered by metadata and state, paginated with `nextToken`.
+/// `GET /v2/sandboxes`: filtered by metadata, state, start time and template, newest
+/// first unless `order=asc`, paginated with `nextToken` (`X-Next-Token`), with the
+/// running count in `X-Total-Running`.
 #[poem::handler]
 pub async fn list_v2(Data(state): Data<&AppState>, req: &Request) -> Response {
     answer(list_page(state, list_query(req)))
 }
 
 fn list_page(state: &AppState, q: ListQuery) -> Answer {
-    let filter = metadata_filter(q.metadata.as_deref());
-    let states: Vec<String> = q
-        .state
-        .as_deref()
-        .unwrap_or("running,paused")
-        .split(',')
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    // Listed oldest first (then by id); the token is the last id of the previous page.
-    let all: Vec<SandboxInfo> = state
-        .manager
-        .list(&filter)
-        .into_iter()
-        .filter(|s| states.iter().any(|st| st == s.state.as_str()))
-        .collect();
-    let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
-        Some(token) => {
-            all.iter()
-                .position(|s| s.id.as_str() == token)
-                .ok_or_else(|| {
-                    reject(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown nextToken {token:?}"),
-                    )
-                })?
-                + 1
-        }
-        None => 0,
-    };
-    let page: Vec<&SandboxInfo> = all.iter().skip(start).take(limit).collect();
-    let more = start + page.len() < all.len();
-    let items: Vec<Value> = page.iter().map(|s| listed_json(state, s)).collect();
+    let query = core_query(state, q)?;
+    let page = state.manager.list_page(&query)?;
+    let items: Vec<Value> = page.items.iter().map(|s| listed_json(state, s)).collect();
     let mut resp = json_response(StatusCode::OK, Value::Array(items));
-    if let Some(last) = page.last().filter(|_| more) {
-        if let Ok(v) = last.id.as_str().parse() {
-            resp.headers_mut().insert("x-next-token", v);
-        }
+    if let Some(v) = page.next.and_then(|t| t.parse().ok()) {
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    if let Ok(v) = page.total_running.to_string().parse() {
+        resp.headers_mut().insert("x-total-running", v);
     }
     Ok(resp)
 }
@@ -433,14 +461,15 @@ pub async fn set_timeout(
     answer(
         async {
             let (id, timeout) = id_and_timeout(&id, body, "timeout").await?;
-            state.manager.set_timeout(&id, timeout)?;
+            state.manager.set_timeout_or_end(&id, timeout)?;
             Ok(no_content())
         }
         .await,
     )
 }
 
-/// Parses a path id and a body whose `field` is a required positive timeout in seconds.
+/// Parses a path id and a body whose `field` is a required timeout in seconds, 0 or more
+/// (E2B's minimum is 0: `set_timeout(0)` ends the sandbox now).
 async fn id_and_timeout(
     id: &str,
     body: Body,
@@ -454,7 +483,13 @@ async fn id_and_timeout(
             format!("{field} (seconds) is required"),
         )
     })?;
-    Ok((id, timeout_secs(Some(secs), 0)?))
+    if secs < 0 {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!("{field} must be 0 or more seconds, not {secs}"),
+        ));
+    }
+    Ok((id, Duration::from_secs(secs as u64)))
 }
 
 /// `POST /sandboxes/{id}/refreshes`: extends the sandbox's life by `duration` seconds.
@@ -531,43 +566,206 @@ async fn sandbox_answer(state: &AppState, info: &SandboxInfo, status: StatusCode
     ))
 }
 
-/// `GET /sandboxes/{id}/metrics`: one current sample (CPU, memory, disk) from the agent.
-#[poem::handler]
-pub async fn metrics(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
-    answer(sample(state, &id).await)
+/// The log query of `req`: `cursor` (unix ms), `limit`, `direction`, `level`, `search`.
+fn log_query(req: &Request) -> Result<LogQuery, Reject> {
+    let bad = |m: String| reject(StatusCode::BAD_REQUEST, m);
+    let mut q = LogQuery {
+        limit: sandbox_core::manager::sandbox_logs::MAX_LOG_PAGE,
+        ..LogQuery::default()
+    };
+    for (k, v) in form_pairs(req.uri().query().unwrap_or_default()) {
+        if v.is_empty() {
+            continue;
+        }
+        match k.as_str() {
+            "cursor" => {
+                q.cursor = Some(v.parse().map_err(|_| {
+                    bad(format!(
+                        "cursor must be a unix time in milliseconds, not {v:?}"
+                    ))
+                })?)
+            }
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .map_err(|_| bad(format!("limit must be a number, not {v:?}")))?
+            }
+            "direction" => {
+                q.direction = match v.as_str() {
+                    "forward" => Direction::Forward,
+                    "backward" => Direction::Backward,
+                    _ => {
+                        return Err(bad(format!(
+                            "direction must be forward or backward, not {v:?}"
+                        )))
+                    }
+                }
+            }
+            "level" => q.level = Some(v.parse().map_err(|e: Error| bad(e.to_string()))?),
+            "search" => q.search = Some(v.chars().take(256).collect()),
+            _ => {}
+        }
+    }
+    Ok(q)
 }
 
-async fn sample(state: &AppState, id: &str) -> Answer {
-    let id = parse_id(id)?;
-    let info = state.manager.info(&id)?;
-    if info.state == SandboxState::Paused {
-        return Ok(json_response(StatusCode::OK, json!([])));
-    }
-    let m = state.manager.agent(&id).await?.metrics().await?;
-    // The sandbox's limit bounds what it has, whatever the kernel reports.
-    let limit = info.limits.memory_mb * 1024 * 1024;
-    let mem_total = if m.mem_total == 0 {
-        limit
-    } else {
-        m.mem_total.min(limit)
-    };
-    let (disk_used, disk_total) = state.manager.disk(&info, m.disk_used, m.disk_total).await;
-    let now = time::OffsetDateTime::now_utc();
-    let ts = time::OffsetDateTime::from_unix_timestamp(m.ts as i64).unwrap_or(now);
-    Ok(json_response(
-        StatusCode::OK,
-        json!([{
-            "timestamp": rfc3339(ts),
-            "timestampUnix": ts.unix_timestamp(),
-            "cpuCount": info.limits.cpus.ceil().max(1.0) as u32,
-            "cpuUsedPct": m.cpu_used_pct,
-            "memUsed": m.mem_used.min(mem_total),
-            "memTotal": mem_total,
-            "memCache": m.mem_cache.min(mem_total),
-            "diskUsed": disk_used,
-            "diskTotal": disk_total,
-        }]),
-    ))
+/// `GET /v2/sandboxes/{id}/logs`: the sandbox's log (`{logs: [{timestamp, level,
+/// message, fields}]}`), readable for a while after the sandbox ended.
+#[poem::handler]
+pub async fn logs_v2(
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+    req: &Request,
+) -> Response {
+    answer(
+        async {
+            let id = parse_id(&id)?;
+            let entries = state.manager.logs(&id, &log_query(req)?).await?;
+            let logs: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "timestamp": rfc3339(e.at),
+                        "level": e.level,
+                        "message": e.message,
+                        "fields": e.fields,
+                    })
+                })
+                .collect();
+            Ok(json_response(StatusCode::OK, json!({ "logs": logs })))
+        }
+        .await,
+    )
+}
+
+/// `GET /sandboxes/{id}/logs` (v1): `{logs: [{timestamp, line}], logEntries: [...]}`.
+#[poem::handler]
+pub async fn logs_v1(
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+    req: &Request,
+) -> Response {
+    answer(
+        async {
+            let id = parse_id(&id)?;
+            let entries = state.manager.logs(&id, &log_query(req)?).await?;
+            let lines: Vec<Value> = entries
+                .iter()
+                .map(|e| json!({"timestamp": rfc3339(e.at), "line": e.message}))
+                .collect();
+            let structured: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "timestamp": rfc3339(e.at),
+                        "level": e.level,
+                        "message": e.message,
+                        "fields": e.fields,
+                    })
+                })
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                json!({ "logs": lines, "logEntries": structured }),
+            ))
+        }
+        .await,
+    )
+}
+
+/// E2B's `SandboxMetric`.
+fn metric_json(m: &MetricSample) -> Value {
+    json!({
+        "timestamp": rfc3339(m.at),
+        "timestampUnix": m.at.unix_timestamp(),
+        "cpuCount": m.cpu_count,
+        "cpuUsedPct": m.cpu_used_pct,
+        "memUsed": m.mem_used,
+        "memTotal": m.mem_total,
+        "memCache": m.mem_cache,
+        "diskUsed": m.disk_used,
+        "diskTotal": m.disk_total,
+    })
+}
+
+/// A `start`/`end` query value: unix seconds.
+fn unix_param(req: &Request, name: &str) -> Result<Option<time::OffsetDateTime>, Reject> {
+    let raw = form_pairs(req.uri().query().unwrap_or_default())
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty());
+    raw.map(|v| {
+        v.parse::<i64>()
+            .ok()
+            .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+            .ok_or_else(|| {
+                reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("{name} must be a unix time in seconds, not {v:?}"),
+                )
+            })
+    })
+    .transpose()
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=`: the samples taken in that range (unix
+/// seconds, inclusive; default all that are kept), oldest first.
+#[poem::handler]
+pub async fn metrics(
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+    req: &Request,
+) -> Response {
+    answer(
+        async {
+            let id = parse_id(&id)?;
+            let (start, end) = (unix_param(req, "start")?, unix_param(req, "end")?);
+            if let (Some(s), Some(e)) = (start, end) {
+                if s > e {
+                    return Err(reject(StatusCode::BAD_REQUEST, "start is after end"));
+                }
+            }
+            let samples = state.manager.metrics_between(&id, start, end).await?;
+            let items: Vec<Value> = samples.iter().map(metric_json).collect();
+            Ok(json_response(StatusCode::OK, Value::Array(items)))
+        }
+        .await,
+    )
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the newest sample of each running sandbox
+/// named, as `{"sandboxes": {id: SandboxMetric}}` (unknown ids are left out).
+#[poem::handler]
+pub async fn metrics_batch(Data(state): Data<&AppState>, req: &Request) -> Response {
+    answer(
+        async {
+            let mut ids = Vec::new();
+            for (k, v) in form_pairs(req.uri().query().unwrap_or_default()) {
+                if k == "sandbox_ids" || k == "sandboxIds" {
+                    ids.extend(
+                        v.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .filter_map(|s| s.parse::<SandboxId>().ok()),
+                    );
+                }
+            }
+            if ids.len() > 100 {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    "at most 100 sandbox_ids per call",
+                ));
+            }
+            let latest = state.manager.latest_metrics(&ids).await;
+            let map: serde_json::Map<String, Value> = latest
+                .iter()
+                .map(|(id, m)| (id.to_string(), metric_json(m)))
+                .collect();
+            Ok(json_response(StatusCode::OK, json!({"sandboxes": map})))
+        }
+        .await,
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The E2B data plane: requests for a sandbox's agent (or any port inside a sandbox)
 //! proxied to it, streaming both ways. HTTP upgrades (WebSocket) are spliced through.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envd_proto::signature::FileOp;
@@ -12,6 +13,7 @@ use sandbox_core::{Error, SandboxId};
 
 use super::control::reject;
 use super::E2b;
+use crate::abort::Aborts;
 use crate::AppState;
 
 /// Header naming the sandbox a data-plane request is for.
@@ -205,6 +207,8 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let method = req.method().clone();
+    // A stream that breaks upstream breaks the client's connection too.
+    let on_break = crate::abort::peer_of(&req).map(|peer| (state.aborts.clone(), peer));
     let result = match upgrade {
         Some(protocol) => splice_upgrade(e2b, &mut req, url, method, headers, protocol).await,
         None => {
@@ -215,7 +219,7 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
                 .body(body)
                 .send()
                 .await
-                .map(into_response)
+                .map(|resp| into_response(resp, on_break))
         }
     };
     let port = if target.port == AGENT_PORT {
@@ -232,15 +236,23 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
     })
 }
 
-/// A proxied response, its body streamed through.
-fn into_response(resp: reqwest::Response) -> Response {
+/// A proxied response, its body streamed through. When the upstream body breaks (the
+/// sandbox died mid-stream), the client's connection `on_break` names is aborted, so the
+/// client sees a broken transfer rather than a complete one.
+fn into_response(resp: reqwest::Response, on_break: Option<(Aborts, SocketAddr)>) -> Response {
     let mut out = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
         if !HOP_BY_HOP.contains(name) {
             out = out.header(name.clone(), value.clone());
         }
     }
-    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    let stream = resp.bytes_stream().map_err(move |e| {
+        tracing::debug!(error = %e, "the proxied response broke upstream");
+        if let Some((aborts, peer)) = &on_break {
+            aborts.abort(*peer);
+        }
+        std::io::Error::other(e)
+    });
     out.body(Body::from_bytes_stream(stream))
 }
 
@@ -265,7 +277,7 @@ async fn splice_upgrade(
         .send()
         .await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_response(resp));
+        return Ok(into_response(resp, None));
     }
     let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for (name, value) in resp.headers() {

@@ -177,6 +177,20 @@ impl AgentClient {
         result
     }
 
+    /// `GET /colima/events?after=`: the agent's events after sequence number `after`.
+    pub async fn events(&self, after: u64) -> Result<envd_proto::events::EventBatch> {
+        let started = std::time::Instant::now();
+        let result = async {
+            let path = format!("{}?after={after}", envd_proto::events::EVENTS_PATH);
+            let resp = self.send(self.request(Method::GET, &path)).await?;
+            let body = self.answer(resp, 4 << 20, None).await?;
+            serde_json::from_slice(&body).map_err(|e| unreadable("events answer", e))
+        }
+        .await;
+        record_call("events", started, &result);
+        result
+    }
+
     /// `POST /processes/kill-all`: ends every process of the sandbox but the agent;
     /// returns how many were killed.
     pub async fn kill_all(&self) -> Result<u64> {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use envd_proto::messages::InitRequest;
 
+use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{now_ms, SandboxManager};
 use crate::agent::{generate_secret, AgentClient, SECRET_ENV};
 use crate::backend::ContainerSpec;
@@ -218,6 +219,21 @@ impl SandboxManager {
                     let mut reg = self.registry();
                     reg.sandboxes.insert(info.id.clone(), info.clone());
                 }
+                self.log(
+                    &info.id,
+                    LogEntry::now(
+                        LogLevel::Info,
+                        "sandbox created",
+                        &[
+                            ("template", info.template.clone()),
+                            ("image", info.image.clone()),
+                            (
+                                "ends_at",
+                                crate::manager::sandbox_logs::rfc3339(info.expires_at),
+                            ),
+                        ],
+                    ),
+                );
                 // Registered before the place is given back: the limit never has a gap.
                 drop(reservation);
                 self.inner.reaper_wake.notify_one();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{not_found, now_ms, Inner, SandboxManager};
 use crate::error::{Error, Result};
 use crate::labels;
@@ -87,7 +88,32 @@ impl SandboxManager {
     /// deadline survives a restart.
     pub fn set_timeout(&self, id: &SandboxId, timeout: Duration) -> Result<SandboxInfo> {
         self.check_timeout(timeout)?;
+        self.move_deadline(id, timeout)
+    }
+
+    /// [`set_timeout`](Self::set_timeout), where 0 is allowed and ends the sandbox now
+    /// (E2B's `set_timeout(0)`): the reaper removes it as it would at its deadline.
+    pub fn set_timeout_or_end(&self, id: &SandboxId, timeout: Duration) -> Result<SandboxInfo> {
+        if timeout.is_zero() {
+            self.move_deadline(id, timeout)
+        } else {
+            self.set_timeout(id, timeout)
+        }
+    }
+
+    fn move_deadline(&self, id: &SandboxId, timeout: Duration) -> Result<SandboxInfo> {
         let deadline = now_ms() + timeout;
+        self.log(
+            id,
+            LogEntry::now(
+                LogLevel::Info,
+                "sandbox timeout set",
+                &[
+                    ("timeout_s", timeout.as_secs().to_string()),
+                    ("ends_at", super::sandbox_logs::rfc3339(deadline)),
+                ],
+            ),
+        );
         self.info(id)?;
         self.inner.deadlines.save(id, deadline)?;
         let info = {
@@ -164,6 +190,9 @@ impl SandboxManager {
         let count = expired.len();
         let removals = expired.into_iter().map(|info| async move {
             tracing::info!(sandbox = %info.id, "sandbox expired; removing");
+            if info.state == crate::types::SandboxState::Running {
+                self.pull_agent_events(&info.id).await;
+            }
             match self
                 .inner
                 .backend
@@ -172,6 +201,10 @@ impl SandboxManager {
             {
                 Ok(()) | Err(Error::NotFound { .. }) => {
                     self.forget(&info.id);
+                    self.end_log(
+                        &info.id,
+                        LogEntry::now(LogLevel::Info, "sandbox reached its timeout and was removed", &[]),
+                    );
                     metrics::counter!("colima_e2b_sandbox_expiries_total").increment(1);
                 }
                 Err(e) => {

@@ -31,6 +31,34 @@ impl SandboxManager {
         (used, total)
     }
 
+    /// [`disk`](Self::disk) without waiting for the engine: the last figure it gave (or
+    /// the filesystem's, capped at the quota), with a read in the background when that
+    /// is stale. The periodic sampler uses it, so one slow engine read (Podman adds up a
+    /// large container for seconds) does not hold up every sandbox's sample.
+    pub(super) fn disk_without_waiting(
+        &self,
+        info: &SandboxInfo,
+        fs_used: u64,
+        fs_total: u64,
+    ) -> (u64, u64) {
+        let Some(mb) = info.limits.disk_mb else {
+            return (fs_used, fs_total);
+        };
+        let total = mb << 20;
+        let cached = lock(&self.inner.disk_used).get(&info.id).cloned();
+        if cached.is_none_or(|(at, _)| at.elapsed() >= FRESH_FOR)
+            && lock(&self.inner.disk_refreshing).insert(info.id.clone())
+        {
+            let (manager, id) = (self.clone(), info.id.clone());
+            tokio::spawn(async move {
+                manager.disk_used(&id).await;
+                lock(&manager.inner.disk_refreshing).remove(&id);
+            });
+        }
+        let used = cached.map_or(fs_used.min(total), |(_, bytes)| bytes);
+        (used, total)
+    }
+
     /// Bytes of sandbox `id`'s storage that its disk quota counts, when the engine says
     /// (in time); a value up to [`FRESH_FOR`] old may be given.
     async fn disk_used(&self, id: &SandboxId) -> Option<u64> {

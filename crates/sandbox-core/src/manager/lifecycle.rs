@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{not_found, SandboxManager};
 use crate::error::{Error, Result};
 use crate::labels;
@@ -10,6 +11,13 @@ use crate::types::{SandboxId, SandboxInfo, SandboxState};
 impl SandboxManager {
     /// Kills and removes a sandbox.
     pub async fn kill(&self, id: &SandboxId) -> Result<()> {
+        // What its agent saw last, before it goes.
+        if self
+            .info(id)
+            .is_ok_and(|i| i.state == SandboxState::Running)
+        {
+            self.pull_agent_events(id).await;
+        }
         let info = self
             .registry()
             .sandboxes
@@ -18,6 +26,7 @@ impl SandboxManager {
         match self.inner.backend.remove(&labels::container_name(id)).await {
             Ok(()) | Err(Error::NotFound { .. }) => {
                 self.forget(id);
+                self.end_log(id, LogEntry::now(LogLevel::Info, "sandbox killed", &[]));
                 metrics::counter!("colima_e2b_sandbox_kills_total").increment(1);
                 self.update_gauges();
                 Ok(())
@@ -41,6 +50,7 @@ impl SandboxManager {
             .backend
             .pause(&labels::container_name(id))
             .await?;
+        self.log(id, LogEntry::now(LogLevel::Info, "sandbox paused", &[]));
         self.set_state(id, SandboxState::Paused)
     }
 
@@ -55,6 +65,7 @@ impl SandboxManager {
             .backend
             .resume(&labels::container_name(id))
             .await?;
+        self.log(id, LogEntry::now(LogLevel::Info, "sandbox resumed", &[]));
         self.set_state(id, SandboxState::Running)
     }
 

@@ -9,6 +9,8 @@
 //! - [`commands`]: the native API's commands, with their timeouts and output caps.
 //! - [`lifecycle`]: kill, pause, resume, connect.
 //! - [`diagnosis`]: what the manager can tell about its deployment.
+//! - [`metrics_history`]: resource use sampled over time.
+//! - [`sandbox_logs`]: each sandbox's log (the server's actions, its agent's events).
 
 mod agents;
 mod commands;
@@ -18,7 +20,9 @@ pub mod diagnosis;
 mod disk;
 mod images;
 mod lifecycle;
+pub mod metrics_history;
 mod recovery;
+pub mod sandbox_logs;
 mod templates;
 #[cfg(test)]
 mod tests;
@@ -40,7 +44,9 @@ use crate::types::{Limits, SandboxId, SandboxInfo, SandboxState};
 
 pub use agents::{ProxyTarget, Vouch};
 pub use commands::CommandLimits;
+pub use metrics_history::{MetricSample, MetricsHistoryConfig};
 pub use recovery::RecoveryReport;
+pub use sandbox_logs::{Direction, LogConfig, LogEntry, LogLevel, LogQuery};
 pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
 
 use deadlines::DeadlineStore;
@@ -91,6 +97,10 @@ pub struct ManagerConfig {
     pub stall_timeout: Duration,
     /// How templates are built (their records go to `state_dir/templates`).
     pub builds: crate::template::registry::RegistryConfig,
+    /// How often sandboxes' resource use is sampled and how long samples are kept.
+    pub metrics_history: metrics_history::MetricsHistoryConfig,
+    /// How much of each sandbox's log is kept.
+    pub logs: sandbox_logs::LogConfig,
 }
 
 impl Default for ManagerConfig {
@@ -116,6 +126,8 @@ impl Default for ManagerConfig {
             agent_ready_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
             builds: Default::default(),
+            metrics_history: Default::default(),
+            logs: Default::default(),
         }
     }
 }
@@ -159,10 +171,16 @@ struct Inner {
     http: reqwest::Client,
     /// Disk usage per sandbox as its quota counts it, with when it was read.
     disk_used: Mutex<HashMap<SandboxId, (std::time::Instant, u64)>>,
+    /// Sandboxes whose disk usage is being read from the engine in the background.
+    disk_refreshing: Mutex<HashSet<SandboxId>>,
     /// Templates built by this server.
     templates: Arc<crate::template::registry::Registry>,
     /// Images of builds a restart cut off, removed at start.
     interrupted_builds: Mutex<Vec<String>>,
+    /// Resource use samples per sandbox.
+    metrics_history: metrics_history::History,
+    /// Each sandbox's log.
+    logs: sandbox_logs::Logs,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -216,8 +234,11 @@ impl SandboxManager {
                 agents: Mutex::new(HashMap::new()),
                 http: crate::agent::http_client(),
                 disk_used: Mutex::new(HashMap::new()),
+                disk_refreshing: Mutex::new(HashSet::new()),
                 templates: Arc::new(templates),
                 interrupted_builds: Mutex::new(interrupted),
+                metrics_history: Default::default(),
+                logs: Default::default(),
             }),
         }
     }
@@ -248,6 +269,7 @@ impl SandboxManager {
             self.remove_build_images(&image).await;
         }
         self.spawn_reaper();
+        self.spawn_sampler();
         Ok(report)
     }
 
@@ -263,6 +285,7 @@ impl SandboxManager {
     fn forget(&self, id: &SandboxId) {
         self.inner.deadlines.forget(id);
         self.agents().remove(id);
+        self.inner.metrics_history.forget(id);
     }
 
     /// Lists sandboxes whose metadata contains every pair in `metadata`, oldest first.
@@ -276,6 +299,12 @@ impl SandboxManager {
             .collect();
         out.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         out
+    }
+
+    /// One page of the sandboxes `q` selects (see [`crate::listing`]).
+    pub fn list_page(&self, q: &crate::listing::Query) -> Result<crate::listing::Page> {
+        let all = self.registry().sandboxes.values().cloned().collect();
+        crate::listing::page(all, q)
     }
 
     /// What the manager knows about sandbox `id`, without asking the engine.
@@ -307,6 +336,14 @@ impl SandboxManager {
                 // Removed behind our back (e.g. `docker rm -f`).
                 self.registry().sandboxes.remove(id);
                 self.forget(id);
+                self.end_log(
+                    id,
+                    sandbox_logs::LogEntry::now(
+                        sandbox_logs::LogLevel::Warn,
+                        "sandbox container was removed outside the server",
+                        &[],
+                    ),
+                );
                 self.update_gauges();
                 Err(not_found(id))
             }

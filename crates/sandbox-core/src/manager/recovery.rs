@@ -134,6 +134,14 @@ impl SandboxManager {
                 report.expired += 1;
             } else {
                 live.insert(info.id.clone());
+                self.log(
+                    &info.id,
+                    super::sandbox_logs::LogEntry::now(
+                        super::sandbox_logs::LogLevel::Info,
+                        "sandbox re-adopted after a server restart",
+                        &[],
+                    ),
+                );
                 self.registry().sandboxes.insert(info.id.clone(), info);
                 report.adopted += 1;
             }
