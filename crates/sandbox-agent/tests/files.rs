@@ -1663,35 +1663,41 @@ fn watch_events_carry_the_entry_when_asked_and_it_still_exists() {
             b"1",
         );
         assert_eq!(r.status, 200);
+        // The file's own event first, while it exists (an entry is read when the event
+        // is, so removing the file before would race with it).
+        let appeared = loop {
+            let (flags, v) = s.next().expect("event");
+            assert_eq!(flags, 0, "{v}");
+            match v.get("filesystem") {
+                Some(fs) if fs["name"] == "f.txt" && fs["type"] != "EVENT_TYPE_REMOVE" => {
+                    break fs.clone()
+                }
+                _ => continue,
+            }
+        };
+        if include {
+            // The rename into place creates f.txt: its entry is the finished file's.
+            let e = appeared.get("entry").expect("an event with the entry");
+            assert_eq!(e["name"], "f.txt");
+            assert_eq!(e["type"], "FILE_TYPE_FILE");
+            assert_eq!(e["path"], a.home.join("we/f.txt").to_str().unwrap());
+        } else {
+            assert!(appeared.get("entry").is_none(), "{appeared}");
+        }
         std::fs::remove_file(a.home.join("we/f.txt")).unwrap();
-        let mut removed = false;
-        let mut with_entry = Vec::new();
-        while !removed {
+        loop {
             let (flags, v) = s.next().expect("event");
             assert_eq!(flags, 0, "{v}");
             let Some(fs) = v.get("filesystem") else {
                 continue;
             };
-            if fs["name"] == "f.txt" {
-                if fs["type"] == "EVENT_TYPE_REMOVE" {
-                    removed = true;
-                    assert!(
-                        fs.get("entry").is_none(),
-                        "a removed path has no entry: {fs}"
-                    );
-                } else if let Some(e) = fs.get("entry") {
-                    with_entry.push(e.clone());
-                }
+            if fs["name"] == "f.txt" && fs["type"] == "EVENT_TYPE_REMOVE" {
+                assert!(
+                    fs.get("entry").is_none(),
+                    "a removed path has no entry: {fs}"
+                );
+                break;
             }
-        }
-        if include {
-            // The rename into place creates f.txt: its entry is the finished file's.
-            let e = with_entry.first().expect("an event with the entry");
-            assert_eq!(e["name"], "f.txt");
-            assert_eq!(e["type"], "FILE_TYPE_FILE");
-            assert_eq!(e["path"], a.home.join("we/f.txt").to_str().unwrap());
-        } else {
-            assert!(with_entry.is_empty(), "{with_entry:?}");
         }
     }
     // The polling variant too.

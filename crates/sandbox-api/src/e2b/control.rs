@@ -609,6 +609,16 @@ fn log_query(req: &Request) -> Result<LogQuery, Reject> {
     Ok(q)
 }
 
+/// E2B's `SandboxLogEntry`.
+fn log_json(e: &sandbox_core::manager::LogEntry) -> Value {
+    json!({
+        "timestamp": rfc3339(e.at),
+        "level": e.level,
+        "message": e.message,
+        "fields": e.fields,
+    })
+}
+
 /// `GET /v2/sandboxes/{id}/logs`: the sandbox's log (`{logs: [{timestamp, level,
 /// message, fields}]}`), readable for a while after the sandbox ended.
 #[poem::handler]
@@ -621,17 +631,7 @@ pub async fn logs_v2(
         async {
             let id = parse_id(&id)?;
             let entries = state.manager.logs(&id, &log_query(req)?).await?;
-            let logs: Vec<Value> = entries
-                .iter()
-                .map(|e| {
-                    json!({
-                        "timestamp": rfc3339(e.at),
-                        "level": e.level,
-                        "message": e.message,
-                        "fields": e.fields,
-                    })
-                })
-                .collect();
+            let logs: Vec<Value> = entries.iter().map(log_json).collect();
             Ok(json_response(StatusCode::OK, json!({ "logs": logs })))
         }
         .await,
@@ -653,17 +653,7 @@ pub async fn logs_v1(
                 .iter()
                 .map(|e| json!({"timestamp": rfc3339(e.at), "line": e.message}))
                 .collect();
-            let structured: Vec<Value> = entries
-                .iter()
-                .map(|e| {
-                    json!({
-                        "timestamp": rfc3339(e.at),
-                        "level": e.level,
-                        "message": e.message,
-                        "fields": e.fields,
-                    })
-                })
-                .collect();
+            let structured: Vec<Value> = entries.iter().map(log_json).collect();
             Ok(json_response(
                 StatusCode::OK,
                 json!({ "logs": lines, "logEntries": structured }),

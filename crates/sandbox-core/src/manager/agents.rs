@@ -141,13 +141,7 @@ impl SandboxManager {
         expiration: Option<i64>,
         signature: &str,
     ) -> Option<SandboxId> {
-        let running: Vec<SandboxId> = self
-            .registry()
-            .sandboxes
-            .values()
-            .filter(|s| s.state == SandboxState::Running)
-            .map(|s| s.id.clone())
-            .collect();
+        let running = self.running_ids();
         for id in running {
             let Ok(agent) = self.agent_client(&id).await else {
                 continue;

@@ -224,13 +224,7 @@ impl SandboxManager {
     }
 
     async fn sample_all(&self) {
-        let running: Vec<SandboxId> = self
-            .registry()
-            .sandboxes
-            .values()
-            .filter(|s| s.state == SandboxState::Running)
-            .map(|s| s.id.clone())
-            .collect();
+        let running = self.running_ids();
         for id in &running {
             // A sandbox that does not answer in time is sampled next round.
             let sample = tokio::time::timeout(Duration::from_secs(5), self.sample(id, false));

@@ -301,6 +301,16 @@ impl SandboxManager {
         out
     }
 
+    /// Ids of the sandboxes that run now.
+    fn running_ids(&self) -> Vec<SandboxId> {
+        self.registry()
+            .sandboxes
+            .values()
+            .filter(|s| s.state == SandboxState::Running)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
     /// One page of the sandboxes `q` selects (see [`crate::listing`]).
     pub fn list_page(&self, q: &crate::listing::Query) -> Result<crate::listing::Page> {
         let all = self.registry().sandboxes.values().cloned().collect();

@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{lock, SandboxManager};
-use crate::error::{Error, Result};
+use crate::error::Result;
+pub use crate::template::log::LogLevel;
 use crate::types::SandboxId;
 
 /// Logs of ended sandboxes kept at most.
@@ -43,36 +44,6 @@ impl Default for LogConfig {
         Self {
             entries: 1000,
             retention: Duration::from_secs(3600),
-        }
-    }
-}
-
-/// Severity of a log entry (ordered: a level filter keeps this level and above).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    /// Detail.
-    Debug,
-    /// Something happened.
-    Info,
-    /// Something went wrong in the sandbox (a process killed, an agent warning).
-    Warn,
-    /// Something failed (an OOM kill).
-    Error,
-}
-
-impl std::str::FromStr for LogLevel {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "debug" => Ok(Self::Debug),
-            "info" => Ok(Self::Info),
-            "warn" | "warning" => Ok(Self::Warn),
-            "error" => Ok(Self::Error),
-            other => Err(Error::InvalidArgument(format!(
-                "level must be debug, info, warn or error, not {other:?}"
-            ))),
         }
     }
 }

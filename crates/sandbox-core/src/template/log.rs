@@ -9,18 +9,35 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-/// How important an entry is (E2B's levels).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How important an entry is (E2B's levels, for build logs and sandbox logs; ordered,
+/// so a level filter keeps that level and above).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     /// Detail.
     Debug,
-    /// Progress and step output.
+    /// Progress: a build's steps and output, what happened to a sandbox.
     Info,
-    /// Something odd that did not stop the build.
+    /// Something odd that did not stop the build; a process killed, an agent warning.
     Warn,
-    /// What ended the build.
+    /// What ended the build; an OOM kill.
     Error,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "debug" => Ok(Self::Debug),
+            "info" => Ok(Self::Info),
+            "warn" | "warning" => Ok(Self::Warn),
+            "error" => Ok(Self::Error),
+            other => Err(crate::Error::InvalidArgument(format!(
+                "level must be debug, info, warn or error, not {other:?}"
+            ))),
+        }
+    }
 }
 
 /// One log entry.
