@@ -97,9 +97,24 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `dir` is ours alone: owned by this process's user, closed to others (the
+/// temporary-directory fallback is shared, where another user could plant records).
+fn private(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid());
+    match (std::fs::symlink_metadata(dir), me) {
+        (Ok(md), Ok(uid)) => md.is_dir() && md.uid() == uid && md.mode() & 0o077 == 0,
+        _ => false,
+    }
+}
+
 /// The record of the live server on `port`, if one wrote it.
 pub fn find(port: u16) -> Option<ServerRecord> {
-    read(&path_for(&dir(), port)).filter(|r| r.port == port && alive(r.pid))
+    let dir = dir();
+    if !private(&dir) {
+        return None;
+    }
+    read(&path_for(&dir, port)).filter(|r| r.port == port && alive(r.pid))
 }
 
 /// Makes `config` name the owner and state directory of the server running on its port
@@ -135,5 +150,15 @@ mod tests {
         assert_eq!(read(&path), Some(rec.clone()));
         assert!(alive(rec.pid));
         assert!(!alive(u32::MAX - 1));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        assert!(private(dir.path()));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        assert!(
+            !private(dir.path()),
+            "a directory others may write is not trusted"
+        );
     }
 }

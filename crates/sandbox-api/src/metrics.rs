@@ -80,12 +80,7 @@ pub async fn track<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Resp
 /// The sandbox a request is about: the data plane's header, a sandbox host name, or
 /// the path segment after `sandboxes/`.
 fn sandbox_of(req: &Request) -> Option<String> {
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    };
+    let valid = |s: &str| s.parse::<sandbox_core::SandboxId>().is_ok();
     if let Some(id) = req
         .headers()
         .get(crate::e2b::proxy::SANDBOX_ID_HEADER)

@@ -48,9 +48,8 @@ pub struct Query {
     pub states: Vec<SandboxState>,
     /// Only sandboxes started at or after this instant.
     pub started_after: Option<OffsetDateTime>,
-    /// Only sandboxes whose template reference, or its name without the tag, is one of
-    /// these (the caller resolves a template's id and name to both).
-    pub template: Option<Vec<String>>,
+    /// Only sandboxes of this template, named by its id or its name.
+    pub template: Option<String>,
     /// Sort order.
     pub order: Order,
     /// Page size (1..=[`MAX_PAGE`]).
@@ -88,8 +87,10 @@ fn parse_token(token: &str) -> Result<(i128, String)> {
         .ok_or_else(|| Error::InvalidArgument(format!("invalid nextToken {token:?}")))
 }
 
-/// The page `q` asks for out of `all` (every sandbox the caller may see).
-pub fn page(all: Vec<SandboxInfo>, q: &Query) -> Result<Page> {
+/// The page `q` asks for out of `all` (every sandbox the caller may see). `synonyms` are
+/// the names `q.template` also goes by (a built template's id and name), so a sandbox
+/// matches whichever the client names.
+pub fn page(all: Vec<SandboxInfo>, q: &Query, synonyms: &[String]) -> Result<Page> {
     let total_running = all
         .iter()
         .filter(|s| s.state == SandboxState::Running)
@@ -102,9 +103,11 @@ pub fn page(all: Vec<SandboxInfo>, q: &Query) -> Result<Page> {
         .filter(|s| q.started_after.is_none_or(|t| s.started_at >= t))
         .filter(|s| {
             let (name, _) = split_reference(&s.template);
-            q.template
-                .as_ref()
-                .is_none_or(|names| names.iter().any(|n| n == &s.template || n == name))
+            q.template.as_ref().is_none_or(|wanted| {
+                std::iter::once(wanted)
+                    .chain(synonyms)
+                    .any(|n| n == &s.template || n == name)
+            })
         })
         .collect();
     items.sort_by(|a, b| match q.order {
@@ -173,7 +176,7 @@ mod tests {
             limit: 2,
             ..Query::default()
         };
-        let p1 = page(five(), &q).expect("page");
+        let p1 = page(five(), &q, &[]).expect("page");
         assert_eq!(ids(&p1), ["clm005", "clm004"]);
         assert_eq!(p1.total_running, 4);
         let p2 = page(
@@ -182,6 +185,7 @@ mod tests {
                 after: p1.next.clone(),
                 ..q.clone()
             },
+            &[],
         )
         .expect("page");
         assert_eq!(ids(&p2), ["clm003", "clm002"]);
@@ -191,6 +195,7 @@ mod tests {
                 after: p2.next.clone(),
                 ..q.clone()
             },
+            &[],
         )
         .expect("page");
         assert_eq!(ids(&p3), ["clm001"]);
@@ -202,6 +207,7 @@ mod tests {
                 limit: 10,
                 ..Query::default()
             },
+            &[],
         )
         .expect("page");
         assert_eq!(
@@ -215,12 +221,12 @@ mod tests {
         let t3 = OffsetDateTime::from_unix_timestamp(1_700_000_003).expect("time");
         let q = Query {
             started_after: Some(t3),
-            template: Some(vec!["base".into()]),
+            template: Some("base".into()),
             states: vec![SandboxState::Running],
             limit: 1,
             ..Query::default()
         };
-        let p1 = page(five(), &q).expect("page");
+        let p1 = page(five(), &q, &[]).expect("page");
         assert_eq!(ids(&p1), ["clm004"]);
         let p2 = page(
             five(),
@@ -228,6 +234,7 @@ mod tests {
                 after: p1.next,
                 ..q
             },
+            &[],
         )
         .expect("page");
         assert_eq!(ids(&p2), ["clm003"], "started at the instant is included");
@@ -240,7 +247,7 @@ mod tests {
             limit: 2,
             ..Query::default()
         };
-        let p1 = page(five(), &q).expect("page");
+        let p1 = page(five(), &q, &[]).expect("page");
         let fewer: Vec<SandboxInfo> = five()
             .into_iter()
             .filter(|s| s.id.as_str() != "clm004")
@@ -251,6 +258,7 @@ mod tests {
                 after: p1.next,
                 ..q
             },
+            &[],
         )
         .expect("page");
         assert_eq!(ids(&p2), ["clm003", "clm002"]);
@@ -263,7 +271,10 @@ mod tests {
             limit: 10,
             ..Query::default()
         };
-        assert!(matches!(page(five(), &q), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            page(five(), &q, &[]),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!("sideways".parse::<Order>().is_err());
         assert_eq!("ASC".parse::<Order>().ok(), Some(Order::Asc));
     }

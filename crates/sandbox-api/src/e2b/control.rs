@@ -327,7 +327,7 @@ fn list_query(req: &Request) -> ListQuery {
 }
 
 /// The core's query for `q`: states default to running and paused.
-fn core_query(state: &AppState, q: ListQuery) -> Result<listing::Query, Reject> {
+fn core_query(q: ListQuery) -> Result<listing::Query, Reject> {
     let bad = |m: String| reject(StatusCode::BAD_REQUEST, m);
     let mut states = Vec::new();
     for name in q.state.as_deref().unwrap_or("running,paused").split(',') {
@@ -353,20 +353,11 @@ fn core_query(state: &AppState, q: ListQuery) -> Result<listing::Query, Reject> 
         ),
         None => None,
     };
-    // A template is named by its id or its name: a sandbox matches by either.
-    let template = q.template.filter(|t| !t.is_empty()).map(|t| {
-        let mut names = vec![t.clone()];
-        if let Some(found) = state.manager.templates().find(&t) {
-            names.push(found.id);
-            names.push(found.name);
-        }
-        names
-    });
     Ok(listing::Query {
         metadata: metadata_filter(q.metadata.as_deref()),
         states,
         started_after,
-        template,
+        template: q.template.filter(|t| !t.is_empty()),
         order,
         limit: q.limit.unwrap_or(DEFAULT_PAGE),
         after: q.next_token.filter(|t| !t.is_empty()),
@@ -397,7 +388,7 @@ pub async fn list_v2(Data(state): Data<&AppState>, req: &Request) -> Response {
 }
 
 fn list_page(state: &AppState, q: ListQuery) -> Answer {
-    let query = core_query(state, q)?;
+    let query = core_query(q)?;
     let page = state.manager.list_page(&query)?;
     let items: Vec<Value> = page.items.iter().map(|s| listed_json(state, s)).collect();
     let mut resp = json_response(StatusCode::OK, Value::Array(items));

@@ -313,8 +313,15 @@ impl SandboxManager {
 
     /// One page of the sandboxes `q` selects (see [`crate::listing`]).
     pub fn list_page(&self, q: &crate::listing::Query) -> Result<crate::listing::Page> {
+        // A built template is named by its id or its name: a sandbox matches by either.
+        let synonyms: Vec<String> = q
+            .template
+            .as_deref()
+            .and_then(|t| self.templates().find(t))
+            .map(|t| vec![t.id, t.name])
+            .unwrap_or_default();
         let all = self.registry().sandboxes.values().cloned().collect();
-        crate::listing::page(all, q)
+        crate::listing::page(all, q, &synonyms)
     }
 
     /// What the manager knows about sandbox `id`, without asking the engine.
