@@ -286,6 +286,19 @@ impl ProcessTable {
         n
     }
 
+    /// Whether anything `proc` started still runs, its supervisors aside. Right after
+    /// the end event the supervisor may not have exited yet, so its being alive is
+    /// not enough to make an ended command signallable.
+    pub fn has_leftovers(&self, proc: &Proc) -> bool {
+        if !proc.tree_alive() {
+            return false;
+        }
+        let roots = self.tree_roots(proc.supervisor);
+        descendants_of(roots)(&Snapshot::take())
+            .iter()
+            .any(|p| !p.dead())
+    }
+
     /// `supervisor` and the supervisors of what its command ran through sudo, theirs too.
     fn tree_roots(&self, supervisor: u32) -> Vec<u32> {
         let escalated = lock(&self.escalated);

@@ -123,7 +123,7 @@ async fn unary(
             // As envd: a command that has ended is gone for signals (the SDK's kill()
             // then returns false), though Connect still replays its end; but while
             // processes it left behind still run, the signal ends those.
-            if p.ended() && !p.tree_alive() {
+            if p.ended() && !agent.procs.has_leftovers(&p) {
                 return Err(EnvdError::new(
                     Code::NotFound,
                     format!("process with pid {} has already ended", p.pid),
