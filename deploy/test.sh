@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on real engines. On a fresh Debian/Ubuntu machine (as root) it
-# installs and starts Docker Engine and Podman, builds the template images offline and
-# the static agent, then runs formatting and lint checks, every unit test, both
-# backends' conformance suites, the agent's suite, the server suites and the official
+# installs and starts Docker Engine and Podman, builds the template images offline
+# (code-interpreter-v1 too, with wheels downloaded on the host) and the static agent,
+# then runs formatting and lint checks, every unit test, both backends' conformance
+# suites, the agent's suite, the server suites and the official
 # E2B SDK suites on Docker and on Podman. Engines it had to start are stopped again at
 # the end (KEEP_ENGINES=1 keeps them).
 #
@@ -42,6 +43,9 @@ python3 -c 'import websocket' 2>/dev/null || python3 -m pip install --quiet --di
 step "static agent"
 COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
 export COLIMA_E2B_AGENT_BINARY
+step "the code-interpreter-v1 template (offline build with the server's builder)"
+cargo run --quiet -p colima-e2b -- prepare --backend docker
+cargo run --quiet -p colima-e2b -- prepare --backend podman
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -115,6 +115,10 @@ impl Default for Config {
         let mut templates = BTreeMap::new();
         templates.insert("base".into(), Template::new("colima-e2b/base:latest"));
         templates.insert("python".into(), Template::new("colima-e2b/python:latest"));
+        templates.insert(
+            crate::prepare::TEMPLATE_NAME.into(),
+            crate::prepare::template(),
+        );
         Self {
             host: "127.0.0.1".into(),
             port: 8000,

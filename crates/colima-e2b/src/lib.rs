@@ -6,6 +6,7 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod listener;
+pub mod prepare;
 pub mod running;
 pub mod server;
 pub mod template_cli;

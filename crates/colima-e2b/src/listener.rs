@@ -59,10 +59,35 @@ impl Acceptor for GuardedAcceptor {
         }
         let mut guard = StallGuard::new(io, self.stall);
         if let Some(peer) = remote.as_socket_addr() {
-            guard.abort = Some(self.aborts.register(*peer));
+            let probe = gone_probe(&guard.io);
+            guard.abort = Some(self.aborts.register_with_probe(*peer, probe));
         }
         Ok((guard, local, remote, scheme))
     }
+}
+
+/// A probe that tells whether the client closed or reset the connection, reading
+/// nothing (a peek on a duplicate of the socket, which is non-blocking as tokio's is). A
+/// client that only shut down its sending side counts as gone too.
+fn gone_probe(io: &TcpStream) -> Option<sandbox_api::abort::GoneProbe> {
+    let sock = match socket2::SockRef::from(io).try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot duplicate the client socket");
+            return None;
+        }
+    };
+    Some(std::sync::Arc::new(move || {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match sock.peek(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ),
+        }
+    }))
 }
 
 /// A client connection whose writes fail with `TimedOut` once they have made no

@@ -63,6 +63,15 @@ enum Command {
     /// exposure, disk quotas, isolation, cgroups, templates, state directory); exits 1
     /// when a check fails.
     Doctor(ConfigArgs),
+    /// Build the `code-interpreter-v1` template's image offline on the configured engine
+    /// (wheels downloaded on the host, cached); does nothing when it is present.
+    Prepare {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Build it again even when it is present.
+        #[arg(long)]
+        force: bool,
+    },
     /// Drive a running server's sandboxes: `list`, `kill ID`, `kill-processes ID`.
     Sandbox {
         #[command(flatten)]
@@ -121,6 +130,14 @@ fn main() -> ExitCode {
             } else {
                 Err("some checks failed (see above)".into())
             }
+        }),
+        Command::Prepare { config, force } => config.load().and_then(|config| {
+            init_logging("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?
+                .block_on(colima_e2b::prepare::run(&config, force))
         }),
         Command::Sandbox { config, command } => config.load().and_then(|mut config| {
             colima_e2b::running::adopt(&mut config);

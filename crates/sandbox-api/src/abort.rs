@@ -7,16 +7,38 @@
 //! the client the stream finished normally. So the listener registers every connection
 //! here by its peer address, and [`Aborts::abort`] makes its next write fail, which
 //! closes it before the last chunk.
+//!
+//! A connection may also be registered with a probe that tells whether its client has
+//! gone (closed or reset its socket): HTTP/1.1 servers read nothing while they stream a
+//! response, so a proxied run of code would otherwise go on for a client that left.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Tells whether a connection's client has gone.
+pub type GoneProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// One live connection.
+#[derive(Clone)]
+struct Live {
+    flag: Arc<AtomicBool>,
+    gone: Option<GoneProbe>,
+}
+
 /// The registry of abortable client connections, by peer address.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Aborts {
-    live: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>>,
+    live: Arc<Mutex<HashMap<SocketAddr, Live>>>,
+}
+
+impl std::fmt::Debug for Aborts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aborts")
+            .field("connections", &self.lock().len())
+            .finish()
+    }
 }
 
 /// One registered connection: [`is_aborted`](Self::is_aborted) turns true once a handler
@@ -31,8 +53,19 @@ pub struct AbortFlag {
 impl Aborts {
     /// Registers the connection from `peer` (the listener calls this on accept).
     pub fn register(&self, peer: SocketAddr) -> AbortFlag {
+        self.register_with_probe(peer, None)
+    }
+
+    /// Registers the connection from `peer` with a probe for [`Aborts::client_gone`].
+    pub fn register_with_probe(&self, peer: SocketAddr, gone: Option<GoneProbe>) -> AbortFlag {
         let flag = Arc::new(AtomicBool::new(false));
-        self.lock().insert(peer, flag.clone());
+        self.lock().insert(
+            peer,
+            Live {
+                flag: flag.clone(),
+                gone,
+            },
+        );
         AbortFlag {
             peer,
             flag,
@@ -43,15 +76,25 @@ impl Aborts {
     /// Aborts the connection from `peer`, if it is registered; returns whether it was.
     pub fn abort(&self, peer: SocketAddr) -> bool {
         match self.lock().get(&peer) {
-            Some(flag) => {
-                flag.store(true, Ordering::SeqCst);
+            Some(live) => {
+                live.flag.store(true, Ordering::SeqCst);
                 true
             }
             None => false,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<AtomicBool>>> {
+    /// Whether the client of the connection from `peer` has gone: its probe says so, or
+    /// the connection is no longer registered. Without a probe, `false`.
+    pub fn client_gone(&self, peer: SocketAddr) -> bool {
+        let probe = match self.lock().get(&peer) {
+            Some(live) => live.gone.clone(),
+            None => return true,
+        };
+        probe.is_some_and(|gone| gone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -69,7 +112,7 @@ impl Drop for AbortFlag {
         // A new connection may reuse the address once this one is closed.
         if live
             .get(&self.peer)
-            .is_some_and(|f| Arc::ptr_eq(f, &self.flag))
+            .is_some_and(|l| Arc::ptr_eq(&l.flag, &self.flag))
         {
             live.remove(&self.peer);
         }
@@ -99,6 +142,21 @@ mod tests {
         drop(flag);
         assert!(!aborts.abort(peer), "a closed connection is forgotten");
         assert!(aborts.abort(other));
+    }
+
+    #[test]
+    fn a_probe_tells_whether_the_client_has_gone() {
+        let aborts = Aborts::default();
+        let peer: SocketAddr = "127.0.0.1:40003".parse().expect("addr");
+        let gone = Arc::new(AtomicBool::new(false));
+        let probe = gone.clone();
+        let flag =
+            aborts.register_with_probe(peer, Some(Arc::new(move || probe.load(Ordering::SeqCst))));
+        assert!(!aborts.client_gone(peer));
+        gone.store(true, Ordering::SeqCst);
+        assert!(aborts.client_gone(peer));
+        drop(flag);
+        assert!(aborts.client_gone(peer), "a closed connection is gone");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod abort;
 pub mod auth;
+pub mod code;
 pub mod commands;
 pub mod e2b;
 pub mod error;
@@ -90,6 +91,7 @@ type Apis = (
     sandboxes::SandboxApi,
     files::FileApi,
     commands::CommandApi,
+    code::CodeApi,
     templates::TemplateApi,
     logs::LogApi,
 );
@@ -101,6 +103,7 @@ fn service() -> OpenApiService<Apis, ()> {
             sandboxes::SandboxApi,
             files::FileApi,
             commands::CommandApi,
+            code::CodeApi,
             templates::TemplateApi,
             logs::LogApi,
         ),
@@ -116,7 +119,14 @@ fn service() -> OpenApiService<Apis, ()> {
          `{\"type\":\"stdout\",\"data\":\"...\"}`, `{\"type\":\"stderr\",\"data\":\"...\"}`, \
          then `{\"type\":\"exit\",\"code\":0}`; `{\"type\":\"error\",\"message\":\"...\"}` \
          when following fails. Output is pushed as it is produced; a client that joins \
-         after the command ended still gets its buffered output and exit.",
+         after the command ended still gets its buffered output and exit.\n\n\
+         Code runs (sandboxes of the `code-interpreter-v1` template) stream over the \
+         WebSocket `/sandboxes/{sandbox_id}/code/stream`: send one JSON text message \
+         `{\"code\":\"...\",\"language\":null,\"context_id\":null,\"envs\":null,\"timeout\":null}`; \
+         the server sends E2B's code-interpreter events as they happen (`stdout`, \
+         `stderr`, `result`, `error`, `number_of_executions`), then `end_of_execution`, \
+         or `{\"type\":\"stream_error\",\"message\":\"...\"}`; closing the socket \
+         interrupts the run.",
     )
     .license(poem_openapi::LicenseObject::new("MIT"))
 }
@@ -146,6 +156,10 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .at(
             "/sandboxes/:sandbox_id/commands/stream/:pid",
             poem::get(commands::stream),
+        )
+        .at(
+            "/sandboxes/:sandbox_id/code/stream",
+            poem::get(code::stream),
         )
         .nest("/docs", docs)
         .nest("/redoc", redoc)

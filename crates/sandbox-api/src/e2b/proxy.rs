@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use envd_proto::signature::FileOp;
 use envd_proto::{AGENT_PORT, TOKEN_HEADER};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use poem::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use sandbox_core::{Error, SandboxId};
@@ -209,6 +209,10 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
     let method = req.method().clone();
     // A stream that breaks upstream breaks the client's connection too.
     let on_break = crate::abort::peer_of(&req).map(|peer| (state.aborts.clone(), peer));
+    // A run of code stops when its client leaves: the upstream connection is dropped.
+    let watch_client = on_break
+        .clone()
+        .filter(|_| target.port == sandbox_core::agent::interpreter::INTERPRETER_PORT);
     let result = match upgrade {
         Some(protocol) => splice_upgrade(e2b, &mut req, url, method, headers, protocol).await,
         None => {
@@ -219,7 +223,7 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
                 .body(body)
                 .send()
                 .await
-                .map(|resp| into_response(resp, on_break))
+                .map(|resp| into_response(resp, on_break, watch_client))
         }
     };
     let port = if target.port == AGENT_PORT {
@@ -239,7 +243,11 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
 /// A proxied response, its body streamed through. When the upstream body breaks (the
 /// sandbox died mid-stream), the client's connection `on_break` names is aborted, so the
 /// client sees a broken transfer rather than a complete one.
-fn into_response(resp: reqwest::Response, on_break: Option<(Aborts, SocketAddr)>) -> Response {
+fn into_response(
+    resp: reqwest::Response,
+    on_break: Option<(Aborts, SocketAddr)>,
+    watch_client: Option<(Aborts, SocketAddr)>,
+) -> Response {
     let mut out = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
         if !HOP_BY_HOP.contains(name) {
@@ -253,7 +261,47 @@ fn into_response(resp: reqwest::Response, on_break: Option<(Aborts, SocketAddr)>
         }
         std::io::Error::other(e)
     });
-    out.body(Body::from_bytes_stream(stream))
+    match watch_client {
+        Some((aborts, peer)) => out.body(Body::from_bytes_stream(until_client_gone(
+            Box::pin(stream),
+            aborts,
+            peer,
+        ))),
+        None => out.body(Body::from_bytes_stream(stream)),
+    }
+}
+
+/// How often a watched stream asks whether its client is still there.
+const CLIENT_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `stream` until it ends or the client of `peer`'s connection has gone; then it is
+/// dropped, which closes the upstream connection.
+fn until_client_gone<S>(
+    stream: S,
+    aborts: Aborts,
+    peer: SocketAddr,
+) -> impl futures_util::Stream<Item = S::Item> + Send + 'static
+where
+    S: futures_util::Stream + Send + Unpin + 'static,
+    S::Item: Send,
+{
+    let tick = tokio::time::interval(CLIENT_PROBE_INTERVAL);
+    futures_util::stream::unfold(
+        (stream, tick, aborts),
+        move |(mut stream, mut tick, aborts)| async move {
+            loop {
+                tokio::select! {
+                    item = stream.next() => return item.map(|i| (i, (stream, tick, aborts))),
+                    _ = tick.tick() => {
+                        if aborts.client_gone(peer) {
+                            tracing::debug!(%peer, "the client left; the proxied stream ends");
+                            return None;
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// Sends an upgrade request upstream and, once both sides have switched protocols,
@@ -277,7 +325,7 @@ async fn splice_upgrade(
         .send()
         .await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_response(resp, None));
+        return Ok(into_response(resp, None, None));
     }
     let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for (name, value) in resp.headers() {

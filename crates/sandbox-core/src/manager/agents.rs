@@ -7,6 +7,7 @@ use envd_proto::signature::{ct_eq, file_signature, FileOp};
 
 use super::SandboxManager;
 use crate::agent::errors::unavailable;
+use crate::agent::interpreter::INTERPRETER_PORT;
 use crate::agent::{AgentClient, AGENT_PORT, SECRET_ENV};
 use crate::error::{Error, Result};
 use crate::labels;
@@ -94,7 +95,8 @@ impl SandboxManager {
     /// Where a request for `port` inside sandbox `id` goes: the agent's address for the
     /// agent port, else what the backend reports. For the agent's port the server adds
     /// the access token when it vouches for the caller and the request has none
-    /// (`client_token`). A paused sandbox is a [`Error::Conflict`].
+    /// (`client_token`), and so for the code interpreter's port ([`INTERPRETER_PORT`]).
+    /// A paused sandbox is a [`Error::Conflict`].
     pub async fn proxy_target(
         &self,
         id: &SandboxId,
@@ -106,13 +108,13 @@ impl SandboxManager {
         if info.state == SandboxState::Paused {
             return Err(Error::Conflict(format!("sandbox {id} is paused")));
         }
+        let vouched = match vouch {
+            Vouch::Owner => true,
+            Vouch::Local => !info.secure,
+            Vouch::Nobody => false,
+        };
         if port == self.agent_port() {
             let agent = self.agent_client(id).await?;
-            let vouched = match vouch {
-                Vouch::Owner => true,
-                Vouch::Local => !info.secure,
-                Vouch::Nobody => false,
-            };
             let token = (vouched && !client_token).then(|| agent.token().to_string());
             return Ok(ProxyTarget {
                 addr: agent.addr(),
@@ -124,9 +126,16 @@ impl SandboxManager {
             .backend
             .agent_address(&labels::container_name(id), port)
             .await?;
+        // The code interpreter checks the access token by asking the agent with it, so
+        // it gets the same vouching as the agent's port.
+        let token = if port == INTERPRETER_PORT && vouched && !client_token {
+            Some(self.agent_client(id).await?.token().to_string())
+        } else {
+            None
+        };
         Ok(ProxyTarget {
             addr: addr.addr,
-            token: None,
+            token,
         })
     }
 

@@ -155,8 +155,8 @@ impl SandboxManager {
                          no registry is reachable)",
                         template.image
                     ),
-                    "build the default templates offline with `bash deploy/images.sh`, or pull \
-                     the image",
+                    "build the default templates offline with `bash deploy/images.sh` (and \
+                     code-interpreter-v1 with `colima-e2b prepare`), or pull the image",
                 ),
                 Err(e) => Check::fail(
                     &format!("template:{name}"),

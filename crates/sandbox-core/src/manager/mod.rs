@@ -6,6 +6,7 @@
 //! - [`deadlines`]: timeouts, the reaper, the deadline store.
 //! - [`images`]: template images and the images derived from them with the agent.
 //! - [`agents`]: clients of sandboxes' agents, routes into sandboxes, signed URLs.
+//! - [`code`](self::code): code runs in a sandbox's code interpreter (native API).
 //! - [`commands`]: the native API's commands, with their timeouts and output caps.
 //! - [`lifecycle`]: kill, pause, resume, connect.
 //! - [`diagnosis`]: what the manager can tell about its deployment.
@@ -13,6 +14,7 @@
 //! - [`sandbox_logs`]: each sandbox's log (the server's actions, its agent's events).
 
 mod agents;
+mod code;
 mod commands;
 mod create;
 mod deadlines;
@@ -170,7 +172,7 @@ struct Inner {
     /// One connection pool for every agent.
     http: reqwest::Client,
     /// Disk usage per sandbox as its quota counts it, with when it was read.
-    disk_used: Mutex<HashMap<SandboxId, (std::time::Instant, u64)>>,
+    disk_used: Mutex<HashMap<SandboxId, disk::DiskRead>>,
     /// Sandboxes whose disk usage is being read from the engine in the background.
     disk_refreshing: Mutex<HashSet<SandboxId>>,
     /// Templates built by this server.
