@@ -8,6 +8,11 @@ use tests::{json_of, OwnerCleanup, Server, ServerOptions};
 
 const TEMPLATE: &str = "code-interpreter-v1";
 
+/// One test at a time: a server's first create derives the agent's layer onto the 1 GB
+/// image, and Podman holds its storage lock while it commits that (a starting server's
+/// `/info` waits for it, 26 s here); three servers at once would each derive it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn sandbox(server: &Server, template: &str) -> String {
     server
         .create_sandbox(json!({"template": template, "timeout": 600}))
@@ -25,6 +30,7 @@ async fn run(server: &Server, id: &str, body: Value) -> (u16, Value) {
 
 #[tokio::test]
 async fn native_code_runs_contexts_and_timeouts() {
+    let _serial = SERIAL.lock().await;
     let options = ServerOptions::new();
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;
@@ -142,6 +148,7 @@ async fn native_code_runs_contexts_and_timeouts() {
 
 #[tokio::test]
 async fn the_code_websocket_streams_events_as_they_happen() {
+    let _serial = SERIAL.lock().await;
     let options = ServerOptions::new();
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;
@@ -208,6 +215,7 @@ print(ws.recv())
 /// The README's "Code interpreter" curl block, run verbatim with the real curl.
 #[tokio::test]
 async fn the_readme_code_example_runs_verbatim() {
+    let _serial = SERIAL.lock().await;
     let options = ServerOptions::new();
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;

@@ -92,7 +92,10 @@ pub struct PodmanConfig {
     /// Log driver: `k8s-file` (capped at the profile's log size) or `none`. Sandbox
     /// output goes through the agent, so the engine log only serves debugging.
     pub log_driver: String,
-    /// How long connecting may take per socket, in seconds.
+    /// How long connecting may take per socket, in seconds. Generous: the first answer
+    /// (`/info`) waits for Podman's storage lock, which a commit of a large image (the
+    /// code interpreter's, about 1 GB) holds for many seconds; a socket nobody listens
+    /// on fails at once anyway.
     pub connect_timeout_secs: u64,
     /// How long pulling a missing image may take, in seconds.
     pub pull_timeout_secs: u64,
@@ -107,7 +110,7 @@ impl Default for PodmanConfig {
             publish_agent_port: false,
             ulimit_nproc: 16384,
             log_driver: "k8s-file".into(),
-            connect_timeout_secs: 5,
+            connect_timeout_secs: 60,
             pull_timeout_secs: 900,
         }
     }
