@@ -666,49 +666,26 @@ impl SandboxBackend for PodmanBackend {
     /// `POST /libpod/build` with the context streamed from disk; see the crate docs for
     /// the network and for builds whose future is dropped.
     async fn build_image(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
-        let file = tokio::fs::File::open(&req.context).await.map_err(|e| {
-            Error::backend(
-                BACKEND,
-                format!("build context {}: {e}", req.context.display()),
-            )
-        })?;
-        // What the tag names now: an abandoned build that only gave it back is kept.
-        let previous = self.image_info(&req.tag).await?.and_then(|i| i.id);
-        let response = self
-            .raw
-            .post(
-                format!("{API}/build?{}", build::build_query(req)),
-                Payload::XTar(Body::wrap_stream(context_chunks(file))),
-                Headers::none(),
-            )
-            .await
-            .map_err(|e| self.build_request_error(e, &req.tag))?;
-        let mut run = BuildRun {
-            raw: self.raw.clone(),
-            body: response.into_body(),
-            lines: build::Lines::default(),
-            tracker: StepTracker::default(),
-            tag: req.tag.clone(),
-            previous,
-            armed: true,
-        };
-        let read = run.follow(sink).await;
-        run.armed = false;
-        let failure = match (read, run.tracker.out.error.as_deref()) {
-            (Err(e), _) => {
-                Some(self.conn_err(ConnError::Hyper(e), &format!("build of {}", req.tag)))
+        // Buildah's layer-cache lookup walks the images and fails with "layer not known"
+        // when one of them is removed meanwhile (another build's cleanup, a template
+        // removed): the build then failed before doing anything of its own, and its step
+        // images are gone, so it is run again.
+        let mut attempts = 1;
+        loop {
+            match self.build_once(req, sink).await {
+                Err(Error::BuildFailed(m))
+                    if attempts < LOST_LAYER_ATTEMPTS && m.contains(LOST_LAYER) =>
+                {
+                    attempts += 1;
+                    tracing::warn!(tag = %req.tag, error = %m,
+                        "podman lost a layer while checking its build cache; building again");
+                    sink(BuildEvent::Output(format!(
+                        "podman: {m}: an image was removed during the cache check; building again"
+                    )));
+                }
+                other => return other,
             }
-            (Ok(()), Some(message)) => Some(build_failure(
-                message,
-                run.tracker.running_from().as_deref(),
-            )),
-            (Ok(()), None) => None,
-        };
-        if let Some(e) = failure {
-            remove_step_images(&self.raw, run.tracker.step_images()).await;
-            return Err(e);
         }
-        run.tracker.built_image(self, &req.tag).await
     }
 
     /// `DELETE /libpod/images/{image}` without force.
@@ -1136,6 +1113,60 @@ async fn remove_image_quietly(raw: &RequestClient<ConnError>, id: &str) {
     {
         Ok(_) => tracing::debug!(image = %id, "removed an image of a failed build"),
         Err(e) => tracing::debug!(image = %id, error = %e, "kept an image of a failed build"),
+    }
+}
+
+/// Buildah's error when an image disappeared under its build-cache lookup.
+const LOST_LAYER: &str = "layer not known";
+/// Builds tried when that happens.
+const LOST_LAYER_ATTEMPTS: u32 = 3;
+
+impl PodmanBackend {
+    /// One build: [`SandboxBackend::build_image`] without the retry of a lost layer.
+    async fn build_once(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
+        let file = tokio::fs::File::open(&req.context).await.map_err(|e| {
+            Error::backend(
+                BACKEND,
+                format!("build context {}: {e}", req.context.display()),
+            )
+        })?;
+        // What the tag names now: an abandoned build that only gave it back is kept.
+        let previous = self.image_info(&req.tag).await?.and_then(|i| i.id);
+        let response = self
+            .raw
+            .post(
+                format!("{API}/build?{}", build::build_query(req)),
+                Payload::XTar(Body::wrap_stream(context_chunks(file))),
+                Headers::none(),
+            )
+            .await
+            .map_err(|e| self.build_request_error(e, &req.tag))?;
+        let mut run = BuildRun {
+            raw: self.raw.clone(),
+            body: response.into_body(),
+            lines: build::Lines::default(),
+            tracker: StepTracker::default(),
+            tag: req.tag.clone(),
+            previous,
+            armed: true,
+        };
+        let read = run.follow(sink).await;
+        run.armed = false;
+        let failure = match (read, run.tracker.out.error.as_deref()) {
+            (Err(e), _) => {
+                Some(self.conn_err(ConnError::Hyper(e), &format!("build of {}", req.tag)))
+            }
+            (Ok(()), Some(message)) => Some(build_failure(
+                message,
+                run.tracker.running_from().as_deref(),
+            )),
+            (Ok(()), None) => None,
+        };
+        if let Some(e) = failure {
+            remove_step_images(&self.raw, run.tracker.step_images()).await;
+            return Err(e);
+        }
+        run.tracker.built_image(self, &req.tag).await
     }
 }
 
