@@ -210,9 +210,7 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
     // A stream that breaks upstream breaks the client's connection too.
     let on_break = crate::abort::peer_of(&req).map(|peer| (state.aborts.clone(), peer));
     // A run of code stops when its client leaves: the upstream connection is dropped.
-    let watch_client = on_break
-        .clone()
-        .filter(|_| target.port == sandbox_core::agent::interpreter::INTERPRETER_PORT);
+    let watch_client = target.port == sandbox_core::agent::interpreter::INTERPRETER_PORT;
     let result = match upgrade {
         Some(protocol) => splice_upgrade(e2b, &mut req, url, method, headers, protocol).await,
         None => {
@@ -242,11 +240,12 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
 
 /// A proxied response, its body streamed through. When the upstream body breaks (the
 /// sandbox died mid-stream), the client's connection `on_break` names is aborted, so the
-/// client sees a broken transfer rather than a complete one.
+/// client sees a broken transfer rather than a complete one. With `watch_client`, the
+/// stream also ends once that client has gone.
 fn into_response(
     resp: reqwest::Response,
     on_break: Option<(Aborts, SocketAddr)>,
-    watch_client: Option<(Aborts, SocketAddr)>,
+    watch_client: bool,
 ) -> Response {
     let mut out = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
@@ -254,6 +253,7 @@ fn into_response(
             out = out.header(name.clone(), value.clone());
         }
     }
+    let watched = on_break.clone().filter(|_| watch_client);
     let stream = resp.bytes_stream().map_err(move |e| {
         tracing::debug!(error = %e, "the proxied response broke upstream");
         if let Some((aborts, peer)) = &on_break {
@@ -261,7 +261,7 @@ fn into_response(
         }
         std::io::Error::other(e)
     });
-    match watch_client {
+    match watched {
         Some((aborts, peer)) => out.body(Body::from_bytes_stream(until_client_gone(
             Box::pin(stream),
             aborts,
@@ -325,7 +325,7 @@ async fn splice_upgrade(
         .send()
         .await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_response(resp, None, None));
+        return Ok(into_response(resp, None, false));
     }
     let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for (name, value) in resp.headers() {
