@@ -410,6 +410,27 @@ def test_create_secure_false(make_sandbox):
     assert r.status_code == 200 and r.text == "open data", (r.status_code, r.text)
 
 
+def test_burst_of_50_creates_all_succeed():
+    """50 creates at once with the server's default admission settings: those beyond
+    `max_concurrent_creates` wait for their turn instead of getting 429, and each
+    sandbox (warm or cold) answers its first command with its own envs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> str:
+        s = Sandbox.create(
+            TEMPLATE, timeout=SANDBOX_TIMEOUT, metadata=tagged({"burst": str(i)}),
+            envs={"BURST_I": str(i)},
+        )
+        try:
+            return s.commands.run("echo $BURST_I").stdout.strip()
+        finally:
+            kill_quietly(s.sandbox_id)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outputs = list(pool.map(one, range(50)))
+    assert outputs == [str(i) for i in range(50)]
+
+
 def test_connect_by_id(sbx):
     sbx.files.write("/home/user/connect-marker.txt", "marker-" + RUN_TAG)
     other = Sandbox.connect(sbx.sandbox_id)

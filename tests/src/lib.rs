@@ -86,6 +86,8 @@ impl ServerOptions {
             .env("COLIMA_E2B_OWNER", &self.owner)
             .env("COLIMA_E2B_STATE_DIR", &self.state_dir)
             .env("COLIMA_E2B_LOG_LEVEL", "info")
+            // Suites that are not about the warm pool start none (the `pool` suite asks).
+            .env("COLIMA_E2B_POOL__BASE", "0")
             .env_remove("COLIMA_E2B_CONFIG")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
@@ -287,6 +289,13 @@ impl Server {
         body["pid"].as_u64().expect("pid")
     }
 
+    /// The sum of the `/metrics` series named `name` whose labels include every pair of
+    /// `labels` (0 when there is none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics").await.text().await.expect("metrics");
+        metric_sum(&text, name, labels)
+    }
+
     /// DELETEs a path.
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.http
@@ -341,6 +350,47 @@ pub fn container_state(id: &str) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The sum of the series named `name` in Prometheus text `text` whose labels include
+/// every pair of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+/// Ids of every container of `owner`, sorted.
+pub fn owner_containers(owner: &str) -> Vec<String> {
+    let out = engine_command()
+        .args([
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=dev.colima-e2b.owner={owner}"),
+        ])
+        .output()
+        .expect("engine CLI");
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// Removes every container of `owner` (test cleanup); returns how many there were.

@@ -75,6 +75,21 @@ pub async fn remove(docker: &Docker, name: &str) -> Result<(), Error> {
         .await
 }
 
+/// A benchmark's arguments: `[iterations] [engine...]` (10, both engines by default).
+pub fn bench_args() -> Result<(usize, Vec<String>), String> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args
+        .next()
+        .map(|a| a.parse().map_err(|_| "iterations must be a number"))
+        .transpose()?
+        .unwrap_or(10);
+    let mut engines: Vec<String> = args.collect();
+    if engines.is_empty() {
+        engines = vec!["docker".into(), "podman".into()];
+    }
+    Ok((n, engines))
+}
+
 /// Median and p90 of `v`, in milliseconds.
 pub fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();

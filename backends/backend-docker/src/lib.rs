@@ -1040,6 +1040,14 @@ impl SandboxBackend for DockerBackend {
             .map_err(|e| self.map_err(&format!("container {name}"), e))
     }
 
+    async fn stop(&self, name: &str) -> Result<()> {
+        // SIGKILL by default: what `remove` does first, without the storage's deletion.
+        self.docker
+            .kill_container(name, None)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
         let c = self
             .docker

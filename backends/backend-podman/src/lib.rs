@@ -868,6 +868,16 @@ impl SandboxBackend for PodmanBackend {
         }
     }
 
+    async fn stop(&self, name: &str) -> Result<()> {
+        // SIGKILL by default: what `remove` does first, without the storage's deletion.
+        self.podman
+            .containers()
+            .get(name)
+            .kill()
+            .await
+            .map_err(|e| self.api_err(e, &format!("container {name}")))
+    }
+
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
         let v: Value = self
             .raw

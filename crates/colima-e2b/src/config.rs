@@ -63,8 +63,14 @@ pub struct Config {
     pub owner: String,
     /// Where state that must survive a restart is kept (deadline changes).
     pub state_dir: Option<PathBuf>,
-    /// Creates allowed at once; more get 429.
+    /// Creates allowed at once; more wait for their turn (see `create_queue_wait`).
     pub max_concurrent_creates: usize,
+    /// Creates allowed to wait for their turn; more get 429.
+    pub max_queued_creates: usize,
+    /// Seconds a create may wait for its turn before it gets 429.
+    pub create_queue_wait: u64,
+    /// The warm pool: pre-started sandboxes per template (`base = 4`; 0 disables).
+    pub pool: PoolSettings,
     /// Sandboxes allowed at once; more get 429.
     pub max_sandboxes: usize,
     /// Template used when a request names none.
@@ -127,6 +133,9 @@ impl Default for Config {
             owner: "default".into(),
             state_dir: None,
             max_concurrent_creates: 8,
+            max_queued_creates: 256,
+            create_queue_wait: 60,
+            pool: PoolSettings::default(),
             max_sandboxes: 100,
             default_template: "base".into(),
             default_timeout: 300,
@@ -147,6 +156,37 @@ impl Default for Config {
             docker: Default::default(),
             #[cfg(feature = "podman")]
             podman: Default::default(),
+        }
+    }
+}
+
+/// `[pool]`: how many pre-started sandboxes each template keeps (`base = 4`; 0 or absent:
+/// none), and the memory their limits may add up to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolSettings {
+    /// Most memory the members' limits may add up to, MiB.
+    pub memory_budget_mb: u64,
+    /// Template name to the number of members it keeps.
+    #[serde(flatten)]
+    pub sizes: BTreeMap<String, usize>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            memory_budget_mb: sandbox_core::manager::PoolConfig::default().memory_budget_mb,
+            sizes: BTreeMap::from([("base".to_string(), 2)]),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// The manager's pool configuration.
+    pub fn pool(&self) -> sandbox_core::manager::PoolConfig {
+        sandbox_core::manager::PoolConfig {
+            sizes: self.sizes.clone(),
+            memory_budget_mb: self.memory_budget_mb,
         }
     }
 }
@@ -447,6 +487,9 @@ const KEYS: &[&str] = &[
     "owner",
     "state_dir",
     "max_concurrent_creates",
+    "max_queued_creates",
+    "create_queue_wait",
+    "pool",
     "max_sandboxes",
     "default_template",
     "default_timeout",
@@ -568,6 +611,21 @@ impl Config {
                 "default_template {:?} is not in [templates]",
                 self.default_template
             ));
+        }
+        for name in self.pool.sizes.keys() {
+            if !self.templates.contains_key(name) {
+                return Err(format!(
+                    "pool.{name}: no template {name:?} in [templates] (known: {})",
+                    self.templates
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        if self.max_concurrent_creates == 0 {
+            return Err("max_concurrent_creates must be at least 1".into());
         }
         if self.default_timeout == 0 || self.default_timeout > self.max_timeout {
             return Err("default_timeout must be between 1 and max_timeout".into());
@@ -760,6 +818,46 @@ mod tests {
     fn write(jail: &mut Jail, body: &str) -> PathBuf {
         jail.create_file("c.toml", body).expect("write config");
         jail.directory().join("c.toml")
+    }
+
+    #[test]
+    fn every_toml_block_of_the_readme_is_a_valid_config() {
+        let readme = include_str!("../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        assert!(blocks.len() >= 3, "README has {} toml blocks", blocks.len());
+        for block in blocks {
+            Jail::expect_with(|jail| {
+                jail.clear_env();
+                let file = write(jail, block);
+                load(Some(&file), &CliOverrides::default())
+                    .unwrap_or_else(|e| panic!("{e}\n{block}"));
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn pool_sizes_come_from_the_file_and_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let c = load(None, &CliOverrides::default()).expect("load defaults");
+            assert_eq!(c.pool.sizes.get("base"), Some(&2));
+            let file = write(jail, "[pool]\npython = 3\nmemory_budget_mb = 1024\n");
+            jail.set_env("COLIMA_E2B_POOL__BASE", "0");
+            let c = load(Some(&file), &CliOverrides::default()).expect("load");
+            assert_eq!(c.pool.sizes.get("python"), Some(&3));
+            assert_eq!(c.pool.sizes.get("base"), Some(&0));
+            assert_eq!(c.pool.memory_budget_mb, 1024);
+            c.validate().expect("valid");
+            let file = write(jail, "[pool]\nnope = 1\n");
+            let err = load(Some(&file), &CliOverrides::default()).expect_err("unknown template");
+            assert!(err.contains("pool.nope"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>)
         profile: config.profile.profile(),
         commands: config.commands.limits(),
         max_concurrent_creates: config.max_concurrent_creates,
+        max_queued_creates: config.max_queued_creates,
+        create_queue_wait: Duration::from_secs(config.create_queue_wait),
+        pool: config.pool.pool(),
         max_sandboxes: config.max_sandboxes,
         max_timeout: Duration::from_secs(config.max_timeout),
         state_dir: config.state_dir(),
@@ -97,6 +100,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         expired = report.expired,
         broken = report.broken,
         unfinished = report.unfinished,
+        pooled = report.pooled,
         "re-adopted this server's sandboxes"
     );
 
@@ -118,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let e2b = e2b_layer(&config);
     let aborts = sandbox_api::abort::Aborts::default();
     let app = sandbox_api::app(AppState {
-        manager,
+        manager: manager.clone(),
         metrics,
         e2b,
         perimeter,
@@ -139,6 +143,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(5)))
         .await
         .map_err(|e| format!("server error: {e}"))?;
+    let pending = manager.pending_deletions();
+    if pending > 0 {
+        // Killed sandboxes whose containers are still to be deleted (what is left, the
+        // next start removes).
+        tracing::info!(pending, "deleting killed sandboxes' containers");
+        manager.finish_deletions(Duration::from_secs(15)).await;
+    }
     tracing::info!("shut down; sandboxes keep running and are re-adopted on the next start");
     Ok(())
 }

@@ -179,9 +179,11 @@ pub struct SandboxApi;
 impl SandboxApi {
     /// Create sandbox
     ///
-    /// Creates and starts a sandbox from a template. Answers 422 for an unknown template or
-    /// an invalid timeout, 429 (with Retry-After) when too many creates run at once or the
-    /// sandbox limit is reached, 503 when the engine is unreachable.
+    /// Creates and starts a sandbox from a template, from its warm pool when it has one.
+    /// Creates beyond the server's concurrency wait for their turn. Answers 422 for an
+    /// unknown template or an invalid timeout, 429 (with Retry-After) when the create
+    /// queue is full or its wait ran out, or the sandbox limit is reached, 503 when the
+    /// engine is unreachable.
     #[oai(path = "/sandboxes/", method = "post", operation_id = "create_sandbox")]
     async fn create(
         &self,

@@ -30,6 +30,9 @@ pub const INTERNET: &str = "dev.colima-e2b.internet";
 pub const SECURE: &str = "dev.colima-e2b.secure";
 /// Limits requested at creation, as JSON.
 pub const LIMITS: &str = "dev.colima-e2b.limits";
+/// `true` on a warm pool member: its claim's settings (metadata, deadline, `secure`)
+/// are in the server's state directory, not in these labels.
+pub const POOL: &str = "dev.colima-e2b.pool";
 
 /// On derived images: sha256 of the agent binary they carry.
 pub const AGENT_SHA256: &str = "dev.colima-e2b.agent-sha256";

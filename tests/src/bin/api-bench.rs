@@ -346,16 +346,7 @@ async fn raw_floor(n: usize) -> Result<Vec<(String, (f64, f64))>, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args
-        .next()
-        .map(|a| a.parse().map_err(|_| "iterations must be a number"))
-        .transpose()?
-        .unwrap_or(10);
-    let mut engines: Vec<String> = args.collect();
-    if engines.is_empty() {
-        engines = vec!["docker".into(), "podman".into()];
-    }
+    let (n, engines) = raw::bench_args()?;
     let mut results = Vec::new();
     for engine in &engines {
         results.push((engine.clone(), bench(engine, n).await?));

@@ -102,6 +102,9 @@ impl SandboxBackend for Instrumented {
     async fn remove(&self, name: &str) -> Result<()> {
         self.timed("remove", self.0.remove(name)).await
     }
+    async fn stop(&self, name: &str) -> Result<()> {
+        self.timed("stop", self.0.stop(name)).await
+    }
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
         self.timed("agent_address", self.0.agent_address(name, port))
             .await

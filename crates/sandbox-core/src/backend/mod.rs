@@ -228,6 +228,14 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
     /// Kills and deletes a container.
     async fn remove(&self, name: &str) -> Result<()>;
 
+    /// Kills every process of a running container (SIGKILL) and leaves it stopped: the
+    /// quick half of [`remove`](Self::remove), whose deletion can take seconds on some
+    /// storage. A container that is not running (paused included) may answer
+    /// [`Error::Conflict`]. Default: removes it.
+    async fn stop(&self, name: &str) -> Result<()> {
+        self.remove(name).await
+    }
+
     /// Builds `req.tag` from `req.base` plus `req.files`, with `req.entrypoint`, no CMD
     /// and `req.labels`, without network access. When an image tagged `req.tag` already
     /// exists it is reused as is (the caller puts a content hash in the tag). Leaves no

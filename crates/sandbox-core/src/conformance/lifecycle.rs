@@ -223,22 +223,63 @@ pub async fn pausing_twice_or_resuming_a_running_container_conflicts(
     cleanup.run().await;
 }
 
-/// A main process that ignores SIGTERM is still removed (kill, not stop).
-pub async fn a_main_process_that_ignores_sigterm_is_still_removed(
-    backend: &dyn SandboxBackend,
-    fixture: &Fixture,
-) {
-    let mut spec = fixture.spec("stubborn");
+/// A container whose main process ignores SIGTERM and SIGINT.
+fn stubborn_spec(fixture: &Fixture, name: &str) -> crate::backend::ContainerSpec {
+    let mut spec = fixture.spec(name);
     spec.command = vec![
         "/bin/sh".into(),
         "-c".into(),
         "trap '' TERM INT; while :; do sleep 1; done".into(),
     ];
+    spec
+}
+
+/// A main process that ignores SIGTERM is still removed (kill, not stop).
+pub async fn a_main_process_that_ignores_sigterm_is_still_removed(
+    backend: &dyn SandboxBackend,
+    fixture: &Fixture,
+) {
+    let spec = stubborn_spec(fixture, "stubborn");
     let cleanup = Cleanup::new(backend, vec![spec.name.clone()]);
     backend.create(&spec).await.expect("create");
     backend.remove(&spec.name).await.expect("remove");
     assert!(matches!(
         backend.inspect(&spec.name).await,
+        Err(Error::NotFound { .. })
+    ));
+    cleanup.run().await;
+}
+
+/// Stopping kills even a main process that ignores SIGTERM, leaves the container
+/// stopped (or gone, where the backend removes it) and removable; stopping a missing
+/// container is not found.
+pub async fn stop_kills_at_once_and_leaves_a_removable_container(
+    backend: &dyn SandboxBackend,
+    fixture: &Fixture,
+) {
+    let spec = stubborn_spec(fixture, "stop");
+    let cleanup = Cleanup::new(backend, vec![spec.name.clone()]);
+    backend.create(&spec).await.expect("create");
+    backend.stop(&spec.name).await.expect("stop");
+    match backend.inspect(&spec.name).await {
+        Ok(c) => assert!(
+            !matches!(c.state, SandboxState::Running | SandboxState::Paused),
+            "still {} after stop",
+            c.state
+        ),
+        Err(Error::NotFound { .. }) => {}
+        Err(e) => panic!("inspect after stop: {e}"),
+    }
+    match backend.remove(&spec.name).await {
+        Ok(()) | Err(Error::NotFound { .. }) => {}
+        Err(e) => panic!("remove after stop: {e}"),
+    }
+    assert!(matches!(
+        backend.inspect(&spec.name).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        backend.stop(&spec.name).await,
         Err(Error::NotFound { .. })
     ));
     cleanup.run().await;

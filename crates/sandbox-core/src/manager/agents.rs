@@ -68,6 +68,14 @@ impl SandboxManager {
         if self.inner.config.agent.is_none() {
             return Err(unavailable("this server runs sandboxes without the agent"));
         }
+        let client = self.container_agent(id).await?;
+        self.agents().insert(id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// A client for the agent of sandbox `id`'s container, from what the container
+    /// itself says (its secret in its environment, its address from the backend).
+    pub(super) async fn container_agent(&self, id: &SandboxId) -> Result<AgentClient> {
         let name = labels::container_name(id);
         let backend = &self.inner.backend;
         let container = backend.inspect(&name).await.map_err(|e| match e {
@@ -87,9 +95,7 @@ impl SandboxManager {
             })?
             .to_string();
         let addr = backend.agent_address(&name, self.agent_port()).await?;
-        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret);
-        self.agents().insert(id.clone(), client.clone());
-        Ok(client)
+        Ok(AgentClient::new(self.inner.http.clone(), addr.addr, secret))
     }
 
     /// Where a request for `port` inside sandbox `id` goes: the agent's address for the

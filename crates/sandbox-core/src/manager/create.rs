@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use envd_proto::messages::InitRequest;
 
-use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{now_ms, SandboxManager};
 use crate::agent::{generate_secret, AgentClient, SECRET_ENV};
 use crate::backend::ContainerSpec;
@@ -21,7 +20,7 @@ const DISK_HEADROOM_MB: u64 = 32;
 
 /// A create's place under the sandbox limit, given back when the create ends (its
 /// sandbox, if any, is in the registry by then).
-struct Reservation<'a>(&'a SandboxManager);
+pub(super) struct Reservation<'a>(&'a SandboxManager);
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
@@ -50,16 +49,16 @@ fn check_disk_fits(r: &Resolved, image_size: Option<u64>) -> Result<()> {
 }
 
 /// A spec with every default decided.
-struct Resolved {
-    template_name: String,
-    template: Template,
-    timeout: Duration,
-    limits: Limits,
-    user: String,
+pub(super) struct Resolved {
+    pub(super) template_name: String,
+    pub(super) template: Template,
+    pub(super) timeout: Duration,
+    pub(super) limits: Limits,
+    pub(super) user: String,
 }
 
 impl SandboxManager {
-    fn resolve(&self, spec: &SandboxSpec) -> Result<Resolved> {
+    pub(super) fn resolve(&self, spec: &SandboxSpec) -> Result<Resolved> {
         let config = &self.inner.config;
         let template_name = spec
             .template
@@ -166,20 +165,18 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Takes a place under both limits, or says which one is reached.
-    fn admit(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, Reservation<'_>)> {
+    /// Whether a create (a client's or the pool's) runs or waits for its turn now.
+    pub(super) fn creates_busy(&self) -> bool {
         let config = &self.inner.config;
-        let permit = self.inner.creates.try_acquire().map_err(|_| {
-            metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => "busy")
-                .increment(1);
-            Error::ResourceExhausted {
-                message: format!(
-                    "more than {} sandbox creates at once",
-                    config.max_concurrent_creates
-                ),
-                retry_after: Some(Duration::from_secs(1)),
-            }
-        })?;
+        self.inner.creates.available_permits() < config.max_concurrent_creates.max(1)
+            || self.inner.queued.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || self.pool_filling()
+    }
+
+    /// Takes a place under the sandbox limit (creates in flight count), or says it is
+    /// reached.
+    pub(super) fn reserve(&self) -> Result<Reservation<'_>> {
+        let config = &self.inner.config;
         let mut reg = self.registry();
         if reg.sandboxes.len() + reg.reserved >= config.max_sandboxes {
             metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => "limit")
@@ -190,70 +187,116 @@ impl SandboxManager {
             });
         }
         reg.reserved += 1;
-        drop(reg);
-        Ok((permit, Reservation(self)))
+        Ok(Reservation(self))
     }
 
-    /// Creates and starts a sandbox.
+    /// Takes a place under the sandbox limit, then a turn among the concurrent creates:
+    /// a create beyond `max_concurrent_creates` waits in a bounded queue for at most
+    /// `create_queue_wait`, and is refused only when the queue is full or the wait runs
+    /// out.
+    async fn admit(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, Reservation<'_>)> {
+        use std::sync::atomic::Ordering;
+        let config = &self.inner.config;
+        let reservation = self.reserve()?;
+        if let Ok(permit) = self.inner.creates.try_acquire() {
+            return Ok((permit, reservation));
+        }
+        let busy = |why: String| {
+            metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => "busy")
+                .increment(1);
+            Error::ResourceExhausted {
+                message: why,
+                retry_after: Some(Duration::from_secs(1)),
+            }
+        };
+        let queued = &self.inner.queued;
+        if queued.fetch_add(1, Ordering::SeqCst) >= config.max_queued_creates {
+            queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy(format!(
+                "{} creates are running and {} more are waiting (max_queued_creates)",
+                config.max_concurrent_creates, config.max_queued_creates
+            )));
+        }
+        metrics::gauge!("colima_e2b_sandbox_creates_queued").increment(1.0);
+        let waited =
+            tokio::time::timeout(config.create_queue_wait, self.inner.creates.acquire()).await;
+        queued.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!("colima_e2b_sandbox_creates_queued").decrement(1.0);
+        match waited {
+            Ok(Ok(permit)) => Ok((permit, reservation)),
+            Ok(Err(_)) => Err(busy("the server is shutting down".into())),
+            Err(_) => Err(busy(format!(
+                "more than {} sandbox creates at once, and none ended within {} s \
+                 (create_queue_wait)",
+                config.max_concurrent_creates,
+                config.create_queue_wait.as_secs()
+            ))),
+        }
+    }
+
+    /// Creates and starts a sandbox: from its template's warm pool when the pool can
+    /// serve the request, else cold.
     ///
-    /// Refused with [`Error::ResourceExhausted`] when the concurrent-create or sandbox
-    /// limit is reached (creates in flight count against the sandbox limit). A failed
+    /// Refused with [`Error::ResourceExhausted`] when the sandbox limit is reached
+    /// (creates in flight count) or the create waited for its turn too long. A failed
     /// create leaves no container behind.
     pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo> {
         let resolved = self.resolve(&spec)?;
-        let (_permit, reservation) = self.admit()?;
+        if let Some(result) = self.claim(&spec, &resolved).await {
+            return result;
+        }
+        let (_permit, reservation) = self.admit().await?;
+        let used = {
+            let reg = self.registry();
+            reg.sandboxes.len() + reg.reserved
+        };
+        if used + self.pool_total() > self.inner.config.max_sandboxes {
+            // Pool members give way to clients' sandboxes.
+            self.evict_for_room().await;
+        }
         let started = Instant::now();
         let id = SandboxId::generate();
         // Noted before the engine is asked: a crash from here on leaves a container that
         // the next start removes, since no client got an answer for it.
         self.inner.journal.begin(&id)?;
-        let result = self.create_container(&spec, &resolved, id.clone()).await;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(info) => {
-                metrics::counter!("colima_e2b_sandbox_creates_total", "template" => info.template.clone())
-                    .increment(1);
-                {
-                    let mut reg = self.registry();
-                    reg.sandboxes.insert(info.id.clone(), info.clone());
+        let result = self
+            .create_container(&spec, &resolved, id.clone(), false)
+            .await;
+        let result = match result {
+            Ok((info, client)) => {
+                if let Some(client) = client {
+                    self.agents().insert(info.id.clone(), client);
                 }
-                self.log(
-                    &info.id,
-                    LogEntry::now(
-                        LogLevel::Info,
-                        "sandbox created",
-                        &[
-                            ("template", info.template.clone()),
-                            ("image", info.image.clone()),
-                            (
-                                "ends_at",
-                                crate::manager::sandbox_logs::rfc3339(info.expires_at),
-                            ),
-                        ],
-                    ),
-                );
+                self.registry()
+                    .sandboxes
+                    .insert(info.id.clone(), info.clone());
                 // Registered before the place is given back: the limit never has a gap.
                 drop(reservation);
-                self.inner.reaper_wake.notify_one();
-                self.update_gauges();
+                self.created(&info, started, "cold");
+                Ok(info)
             }
             Err(e) => {
+                metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => "error", "path" => "cold")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => e.code())
                     .increment(1);
+                Err(e)
             }
-        }
+        };
         self.inner.journal.end(&id);
         result
     }
 
-    async fn create_container(
+    /// The container of a new sandbox, started, with its agent ready: initialised with
+    /// the request's settings for a cold create, or left untouched (the template's start
+    /// command running) for a warm pool member, which its claim initialises.
+    pub(super) async fn create_container(
         &self,
         spec: &SandboxSpec,
         r: &Resolved,
         id: SandboxId,
-    ) -> Result<SandboxInfo> {
+        pool_member: bool,
+    ) -> Result<(SandboxInfo, Option<AgentClient>)> {
         let backend = &self.inner.backend;
         let config = &self.inner.config;
         let run = self.template_image(&r.template.image).await?;
@@ -275,7 +318,12 @@ impl SandboxManager {
             secure: spec.secure,
         };
         let name = labels::container_name(&info.id);
-        let container = self.container_spec(spec, &info, secret.as_deref());
+        let mut container = self.container_spec(spec, &info, secret.as_deref());
+        if pool_member {
+            container
+                .labels
+                .insert(labels::POOL.to_string(), "true".to_string());
+        }
         let created = match backend.create(&container).await {
             Ok(created) => created,
             Err(e) => {
@@ -293,30 +341,40 @@ impl SandboxManager {
         if let Some(applied) = created.limits {
             info.limits = applied;
         }
-        if let Some(secret) = secret {
-            match self.start_agent(&name, r, &spec.envs, secret).await {
-                Ok(client) => {
-                    self.agents().insert(info.id.clone(), client);
-                }
-                Err(e) => {
-                    // A failed create leaves nothing behind.
-                    self.remove_quietly(&name).await;
-                    return Err(match e {
-                        // The template exists; a container or address that is gone
-                        // means the sandbox died while starting.
-                        Error::NotFound { what } => Error::backend(
-                            backend.name(),
-                            format!(
-                                "sandbox {} stopped while starting ({what} not found)",
-                                info.id
-                            ),
+        let Some(secret) = secret else {
+            return Ok((info, None));
+        };
+        let started = async {
+            let client = self.wait_agent(&name, secret).await?;
+            if !pool_member {
+                self.init_agent(&client, r, &spec.envs).await?;
+            }
+            if r.template.start_cmd.is_some() || r.template.ready_cmd.is_some() {
+                self.start_and_wait_ready(&client, &r.template, &r.template.user)
+                    .await?;
+            }
+            Ok::<_, Error>(client)
+        }
+        .await;
+        match started {
+            Ok(client) => Ok((info, Some(client))),
+            Err(e) => {
+                // A failed create leaves nothing behind.
+                self.remove_quietly(&name).await;
+                Err(match e {
+                    // The template exists; a container or address that is gone means the
+                    // sandbox died while starting.
+                    Error::NotFound { what } => Error::backend(
+                        backend.name(),
+                        format!(
+                            "sandbox {} stopped while starting ({what} not found)",
+                            info.id
                         ),
-                        e => e,
-                    });
-                }
+                    ),
+                    e => e,
+                })
             }
         }
-        Ok(info)
     }
 
     /// The container of a new sandbox: the image, the agent as its main process with
@@ -363,26 +421,20 @@ impl SandboxManager {
         }
     }
 
-    /// Waits for a new sandbox's agent and hands it the sandbox's settings.
-    async fn start_agent(
-        &self,
-        name: &str,
-        r: &Resolved,
-        envs: &std::collections::BTreeMap<String, String>,
-        secret: String,
-    ) -> Result<AgentClient> {
+    /// Waits for a new sandbox's agent to answer `/health`.
+    async fn wait_agent(&self, name: &str, secret: String) -> Result<AgentClient> {
         let addr = self
             .inner
             .backend
             .agent_address(name, self.agent_port())
             .await?;
-        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret.clone());
+        let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret);
         let limit = self.inner.config.agent_ready_timeout;
         let deadline = Instant::now() + limit;
         let mut pause = Duration::from_millis(5);
         loop {
             match client.health().await {
-                Ok(()) => break,
+                Ok(()) => return Ok(client),
                 Err(e) if Instant::now() + pause >= deadline => {
                     tracing::warn!(container = name, agent = %addr.addr, error = %e,
                         "the sandbox agent did not answer /health in time");
@@ -394,6 +446,16 @@ impl SandboxManager {
                 }
             }
         }
+    }
+
+    /// Hands a sandbox's agent the request's settings: envs, default user and workdir,
+    /// and its access token (the secret it already has).
+    pub(super) async fn init_agent(
+        &self,
+        client: &AgentClient,
+        r: &Resolved,
+        envs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
         // The user's own workdir only with the template's user: another user starts
         // in their home.
         let workdir = (r.user == r.template.user)
@@ -402,15 +464,10 @@ impl SandboxManager {
         client
             .init(&InitRequest {
                 env_vars: Some(envs.clone()),
-                access_token: Some(secret),
+                access_token: Some(client.token().to_string()),
                 default_user: Some(r.user.clone()),
                 default_workdir: workdir,
             })
-            .await?;
-        if r.template.start_cmd.is_some() || r.template.ready_cmd.is_some() {
-            self.start_and_wait_ready(&client, &r.template, &r.template.user)
-                .await?;
-        }
-        Ok(client)
+            .await
     }
 }

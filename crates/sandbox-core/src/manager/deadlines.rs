@@ -55,19 +55,26 @@ impl DeadlineStore {
 
     /// Deletes files of sandboxes that no longer exist.
     pub(super) fn retain(&self, live: &HashSet<SandboxId>) {
-        let Some(dir) = &self.dir else { return };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let keep = name
-                .to_str()
-                .and_then(|n| n.parse::<SandboxId>().ok())
-                .is_some_and(|id| live.contains(&id));
-            if !keep {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        if let Some(dir) = &self.dir {
+            retain_sandbox_files(dir, live);
+        }
+    }
+}
+
+/// In a state directory of one file per sandbox id, deletes every file but those of
+/// `live` sandboxes.
+pub(super) fn retain_sandbox_files(dir: &std::path::Path, live: &HashSet<SandboxId>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let keep = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<SandboxId>().ok())
+            .is_some_and(|id| live.contains(&id));
+        if !keep {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -193,13 +200,8 @@ impl SandboxManager {
             if info.state == crate::types::SandboxState::Running {
                 self.pull_agent_events(&info.id).await;
             }
-            match self
-                .inner
-                .backend
-                .remove(&labels::container_name(&info.id))
-                .await
-            {
-                Ok(()) | Err(Error::NotFound { .. }) => {
+            match self.retire(&labels::container_name(&info.id)).await {
+                Ok(()) => {
                     self.forget(&info.id);
                     self.end_log(
                         &info.id,

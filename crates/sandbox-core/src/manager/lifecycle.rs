@@ -23,8 +23,8 @@ impl SandboxManager {
             .sandboxes
             .remove(id)
             .ok_or_else(|| not_found(id))?;
-        match self.inner.backend.remove(&labels::container_name(id)).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {
+        match self.retire(&labels::container_name(id)).await {
+            Ok(()) => {
                 self.forget(id);
                 self.end_log(id, LogEntry::now(LogLevel::Info, "sandbox killed", &[]));
                 metrics::counter!("colima_e2b_sandbox_kills_total").increment(1);

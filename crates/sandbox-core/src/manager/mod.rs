@@ -9,6 +9,9 @@
 //! - [`code`](self::code): code runs in a sandbox's code interpreter (native API).
 //! - [`commands`]: the native API's commands, with their timeouts and output caps.
 //! - [`lifecycle`]: kill, pause, resume, connect.
+//! - [`pool`]: the warm pool: sandboxes started ahead of demand, claimed by creates.
+//! - [`reclaim`]: ended sandboxes' containers, killed at once and deleted in the
+//!   background.
 //! - [`diagnosis`]: what the manager can tell about its deployment.
 //! - [`metrics_history`]: resource use sampled over time.
 //! - [`sandbox_logs`]: each sandbox's log (the server's actions, its agent's events).
@@ -23,6 +26,8 @@ mod disk;
 mod images;
 mod lifecycle;
 pub mod metrics_history;
+mod pool;
+mod reclaim;
 mod recovery;
 pub mod sandbox_logs;
 mod templates;
@@ -47,6 +52,7 @@ use crate::types::{Limits, SandboxId, SandboxInfo, SandboxState};
 pub use agents::{ProxyTarget, Vouch};
 pub use commands::CommandLimits;
 pub use metrics_history::{MetricSample, MetricsHistoryConfig};
+pub use pool::PoolConfig;
 pub use recovery::RecoveryReport;
 pub use sandbox_logs::{Direction, LogConfig, LogEntry, LogLevel, LogQuery};
 pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
@@ -75,16 +81,23 @@ pub struct ManagerConfig {
     pub max_disk_mb: Option<u64>,
     /// The baseline profile of every sandbox container.
     pub profile: SandboxProfile,
-    /// Creates allowed to run at once; more are refused with resource exhausted.
+    /// Creates allowed to run at once; more wait in a queue for their turn.
     pub max_concurrent_creates: usize,
+    /// Creates allowed to wait for their turn; more are refused with resource exhausted.
+    pub max_queued_creates: usize,
+    /// How long a create may wait for its turn before it is refused.
+    pub create_queue_wait: Duration,
+    /// The warm pool: pre-started sandboxes per template.
+    pub pool: PoolConfig,
     /// Sandboxes allowed to exist at once (creates in flight count).
     pub max_sandboxes: usize,
     /// Longest timeout a client may ask for.
     pub max_timeout: Duration,
     /// Commands of the native API: default and longest timeout, output kept.
     pub commands: CommandLimits,
-    /// Where state that must survive a restart is kept: deadline changes (`deadlines/`)
-    /// and creates in flight (`creating/`).
+    /// Where state that must survive a restart is kept: deadline changes (`deadlines/`),
+    /// creates in flight (`creating/`) and what claims of pool members decided
+    /// (`claims/`).
     pub state_dir: Option<PathBuf>,
     /// Main process of every sandbox container when it runs no agent.
     pub main_command: Vec<String>,
@@ -118,6 +131,9 @@ impl Default for ManagerConfig {
             max_disk_mb: None,
             profile: SandboxProfile::default(),
             max_concurrent_creates: 8,
+            max_queued_creates: 256,
+            create_queue_wait: Duration::from_secs(60),
+            pool: PoolConfig::default(),
             max_sandboxes: 100,
             max_timeout: Duration::from_secs(24 * 3600),
             commands: CommandLimits::default(),
@@ -155,6 +171,16 @@ struct Inner {
     config: ManagerConfig,
     registry: Mutex<Registry>,
     creates: Semaphore,
+    /// Creates waiting for their turn under `creates`.
+    queued: std::sync::atomic::AtomicUsize,
+    /// The warm pool's members and fills.
+    pool: Mutex<pool::PoolState>,
+    /// Wakes the pool's refiller (a member was claimed or removed).
+    pool_wake: Arc<Notify>,
+    /// What claims of pool members decided.
+    claims: pool::ClaimStore,
+    /// Stopped containers waiting to be deleted.
+    reclaim: Mutex<reclaim::ReclaimQueue>,
     reaper_wake: Arc<Notify>,
     deadlines: DeadlineStore,
     /// Creates in flight, so a restart removes what no finished create owns.
@@ -175,6 +201,8 @@ struct Inner {
     disk_used: Mutex<HashMap<SandboxId, disk::DiskRead>>,
     /// Sandboxes whose disk usage is being read from the engine in the background.
     disk_refreshing: Mutex<HashSet<SandboxId>>,
+    /// One disk read from the engine at a time.
+    disk_reads: Semaphore,
     /// Templates built by this server.
     templates: Arc<crate::template::registry::Registry>,
     /// Images of builds a restart cut off, removed at start.
@@ -214,6 +242,7 @@ impl SandboxManager {
         let creates = Semaphore::new(config.max_concurrent_creates.max(1));
         let deadlines = DeadlineStore::new(config.state_dir.as_ref().map(|d| d.join("deadlines")));
         let journal = CreateJournal::new(config.state_dir.as_ref().map(|d| d.join("creating")));
+        let claims = pool::ClaimStore::new(config.state_dir.as_ref().map(|d| d.join("claims")));
         let mut builds = config.builds.clone();
         if builds.dir.is_none() {
             builds.dir = config.state_dir.as_ref().map(|d| d.join("templates"));
@@ -226,6 +255,11 @@ impl SandboxManager {
                 config,
                 registry: Mutex::new(Registry::default()),
                 creates,
+                queued: Default::default(),
+                pool: Default::default(),
+                pool_wake: Arc::new(Notify::new()),
+                claims,
+                reclaim: Default::default(),
                 reaper_wake: Arc::new(Notify::new()),
                 deadlines,
                 journal,
@@ -237,6 +271,7 @@ impl SandboxManager {
                 http: crate::agent::http_client(),
                 disk_used: Mutex::new(HashMap::new()),
                 disk_refreshing: Mutex::new(HashSet::new()),
+                disk_reads: Semaphore::new(1),
                 templates: Arc::new(templates),
                 interrupted_builds: Mutex::new(interrupted),
                 metrics_history: Default::default(),
@@ -272,6 +307,7 @@ impl SandboxManager {
         }
         self.spawn_reaper();
         self.spawn_sampler();
+        self.spawn_refiller();
         Ok(report)
     }
 
@@ -286,6 +322,7 @@ impl SandboxManager {
     /// Drops what the server keeps about a sandbox that no longer exists.
     fn forget(&self, id: &SandboxId) {
         self.inner.deadlines.forget(id);
+        self.inner.claims.forget(id);
         self.agents().remove(id);
         self.inner.metrics_history.forget(id);
     }

@@ -85,6 +85,8 @@ pub struct RecoveryReport {
     pub broken: usize,
     /// Containers removed because their create never finished (its client got no answer).
     pub unfinished: usize,
+    /// Unclaimed warm pool members taken back into their pools.
+    pub pooled: usize,
 }
 
 impl SandboxManager {
@@ -106,7 +108,9 @@ impl SandboxManager {
                 watch.insert(id.clone(), until);
             }
         }
+        let mut members = Vec::new();
         for container in containers {
+            let pooled = container.labels.get(labels::POOL).map(String::as_str) == Some("true");
             let mut info = match labels::to_info(&container) {
                 Ok(info) => info,
                 Err(why) => {
@@ -116,10 +120,14 @@ impl SandboxManager {
                     continue;
                 }
             };
+            // A pool member is a client's sandbox once its claim's record exists.
+            let unclaimed = pooled && !self.inner.claims.apply(&mut info);
             if let Some(deadline) = self.inner.deadlines.load(&info.id) {
                 info.expires_at = deadline;
             }
-            if unfinished.contains(&info.id) {
+            if unclaimed && !unfinished.contains(&info.id) {
+                members.push(info);
+            } else if unfinished.contains(&info.id) {
                 tracing::info!(sandbox = %info.id, "removing a sandbox whose create never finished");
                 self.remove_quietly(&container.name).await;
                 report.unfinished += 1;
@@ -147,6 +155,10 @@ impl SandboxManager {
             }
         }
         self.inner.deadlines.retain(&live);
+        self.inner.claims.retain(&live);
+        let (pooled, removed) = self.readopt_members(members).await;
+        report.pooled = pooled;
+        report.broken += removed;
         self.update_gauges();
         Ok(report)
     }

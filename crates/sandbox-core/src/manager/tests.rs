@@ -280,9 +280,17 @@ async fn failed_create_leaves_nothing_behind() {
 }
 
 #[tokio::test]
-async fn concurrent_creates_beyond_the_limit_are_refused() {
-    let (backend, m) = manager(None);
+async fn creates_beyond_the_concurrency_limit_wait_in_a_bounded_queue() {
+    let backend = Arc::new(TestEngine::default());
+    let m = SandboxManager::new(
+        backend.clone(),
+        ManagerConfig {
+            max_queued_creates: 1,
+            ..config(None)
+        },
+    );
     backend.create_delay_ms.store(300, Ordering::SeqCst);
+    // Two run, one waits for a turn and gets it, one finds the queue full.
     let results = futures_util::future::join_all((0..4).map(|_| m.create(spec(60)))).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let refused = results
@@ -297,7 +305,28 @@ async fn concurrent_creates_beyond_the_limit_are_refused() {
             )
         })
         .count();
-    assert_eq!((ok, refused), (2, 2));
+    assert_eq!((ok, refused), (3, 1));
+    assert_eq!(backend.names().len(), 3);
+}
+
+#[tokio::test]
+async fn a_create_that_waits_too_long_for_its_turn_is_refused() {
+    let backend = Arc::new(TestEngine::default());
+    let m = SandboxManager::new(
+        backend.clone(),
+        ManagerConfig {
+            create_queue_wait: Duration::from_millis(50),
+            ..config(None)
+        },
+    );
+    backend.create_delay_ms.store(500, Ordering::SeqCst);
+    let results = futures_util::future::join_all((0..3).map(|_| m.create(spec(60)))).await;
+    let refused: Vec<&Error> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert!(
+        matches!(refused[0], Error::ResourceExhausted { message, .. } if message.contains("create_queue_wait")),
+        "{refused:?}"
+    );
     assert_eq!(backend.names().len(), 2);
 }
 
