@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use envd_proto::messages::InitRequest;
 
+use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{now_ms, SandboxManager};
 use crate::agent::{generate_secret, AgentClient, SECRET_ENV};
 use crate::backend::ContainerSpec;
@@ -285,6 +286,29 @@ impl SandboxManager {
         };
         self.inner.journal.end(&id);
         result
+    }
+
+    /// Notes a sandbox's successful create (either path) in its log and metrics.
+    pub(super) fn created(&self, info: &SandboxInfo, started: Instant, path: &'static str) {
+        metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => "ok", "path" => path)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("colima_e2b_sandbox_creates_total", "template" => info.template.clone())
+            .increment(1);
+        self.log(
+            &info.id,
+            LogEntry::now(
+                LogLevel::Info,
+                "sandbox created",
+                &[
+                    ("template", info.template.clone()),
+                    ("image", info.image.clone()),
+                    ("path", path.to_string()),
+                    ("ends_at", super::sandbox_logs::rfc3339(info.expires_at)),
+                ],
+            ),
+        );
+        self.inner.reaper_wake.notify_one();
+        self.update_gauges();
     }
 
     /// The container of a new sandbox, started, with its agent ready: initialised with

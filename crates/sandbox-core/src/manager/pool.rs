@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::create::Resolved;
-use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{lock, now_ms, Inner, SandboxManager};
 use crate::agent::AgentClient;
 use crate::error::{Error, Result};
@@ -185,6 +184,14 @@ impl ClaimStore {
     }
 }
 
+/// The request a member of `template` is started for: nothing but the template.
+fn member_spec(template: &str) -> SandboxSpec {
+    SandboxSpec {
+        template: Some(template.to_string()),
+        ..SandboxSpec::default()
+    }
+}
+
 /// Why a create was not served from its template's pool (a metric label).
 fn miss(template: &str, reason: &'static str) {
     metrics::counter!("colima_e2b_pool_misses_total", "template" => template.to_string(), "reason" => reason)
@@ -224,9 +231,16 @@ impl SandboxManager {
         self.pool().filling.values().any(|n| *n > 0)
     }
 
-    /// Members template `name` has now (for diagnosis and tests).
-    pub fn pool_size(&self, name: &str) -> usize {
-        self.pool().len(name)
+    /// What a member of `template` is started as: the template's defaults.
+    fn resolve_member(&self, template: &str) -> Result<Resolved> {
+        self.resolve(&member_spec(template))
+    }
+
+    /// Kills a member now and deletes it in the background.
+    async fn retire_member(&self, id: &SandboxId) {
+        if let Err(e) = self.retire(&labels::container_name(id)).await {
+            tracing::warn!(sandbox = %id, error = %e, "could not remove a pool member");
+        }
     }
 
     fn update_pool_gauge(&self, template: &str) {
@@ -244,10 +258,7 @@ impl SandboxManager {
         if !spec.internet {
             return Ok(Some("internet_off"));
         }
-        let default = self.resolve(&SandboxSpec {
-            template: Some(r.template_name.clone()),
-            ..SandboxSpec::default()
-        })?;
+        let default = self.resolve_member(&r.template_name)?;
         if default.limits != r.limits || default.template != r.template {
             return Ok(Some("limits"));
         }
@@ -292,9 +303,7 @@ impl SandboxManager {
                 Err(Claim::Broken(e)) => {
                     // A member that died or stopped answering: drop it, try the next.
                     tracing::warn!(sandbox = %id, error = %e, "removing a pool member that failed its claim");
-                    if let Err(e) = self.retire(&labels::container_name(&id)).await {
-                        tracing::warn!(sandbox = %id, error = %e, "could not remove a pool member");
-                    }
+                    self.retire_member(&id).await;
                     miss(template, "broken");
                 }
             }
@@ -376,9 +385,7 @@ impl SandboxManager {
         if let Some(member) = victim {
             tracing::info!(sandbox = %member.id, "removing a pool member to make room for a create");
             self.update_pool_gauge(&member.info.template);
-            if let Err(e) = self.retire(&labels::container_name(&member.id)).await {
-                tracing::warn!(sandbox = %member.id, error = %e, "could not remove a pool member");
-            }
+            self.retire_member(&member.id).await;
         }
     }
 
@@ -467,12 +474,9 @@ impl SandboxManager {
 
     /// The memory limit a member of `template` gets, MiB (`None`: not a known template).
     fn pool_member_memory(&self, template: &str) -> Option<u64> {
-        self.resolve(&SandboxSpec {
-            template: Some(template.to_string()),
-            ..SandboxSpec::default()
-        })
-        .ok()
-        .map(|r| r.limits.memory_mb)
+        self.resolve_member(template)
+            .ok()
+            .map(|r| r.limits.memory_mb)
     }
 
     /// Starts one member of `template` (its fill was marked in flight by `next_fill`).
@@ -512,10 +516,7 @@ impl SandboxManager {
     }
 
     async fn start_member(&self, template: &str) -> Result<Member> {
-        let spec = SandboxSpec {
-            template: Some(template.to_string()),
-            ..SandboxSpec::default()
-        };
+        let spec = member_spec(template);
         let r = self.resolve(&spec)?;
         let id = SandboxId::generate();
         // A crash mid-fill leaves a container the next start removes.
@@ -558,9 +559,7 @@ impl SandboxManager {
             };
             for member in stale {
                 tracing::info!(sandbox = %member.id, template, "removing a pool member of an older image");
-                if let Err(e) = self.retire(&labels::container_name(&member.id)).await {
-                    tracing::warn!(sandbox = %member.id, error = %e, "could not remove a pool member");
-                }
+                self.retire_member(&member.id).await;
             }
             self.update_pool_gauge(&template);
         }
@@ -615,40 +614,12 @@ impl SandboxManager {
                     tracing::info!(sandbox = %info.id, "removing a pool member that no longer fits its pool");
                     // Killed now, deleted in the background: startup does not wait for
                     // the storage.
-                    if let Err(e) = self.retire(&labels::container_name(&info.id)).await {
-                        tracing::warn!(sandbox = %info.id, error = %e, "could not remove a pool member");
-                    }
+                    self.retire_member(&info.id).await;
                     removed += 1;
                 }
             }
         }
         (kept, removed)
-    }
-
-    /// Notes a sandbox's successful create (either path) in its log and metrics.
-    pub(super) fn created(&self, info: &SandboxInfo, started: Instant, path: &'static str) {
-        metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => "ok", "path" => path)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("colima_e2b_sandbox_creates_total", "template" => info.template.clone())
-            .increment(1);
-        self.log(
-            &info.id,
-            LogEntry::now(
-                LogLevel::Info,
-                "sandbox created",
-                &[
-                    ("template", info.template.clone()),
-                    ("image", info.image.clone()),
-                    ("path", path.to_string()),
-                    (
-                        "ends_at",
-                        crate::manager::sandbox_logs::rfc3339(info.expires_at),
-                    ),
-                ],
-            ),
-        );
-        self.inner.reaper_wake.notify_one();
-        self.update_gauges();
     }
 }
 
