@@ -217,8 +217,14 @@ if [ -n "${E2B_JUNIT_DIR:-}" ]; then
 else
   reports=$(mktemp -d "${TMPDIR:-/tmp}/e2b-junit.XXXXXX")
 fi
+newest=${versions%% *}
 for ver in $versions; do
   step "Python SDK e2b==$ver: tests/e2b (pytest.ini testpaths)"
+  # The 50-create burst exercises the server's admission and pool, not the SDK (whose
+  # create is one call in every version), and costs minutes of container deletion on
+  # btrfs: it runs with the newest SDK only.
+  only_newest=()
+  [ "$ver" = "$newest" ] || only_newest=(--deselect test_sdk.py::test_burst_of_50_creates_all_succeed)
   if ! "${venv[$ver]}/bin/python" tests/e2b/check_sdk_api.py; then
     results+=("FAIL python e2b==$ver (the SDK lacks calls the suite makes: check_sdk_api.py)")
     failed=1
@@ -227,7 +233,8 @@ for ver in $versions; do
   set +e
   # shellcheck disable=SC2086
   (cd tests/e2b && "${venv[$ver]}/bin/python" -m pytest -q -p no:cacheprovider \
-    --junitxml="$reports/junit-e2b-$ver.xml" -o junit_suite_name="e2b-$ver" ${PYTEST_ARGS:-})
+    --junitxml="$reports/junit-e2b-$ver.xml" -o junit_suite_name="e2b-$ver" \
+    "${only_newest[@]}" ${PYTEST_ARGS:-})
   rc=$?
   set -e
   summary=$("${venv[$ver]}/bin/python" - "$reports/junit-e2b-$ver.xml" <<'EOF' 2>/dev/null || echo "no junit report"

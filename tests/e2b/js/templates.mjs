@@ -182,8 +182,10 @@ async function main() {
     await run('failing runCmd -> BuildError naming the step', async () => {
       let t = Template({ fileContextPath: ctx }).fromBaseImage()
       t = t.runCmd('echo before-the-failure') // step 1
+      // The pause: Podman 4.3's build endpoint can drop output written in the instant
+      // before a step fails (README, Building templates).
       const failingLine = lineHere() + 1
-      t = t.runCmd('echo about-to-fail >&2; exit 3') // step 2
+      t = t.runCmd('echo about-to-fail >&2; sleep 1; exit 3') // step 2
       t = t.runCmd('echo never-runs') // step 3
       const logs = []
       let error

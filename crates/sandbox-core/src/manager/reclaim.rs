@@ -92,6 +92,21 @@ impl SandboxManager {
         lock(&self.inner.reclaim).names.len()
     }
 
+    /// Waits, at most `limit`, until every container handed to the background is
+    /// deleted: an image can go only once no container, stopped or not, uses it.
+    pub(super) async fn deletions_done(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            if !lock(&self.inner.reclaim).running {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Deletes what is queued, for at most `limit` (a graceful shutdown).
     pub async fn finish_deletions(&self, limit: Duration) {
         let until = Instant::now() + limit;

@@ -295,6 +295,11 @@ impl SandboxManager {
             )));
         }
         let record = self.inner.templates.remove(&record.id)?;
+        // Killed sandboxes of it may still be waiting for their deletion, and an engine
+        // refuses to remove the image their containers use.
+        if !self.deletions_done(Duration::from_secs(60)).await {
+            tracing::warn!(template = %record.name, "container deletions still pending; its images may stay");
+        }
         for build in &record.builds {
             self.remove_build_images(&build.image).await;
         }
