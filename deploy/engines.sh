@@ -57,6 +57,8 @@ install_packages() { # engines...
   done
   command -v runc >/dev/null 2>&1 || pkgs+=(runc)
   command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+  # The server's host firewall for sandbox networks (sandbox_core::network::firewall).
+  command -v nft >/dev/null 2>&1 || pkgs+=(nftables)
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && quota_storage_on; then # deploy/storage.sh
     command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
     command -v mkfs.btrfs >/dev/null 2>&1 || pkgs+=(btrfs-progs)

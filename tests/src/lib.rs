@@ -5,6 +5,7 @@
 //! parallel never adopt or reap each other's sandboxes.
 
 pub mod raw;
+pub mod testhosts;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -76,6 +77,19 @@ impl ServerOptions {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
+    }
+
+    /// Puts the sandboxes on networks of their own, `colima-e2b-test-<name>` (and its
+    /// `-offline` twin), on either engine: their bridges get a host firewall table of
+    /// their own, so a test can change `[network]` without touching the other suites'
+    /// sandboxes, which share the default networks' table.
+    pub fn own_networks(self, name: &str) -> Self {
+        let online = format!("colima-e2b-test-{name}");
+        let offline = format!("{online}-offline");
+        self.env("COLIMA_E2B_DOCKER__NETWORK", &online)
+            .env("COLIMA_E2B_DOCKER__OFFLINE_NETWORK", &offline)
+            .env("COLIMA_E2B_PODMAN__NETWORK", &online)
+            .env("COLIMA_E2B_PODMAN__OFFLINE_NETWORK", &offline)
     }
 
     fn command(&self, port: u16) -> Command {
@@ -190,6 +204,15 @@ impl Server {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .trim()
             .to_string()
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the URL")
     }
 
     /// What the server logged so far.

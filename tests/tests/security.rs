@@ -79,18 +79,12 @@ EOF"#
     (gateway, statuses)
 }
 
-fn port_of(server: &Server) -> u16 {
-    server
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port")
-}
-
 #[tokio::test]
 async fn a_server_beyond_loopback_wants_a_key_from_sandboxes_and_other_hosts() {
-    let mut options = ServerOptions::new();
+    // Behind the firewall: see key_guessing_from_a_sandbox_is_limited_with_retry_after.
+    let mut options = ServerOptions::new()
+        .own_networks("open")
+        .env("COLIMA_E2B_NETWORK__FIREWALL", "off");
     // The seed's own command line: `colima-e2b server --host 0.0.0.0 --port <p>`.
     options.args = vec!["--host".into(), "0.0.0.0".into()];
     let _cleanup = OwnerCleanup(options.clone());
@@ -103,7 +97,7 @@ async fn a_server_beyond_loopback_wants_a_key_from_sandboxes_and_other_hosts() {
     );
     // This machine's loopback is still local development.
     let id = create(&server, json!({"timeout": 300})).await;
-    let port = port_of(&server);
+    let port = server.port();
     let (gateway, statuses) = from_inside(
         &server,
         &id,
@@ -162,12 +156,17 @@ async fn a_server_beyond_loopback_wants_a_key_from_sandboxes_and_other_hosts() {
 
 #[tokio::test]
 async fn key_guessing_from_a_sandbox_is_limited_with_retry_after() {
-    let mut options = ServerOptions::new();
+    // The perimeter behind the firewall: with the firewall on, no sandbox reaches the
+    // server at all (tests/tests/network_policy.rs); these sandboxes get networks
+    // without it, as where an operator turned it off or allowed the server's port.
+    let mut options = ServerOptions::new()
+        .own_networks("open")
+        .env("COLIMA_E2B_NETWORK__FIREWALL", "off");
     options.args = vec!["--host".into(), "0.0.0.0".into()];
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;
     let id = create(&server, json!({"timeout": 300})).await;
-    let port = port_of(&server);
+    let port = server.port();
     let script = format!(
         r#"python3 - <<'EOF'
 import socket, struct, time, urllib.request, urllib.error
@@ -351,7 +350,7 @@ async fn pages_of_other_sites_are_refused_before_any_work() {
     );
     // A page served by a sandbox (its code is untrusted) calling the API from the
     // user's browser, where loopback needs no key.
-    let port = port_of(&server);
+    let port = server.port();
     let resp = server
         .http
         .post(server.url("/sandboxes/"))

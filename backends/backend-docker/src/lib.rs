@@ -47,7 +47,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
 use sandbox_core::backend::{
     build_failure, context_chunks, is_build_context_problem, split_image, BuildRequest, BuildSink,
-    StepTracker,
+    HostNetwork, StepTracker,
 };
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
@@ -1038,6 +1038,42 @@ impl SandboxBackend for DockerBackend {
             .remove_container(name, Some(options))
             .await
             .map_err(|e| self.map_err(&format!("container {name}"), e))
+    }
+
+    /// The bridges of the sandbox networks: `com.docker.network.bridge.name`, else
+    /// `br-` and the first 12 characters of the network's id (the engine's naming).
+    async fn host_networks(&self) -> Result<Vec<HostNetwork>> {
+        if self.published {
+            return Ok(Vec::new());
+        }
+        let (online, offline) = self.ensure_networks().await?;
+        let mut out = Vec::new();
+        for id in [online, offline] {
+            let net = self
+                .docker
+                .inspect_network(id, None)
+                .await
+                .map_err(|e| self.map_err(&format!("network {id}"), e))?;
+            let interface = net
+                .options
+                .as_ref()
+                .and_then(|o| o.get("com.docker.network.bridge.name"))
+                .cloned()
+                .unwrap_or_else(|| format!("br-{}", &id[..id.len().min(12)]));
+            let subnets = net
+                .ipam
+                .and_then(|i| i.config)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+                .collect();
+            out.push(HostNetwork {
+                name: net.name.unwrap_or_else(|| id.clone()),
+                interface,
+                subnets,
+            });
+        }
+        Ok(out)
     }
 
     async fn stop(&self, name: &str) -> Result<()> {

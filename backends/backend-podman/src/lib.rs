@@ -52,7 +52,7 @@ use podman_api::{ApiVersion, Podman};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
 use sandbox_core::backend::{
     build_failure, context_chunks, is_build_context_problem, BuildEvent, BuildRequest, BuildSink,
-    StepTracker,
+    HostNetwork, StepTracker,
 };
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
@@ -866,6 +866,42 @@ impl SandboxBackend for PodmanBackend {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The bridges of the sandbox networks (`network_interface` of the engine's network
+    /// inspect). Rootless networking and remote engines have none on this kernel.
+    async fn host_networks(&self) -> Result<Vec<HostNetwork>> {
+        if !self.local() || self.host.rootless {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (name, internal) in [
+            (self.config.network.clone(), false),
+            (self.config.offline_network.clone(), true),
+        ] {
+            self.ensure_network(&name, internal).await?;
+            let net = self.network_json(&name).await?;
+            let Some(interface) = net.get("network_interface").and_then(Value::as_str) else {
+                return Err(Error::backend(
+                    BACKEND,
+                    format!("network {name} names no host interface"),
+                ));
+            };
+            let subnets = net
+                .get("subnets")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|s| s.get("subnet")?.as_str()?.parse().ok())
+                .collect();
+            out.push(HostNetwork {
+                name,
+                interface: interface.to_string(),
+                subnets,
+            });
+        }
+        Ok(out)
     }
 
     async fn stop(&self, name: &str) -> Result<()> {

@@ -108,6 +108,9 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The E2B compatibility layer.
     pub e2b: E2bConfig,
+    /// What sandboxes may reach: the host firewall for the sandbox networks and its
+    /// allowances (private CIDRs, host ports).
+    pub network: sandbox_core::network::FirewallConfig,
     /// Docker backend settings.
     #[cfg(feature = "docker")]
     pub docker: backend_docker::DockerConfig,
@@ -152,6 +155,7 @@ impl Default for Config {
             agent_binary: None,
             auth: AuthConfig::default(),
             e2b: E2bConfig::default(),
+            network: Default::default(),
             #[cfg(feature = "docker")]
             docker: Default::default(),
             #[cfg(feature = "podman")]
@@ -506,6 +510,7 @@ const KEYS: &[&str] = &[
     "templates",
     "agent_binary",
     "e2b",
+    "network",
     "docker",
     "podman",
 ];

@@ -39,6 +39,7 @@ pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>)
         builds: config.builds.registry(),
         metrics_history: config.history.metrics(),
         logs: config.history.logs(),
+        network: config.network.clone(),
         ..ManagerConfig::default()
     }
 }

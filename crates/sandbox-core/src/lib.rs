@@ -26,6 +26,7 @@ pub mod error;
 pub mod labels;
 pub mod listing;
 pub mod manager;
+pub mod network;
 pub mod template;
 pub mod types;
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::backend::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
-    ImageInfo, SandboxBackend,
+    HostNetwork, ImageInfo, SandboxBackend,
 };
 use crate::error::Result;
 
@@ -104,6 +104,9 @@ impl SandboxBackend for Instrumented {
     }
     async fn stop(&self, name: &str) -> Result<()> {
         self.timed("stop", self.0.stop(name)).await
+    }
+    async fn host_networks(&self) -> Result<Vec<HostNetwork>> {
+        self.timed("host_networks", self.0.host_networks()).await
     }
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
         self.timed("agent_address", self.0.agent_address(name, port))

@@ -91,6 +91,18 @@ impl Default for SandboxProfile {
     }
 }
 
+/// The host's side of one sandbox network: the bridge interface its containers' traffic
+/// enters this kernel through, for the host firewall ([`crate::network::firewall`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostNetwork {
+    /// The engine's name for the network.
+    pub name: String,
+    /// The host interface (a Linux bridge) of the network.
+    pub interface: String,
+    /// The network's subnets.
+    pub subnets: Vec<ipnet::IpNet>,
+}
+
 /// Facts about the engine a backend talks to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineInfo {
@@ -234,6 +246,14 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
     /// [`Error::Conflict`]. Default: removes it.
     async fn stop(&self, name: &str) -> Result<()> {
         self.remove(name).await
+    }
+
+    /// The sandbox networks (created when missing) as this kernel sees them, for the
+    /// host firewall. Empty where sandbox traffic does not pass through this kernel (an
+    /// engine in a VM, rootless networking): the firewall cannot apply there. Default:
+    /// empty.
+    async fn host_networks(&self) -> Result<Vec<HostNetwork>> {
+        Ok(Vec::new())
     }
 
     /// Builds `req.tag` from `req.base` plus `req.files`, with `req.entrypoint`, no CMD

@@ -127,7 +127,9 @@ impl SandboxManager {
                 "check `docker info` / `podman info`",
             ),
         });
-        checks.push(if caps.isolated_sandboxes {
+        let firewall = self.firewall_check().await;
+        let fenced = firewall.status == Status::Ok;
+        checks.push(if caps.isolated_sandboxes || fenced {
             Check::ok(
                 "isolation",
                 "sandboxes cannot reach each other over the network",
@@ -139,9 +141,11 @@ impl SandboxManager {
                     "sandboxes of the {} backend on one network can reach each other",
                     backend.name()
                 ),
-                "use the Docker backend where sandboxes must not talk to each other",
+                "run the server as root with the nft tool, so it installs the host \
+                 firewall (see network_policy)",
             )
         });
+        checks.push(firewall);
         for (name, template) in &self.inner.config.templates {
             checks.push(match backend.image_info(&template.image).await {
                 Ok(Some(_)) => Check::ok(
@@ -167,6 +171,61 @@ impl SandboxManager {
         }
         checks.push(self.state_dir_check());
         checks
+    }
+
+    /// Whether the host firewall for the sandbox networks is installed.
+    async fn firewall_check(&self) -> Check {
+        use crate::network::{FirewallStatus, HostFirewall};
+        // A started server keeps the status current; `doctor` asks the host itself.
+        let status = match self.started_firewall_status() {
+            Some(status) => status,
+            None => {
+                let firewall = HostFirewall::new(self.inner.config.network.clone());
+                match self.inner.backend.host_networks().await {
+                    Ok(networks) => firewall.status(&networks).await,
+                    Err(e) => {
+                        return Check::warn(
+                            "network_policy",
+                            format!("the sandbox networks could not be read: {e}"),
+                            "check the engine",
+                        )
+                    }
+                }
+            }
+        };
+        match status {
+            FirewallStatus::Active {
+                table,
+                interfaces,
+                gaps,
+            } if gaps.is_empty() => Check::ok(
+                "network_policy",
+                format!(
+                    "active (nft table inet {table} on {}): sandboxes cannot reach this host, \
+                     private networks or each other",
+                    interfaces.join(" ")
+                ),
+            ),
+            FirewallStatus::Active { gaps, .. } => Check::warn(
+                "network_policy",
+                format!("active, with gaps: {}", gaps.join("; ")),
+                "modprobe br_netfilter; sysctl -w net.bridge.bridge-nf-call-iptables=1 \
+                 net.bridge.bridge-nf-call-ip6tables=1",
+            ),
+            FirewallStatus::Inactive(why) => Check::warn(
+                "network_policy",
+                format!("inactive: {why}"),
+                "run the server as root on the engine's host with the nft tool installed \
+                 (it installs the rules at start); Colima: the rules would have to live in \
+                 its VM",
+            ),
+            FirewallStatus::Off => Check::warn(
+                "network_policy",
+                "network.firewall = \"off\": sandboxes reach this host, private networks \
+                 and each other as the engine lets them",
+                "remove network.firewall = \"off\"",
+            ),
+        }
     }
 
     fn state_dir_check(&self) -> Check {

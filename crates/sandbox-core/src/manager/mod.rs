@@ -23,6 +23,7 @@ mod create;
 mod deadlines;
 pub mod diagnosis;
 mod disk;
+mod host_firewall;
 mod images;
 mod lifecycle;
 pub mod metrics_history;
@@ -116,6 +117,8 @@ pub struct ManagerConfig {
     pub metrics_history: metrics_history::MetricsHistoryConfig,
     /// How much of each sandbox's log is kept.
     pub logs: sandbox_logs::LogConfig,
+    /// The host firewall for the sandbox networks (`[network]`).
+    pub network: crate::network::FirewallConfig,
 }
 
 impl Default for ManagerConfig {
@@ -146,6 +149,7 @@ impl Default for ManagerConfig {
             builds: Default::default(),
             metrics_history: Default::default(),
             logs: Default::default(),
+            network: Default::default(),
         }
     }
 }
@@ -211,6 +215,8 @@ struct Inner {
     metrics_history: metrics_history::History,
     /// Each sandbox's log.
     logs: sandbox_logs::Logs,
+    /// The host firewall, as last installed or checked (`None` before start).
+    firewall: Mutex<Option<crate::network::FirewallStatus>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -276,6 +282,7 @@ impl SandboxManager {
                 interrupted_builds: Mutex::new(interrupted),
                 metrics_history: Default::default(),
                 logs: Default::default(),
+                firewall: Mutex::new(None),
             }),
         }
     }
@@ -300,6 +307,8 @@ impl SandboxManager {
     pub async fn start(&self) -> Result<RecoveryReport> {
         let info = self.inner.backend.check().await?;
         *lock(&self.inner.host) = Some(info);
+        // Before any sandbox is re-adopted or created.
+        self.install_firewall().await?;
         let report = self.recover().await?;
         let interrupted = std::mem::take(&mut *lock(&self.inner.interrupted_builds));
         for image in interrupted {
@@ -308,6 +317,7 @@ impl SandboxManager {
         self.spawn_reaper();
         self.spawn_sampler();
         self.spawn_refiller();
+        self.spawn_firewall_keeper();
         Ok(report)
     }
 
