@@ -384,7 +384,7 @@ async fn the_rules_come_back_after_a_flush_outlive_the_server_and_stale_tables_g
         "table",
         "inet",
         stale,
-        "{ comment \"colima-e2b sandbox networks: ce2b-gone0 ce2b-gone1\" ; }",
+        "{ comment \"colima-e2b sandbox networks: br-ce2b0gone00 br-ce2b0gone01\" ; }",
     ]);
     assert!(made, "could not make the stale table");
     let options = ServerOptions::new().own_networks("keep");

@@ -17,8 +17,8 @@
 //! the engines' rules keep working and cannot re-open what these close. Each set of
 //! bridges gets its own `inet` table (named after a hash of them, the bridges in its
 //! comment):
-//! servers sharing networks write the same table, and a table whose bridges are all gone
-//! is removed by the next server to start.
+//! servers sharing networks write the same table, and a table whose Docker bridges are
+//! all gone (a removed network) is removed by the next server to start.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -309,11 +309,7 @@ impl HostFirewall {
                 continue;
             };
             let bridges = comment_interfaces(&table);
-            let gone = !bridges.is_empty()
-                && bridges
-                    .iter()
-                    .all(|b| !Path::new("/sys/class/net").join(b).exists());
-            if gone {
+            if is_stale(&bridges, |b| Path::new("/sys/class/net").join(b).exists()) {
                 match nft(&["delete", "table", family, name], None).await {
                     Ok(_) => tracing::info!(
                         family,
@@ -375,6 +371,15 @@ async fn bridged_frames_filtered(fix: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether a table for `bridges` belongs to networks that are gone: every bridge is
+/// missing and every one is Docker's (`br-<id>`). Docker makes a network's bridge with the
+/// network, so a missing one means a removed network; Podman (CNI, netavark) makes its
+/// bridge only when the first container joins, so a missing one proves nothing and its
+/// tables are kept (their names come back when Podman reuses them).
+fn is_stale(bridges: &[String], exists: impl Fn(&str) -> bool) -> bool {
+    !bridges.is_empty() && bridges.iter().all(|b| b.starts_with("br-") && !exists(b))
 }
 
 /// The bridges a table's comment names.
@@ -503,6 +508,21 @@ mod tests {
             r.script
         );
         assert!(r.script.contains("set host_ports { type inet_service; }"));
+    }
+
+    #[test]
+    fn only_tables_of_vanished_docker_bridges_are_stale() {
+        let v = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let none = |_: &str| false;
+        assert!(is_stale(&v(&["br-0123456789ab", "br-ba9876543210"]), none));
+        assert!(!is_stale(
+            &v(&["br-0123456789ab", "br-ba9876543210"]),
+            |b| b == "br-ba9876543210"
+        ));
+        // Podman's bridges appear with the first container: never stale by absence.
+        assert!(!is_stale(&v(&["cni-podman3", "cni-podman4"]), none));
+        assert!(!is_stale(&v(&["br-0123456789ab", "cni-podman4"]), none));
+        assert!(!is_stale(&[], none));
     }
 
     #[test]
