@@ -66,16 +66,14 @@ impl SandboxManager {
                 };
                 let firewall = manager.firewall();
                 let now = firewall.status(&networks).await;
+                if matches!(now, FirewallStatus::Active { .. }) {
+                    *lock(&manager.inner.firewall) = Some(now);
+                    continue;
+                }
                 let was_active = matches!(
                     *lock(&manager.inner.firewall),
                     Some(FirewallStatus::Active { .. })
                 );
-                if matches!(now, FirewallStatus::Active { .. })
-                    || (!was_active && networks.is_empty())
-                {
-                    *lock(&manager.inner.firewall) = Some(now);
-                    continue;
-                }
                 let status = firewall
                     .apply(&networks)
                     .await

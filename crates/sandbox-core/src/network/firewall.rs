@@ -48,6 +48,10 @@ pub const DENIED_V4: &[&str] = &[
 /// Prefix of the tables' names.
 pub const TABLE_PREFIX: &str = "colima_e2b_";
 
+/// Why there is nothing to install when a backend has no host networks.
+const NOT_ON_THIS_KERNEL: &str = "the engine's sandbox networks are not on this kernel (an \
+     engine in a VM such as Colima's, or rootless networking): nothing to install here";
+
 /// Longest an `nft` run may take.
 const NFT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -228,11 +232,7 @@ impl HostFirewall {
             return Ok(FirewallStatus::Off);
         }
         if networks.is_empty() {
-            return Err(
-                "the engine's sandbox networks are not on this kernel (an engine in a \
-                 VM such as Colima's, or rootless networking): nothing to install here"
-                    .into(),
-            );
+            return Err(NOT_ON_THIS_KERNEL.into());
         }
         let rules = self.ruleset(networks);
         nft(&["-f", "-"], Some(&rules.script)).await?;
@@ -255,11 +255,7 @@ impl HostFirewall {
             return FirewallStatus::Off;
         }
         if networks.is_empty() {
-            return FirewallStatus::Inactive(
-                "the engine's sandbox networks are not on this kernel (an engine in a VM, or \
-                 rootless networking)"
-                    .into(),
-            );
+            return FirewallStatus::Inactive(NOT_ON_THIS_KERNEL.into());
         }
         let rules = self.ruleset(networks);
         match nft(&["list", "table", "inet", &rules.table], None).await {
