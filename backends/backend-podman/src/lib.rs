@@ -128,6 +128,8 @@ struct HostFacts {
     quota: bool,
     /// The size limit covers the whole root filesystem, image included (btrfs, zfs).
     quota_counts_image: bool,
+    /// Podman's version, major and minor (`None` when the engine did not say).
+    version: Option<(u32, u32)>,
 }
 
 /// The Podman implementation of [`SandboxBackend`].
@@ -355,6 +357,12 @@ impl PodmanBackend {
                     .and_then(|s| s.get("graphDriverName"))
                     .and_then(Value::as_str),
                 Some("btrfs" | "zfs")
+            ),
+            version: build::major_minor(
+                info.get("version")
+                    .and_then(|v| v.get("Version"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
             ),
         };
         Ok(Self {
@@ -666,21 +674,23 @@ impl SandboxBackend for PodmanBackend {
     /// `POST /libpod/build` with the context streamed from disk; see the crate docs for
     /// the network and for builds whose future is dropped.
     async fn build_image(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
-        // Buildah's layer-cache lookup walks the images and fails with "layer not known"
-        // when one of them is removed meanwhile (another build's cleanup, a template
-        // removed): the build then failed before doing anything of its own, and its step
-        // images are gone, so it is run again.
+        // Two engine faults end a build without anything of its own being wrong (see
+        // `build::Rerun`); both leave the steps done so far in the layer cache, so the
+        // build is run again and resumes where it was cut.
         let mut attempts = 1;
         loop {
             match self.build_once(req, sink).await {
-                Err(Error::BuildFailed(m))
-                    if attempts < LOST_LAYER_ATTEMPTS && m.contains(LOST_LAYER) =>
-                {
+                Err(Error::BuildFailed(m)) if attempts < build::RERUN_ATTEMPTS => {
+                    let Some(why) = build::Rerun::of(&m, self.host.version) else {
+                        return Err(Error::BuildFailed(m));
+                    };
                     attempts += 1;
-                    tracing::warn!(tag = %req.tag, error = %m,
-                        "podman lost a layer while checking its build cache; building again");
+                    tracing::warn!(tag = %req.tag, error = %m, attempt = attempts,
+                        "{}; building again", why.explain());
                     sink(BuildEvent::Output(format!(
-                        "podman: {m}: an image was removed during the cache check; building again"
+                        "podman: {m}: {}; building again (attempt {attempts} of {})",
+                        why.explain(),
+                        build::RERUN_ATTEMPTS
                     )));
                 }
                 other => return other,
@@ -1162,13 +1172,8 @@ async fn remove_image_quietly(raw: &RequestClient<ConnError>, id: &str) {
     }
 }
 
-/// Buildah's error when an image disappeared under its build-cache lookup.
-const LOST_LAYER: &str = "layer not known";
-/// Builds tried when that happens.
-const LOST_LAYER_ATTEMPTS: u32 = 3;
-
 impl PodmanBackend {
-    /// One build: [`SandboxBackend::build_image`] without the retry of a lost layer.
+    /// One build: [`SandboxBackend::build_image`] without the reruns of engine faults.
     async fn build_once(&self, req: &BuildRequest, sink: BuildSink<'_>) -> Result<ImageInfo> {
         let file = tokio::fs::File::open(&req.context).await.map_err(|e| {
             Error::backend(
