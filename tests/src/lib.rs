@@ -443,6 +443,13 @@ pub struct OwnerCleanup(pub ServerOptions);
 impl Drop for OwnerCleanup {
     fn drop(&mut self) {
         remove_owner_containers(&self.0.owner);
+        // Its sandboxes' egress rules, which a server keeps through a crash and only
+        // drops itself when it restarts or kills them.
+        let table = sandbox_core::network::egress_table::table_name(&self.0.owner);
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.0.state_dir);
     }
 }

@@ -24,6 +24,8 @@ pub const LINK_HOST: &str = "10.200.0.1";
 pub const PRIVATE: &str = "10.200.0.10";
 /// A "public" destination (TEST-NET-2, routed here by a /32).
 pub const PUBLIC: &str = "198.51.100.10";
+/// A second "public" destination next to it, for rules that tell the two apart.
+pub const PUBLIC_2: &str = "198.51.100.11";
 /// The cloud metadata address, answered by the namespace (routed here by a /32).
 pub const METADATA: &str = "169.254.169.254";
 /// TCP port the test hosts listen on.
@@ -212,13 +214,13 @@ impl TestHosts {
             must(&all);
         };
         in_ns(&["addr", "add", &format!("{PRIVATE}/24"), "dev", NS_IF]);
-        for a in [PUBLIC, METADATA] {
+        for a in [PUBLIC, PUBLIC_2, METADATA] {
             in_ns(&["addr", "add", &format!("{a}/32"), "dev", NS_IF]);
         }
         in_ns(&["link", "set", NS_IF, "up"]);
         in_ns(&["link", "set", "lo", "up"]);
         in_ns(&["route", "add", "default", "via", LINK_HOST]);
-        for dest in [PUBLIC, METADATA] {
+        for dest in [PUBLIC, PUBLIC_2, METADATA] {
             must(&[
                 "route",
                 "add",
@@ -230,7 +232,7 @@ impl TestHosts {
             ]);
         }
         // Never a packet to the real metadata service or a real public address.
-        for dest in [PUBLIC, METADATA, PRIVATE] {
+        for dest in [PUBLIC, PUBLIC_2, METADATA, PRIVATE] {
             let route = ip(&["route", "get", dest]).unwrap_or_else(|e| panic!("{e}"));
             assert!(
                 route.contains(&format!("dev {HOST_IF}")),

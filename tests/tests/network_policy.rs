@@ -430,3 +430,236 @@ async fn the_rules_come_back_after_a_flush_outlive_the_server_and_stale_tables_g
     let (status, v): (u16, Value) = server.run(&id, "echo back").await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// One E2B control-plane call with the server's key: status and JSON answer.
+async fn e2b(server: &Server, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+    let resp = server
+        .http
+        .request(method, server.url(&format!("/e2b{path}")))
+        .header("X-API-KEY", server.api_key())
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// TCP connects from sandbox `id` to the two public test hosts.
+async fn reach_public(server: &Server, id: &str) -> Vec<String> {
+    let targets = [
+        ("tcp", testhosts::PUBLIC.to_string(), testhosts::TCP_PORT),
+        ("tcp", testhosts::PUBLIC_2.to_string(), testhosts::TCP_PORT),
+    ];
+    probe(server, id, &targets).await
+}
+
+/// Whether server `owner`'s egress table is installed.
+fn egress_table_installed(owner: &str) -> bool {
+    let (ok, ruleset) = nft(&["list", "ruleset"]);
+    assert!(ok, "nft list ruleset");
+    ruleset.contains(&format!(
+        "egress rules of the sandboxes of server {owner}\""
+    ))
+}
+
+#[tokio::test]
+async fn e2b_egress_rules_decide_new_connections_are_replaced_whole_and_outlive_the_server() {
+    let _serial = SERIAL.lock().await;
+    let _hosts = TestHosts::start();
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let mut server = Server::start(options.clone()).await;
+    // (E2B's v1 create: a sandbox that is not `secure`, so the native API runs commands
+    // in it without its access token.)
+    let post = reqwest::Method::POST;
+    let put = reqwest::Method::PUT;
+
+    // allowOut wins over denyOut: the one address of the denied range stays reachable.
+    let (status, created) = e2b(
+        &server,
+        post.clone(),
+        "/sandboxes",
+        json!({"templateID": "base", "timeout": 300, "network": {
+            "allowOut": [testhosts::PUBLIC], "denyOut": ["198.51.100.0/24"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"]
+        .as_str()
+        .expect("sandboxID")
+        .to_string();
+    assert_eq!(created["trafficAccessToken"], Value::Null, "{created}");
+    assert!(egress_table_installed(&options.owner));
+    // Denied connections are reset at once, not left to time out.
+    assert_eq!(reach_public(&server, &id).await, ["open", "refused"]);
+
+    // update_network replaces the rules whole, for new connections.
+    let path = format!("/sandboxes/{id}/network");
+    let (status, v) = e2b(
+        &server,
+        put.clone(),
+        &path,
+        json!({"denyOut": ["0.0.0.0/0"]}),
+    )
+    .await;
+    assert_eq!(status, 204, "{v}");
+    assert_eq!(reach_public(&server, &id).await, ["refused", "refused"]);
+    let (status, _) = e2b(&server, put.clone(), &path, json!({})).await;
+    assert_eq!(status, 204);
+    assert_eq!(reach_public(&server, &id).await, ["open", "open"]);
+    // allow_internet_access false is denyOut everything; allowOut still allows.
+    let (status, _) = e2b(
+        &server,
+        put.clone(),
+        &path,
+        json!({"allow_internet_access": false, "allowOut": [testhosts::PUBLIC_2]}),
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(reach_public(&server, &id).await, ["refused", "open"]);
+    // The native API reads the same rules.
+    let (status, native) =
+        tests::json_of(server.get(&format!("/sandboxes/{id}/network")).await).await;
+    assert_eq!(status, 200, "{native}");
+    assert_eq!(
+        native["allow_out"],
+        json!([testhosts::PUBLIC_2]),
+        "{native}"
+    );
+
+    // What the API refuses, and says why.
+    for (body, want) in [
+        (json!({"denyOut": ["example.com"]}), 400),
+        (json!({"allowOut": ["not an address"]}), 400),
+        (json!({"allowOut": ["api.example.com"]}), 501),
+        (
+            json!({"egressProxy": {"address": "198.51.100.10:1080"}}),
+            501,
+        ),
+    ] {
+        let (status, v) = e2b(&server, put.clone(), &path, body.clone()).await;
+        assert_eq!(status, want, "{body}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    // A refused update changed nothing.
+    assert_eq!(reach_public(&server, &id).await, ["refused", "open"]);
+    let (status, _) = e2b(
+        &server,
+        put.clone(),
+        "/sandboxes/clm0000000000000000/network",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // A crash of the server neither opens nor loses the rules; the next start keeps them.
+    server.kill9();
+    assert!(egress_table_installed(&options.owner));
+    let server = Server::start(options.clone()).await;
+    assert_eq!(reach_public(&server, &id).await, ["refused", "open"]);
+
+    // Internet off at create with an exception: only that address.
+    let (status, created) = e2b(
+        &server,
+        post.clone(),
+        "/sandboxes",
+        json!({"templateID": "base", "timeout": 300, "allow_internet_access": false,
+               "network": {"allowOut": [testhosts::PUBLIC]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let other = created["sandboxID"]
+        .as_str()
+        .expect("sandboxID")
+        .to_string();
+    assert_eq!(reach_public(&server, &other).await, ["open", "refused"]);
+
+    // No rules are left for removed sandboxes: the table goes with the last of them.
+    for (n, sandbox) in [id, other].iter().enumerate() {
+        let path = format!("/sandboxes/{sandbox}");
+        let (status, _) = e2b(&server, reqwest::Method::DELETE, &path, json!({})).await;
+        assert_eq!(status, 204);
+        if n == 0 {
+            assert!(egress_table_installed(&options.owner));
+        }
+    }
+    let mut gone = false;
+    for _ in 0..50 {
+        if !egress_table_installed(&options.owner) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the egress table outlived its sandboxes");
+}
+
+/// Prints the Host header of every request, on port 8000.
+const ECHO_HOST: &str = "nohup python3 -c '
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.headers.get(\"Host\") or \"\").encode()
+        self.send_response(200); self.send_header(\"Content-Length\", str(len(body))); self.end_headers(); self.wfile.write(body)
+http.server.HTTPServer((\"0.0.0.0\", 8000), H).serve_forever()
+' >/dev/null 2>&1 & for i in $(seq 50); do curl -s -o /dev/null localhost:8000 && break; sleep 0.1; done; echo up";
+
+#[tokio::test]
+async fn public_traffic_off_needs_the_traffic_token_and_the_host_can_be_masked() {
+    let _serial = SERIAL.lock().await;
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options.clone()).await;
+    let (status, created) = e2b(
+        &server,
+        reqwest::Method::POST,
+        "/sandboxes",
+        json!({"templateID": "base", "timeout": 300, "network": {
+            "allowPublicTraffic": false, "maskRequestHost": "${PORT}-app.internal"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"]
+        .as_str()
+        .expect("sandboxID")
+        .to_string();
+    let token = created["trafficAccessToken"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no traffic token: {created}"))
+        .to_string();
+    assert_eq!(sh(&server, &id, ECHO_HOST).await, "up");
+    let get = |header: Option<&str>| {
+        let mut rb = server
+            .http
+            .get(server.url("/"))
+            .header("Host", format!("8000-{id}.localhost"));
+        if let Some(t) = header {
+            rb = rb.header("e2b-traffic-access-token", t);
+        }
+        rb.send()
+    };
+    let resp = get(None).await.expect("request");
+    assert_eq!(resp.status(), 403);
+    let resp = get(Some("wrong")).await.expect("request");
+    assert_eq!(resp.status(), 403);
+    let resp = get(Some(&token)).await.expect("request");
+    assert_eq!(resp.status(), 200);
+    // Inside, the request carries the masked Host.
+    assert_eq!(resp.text().await.expect("body"), "8000-app.internal");
+    // The agent's port checks its own token: the data plane needs no traffic token.
+    let (status, v) = server.run(&id, "echo ok").await;
+    assert_eq!((status, v["stdout"].as_str()), (200, Some("ok\n")), "{v}");
+    // A sandbox that takes public traffic needs no token.
+    let open = server.create_sandbox(json!({"timeout": 300})).await;
+    assert_eq!(sh(&server, &open, ECHO_HOST).await, "up");
+    let resp = server
+        .http
+        .get(server.url("/"))
+        .header("Host", format!("8000-{open}.localhost"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+}

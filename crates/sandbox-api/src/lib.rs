@@ -213,6 +213,7 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/refreshes", post(control::refresh))
         .at("/sandboxes/:id/connect", post(control::connect))
         .at("/sandboxes/:id/pause", post(control::pause))
+        .at("/sandboxes/:id/network", poem::put(e2b::network::update))
         .at("/sandboxes/:id/resume", post(control::resume))
         .at("/sandboxes/:id/metrics", get(control::metrics))
         .at("/sandboxes/metrics", get(control::metrics_batch))

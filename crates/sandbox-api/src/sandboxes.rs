@@ -41,6 +41,44 @@ pub struct CreateSandboxRequest {
     pub memory_mb: Option<u64>,
     /// Disk quota in MiB over everything the sandbox writes; defaults to the server's.
     pub disk_mb: Option<u64>,
+    /// Egress rules: what the sandbox may reach beyond the server's default policy.
+    pub network: Option<NetworkRules>,
+}
+
+/// A sandbox's egress rules (E2B's `allowOut`/`denyOut`). Evaluated in E2B's order:
+/// private, loopback and link-local destinations are always denied; then an address in
+/// `allow_out` is allowed; an address in `deny_out` is denied; anything else is allowed.
+/// `deny_out: ["0.0.0.0/0"]` with `allow_out` makes an allowlist. New connections follow
+/// a change; established ones go on.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(example)]
+pub struct NetworkRules {
+    /// Addresses and CIDRs allowed whatever `deny_out` says.
+    #[oai(default)]
+    pub allow_out: Vec<String>,
+    /// Addresses and CIDRs denied.
+    #[oai(default)]
+    pub deny_out: Vec<String>,
+}
+
+impl poem_openapi::types::Example for NetworkRules {
+    fn example() -> Self {
+        NetworkRules {
+            allow_out: vec!["198.51.100.0/24".into()],
+            deny_out: vec!["0.0.0.0/0".into()],
+        }
+    }
+}
+
+impl NetworkRules {
+    fn config(self, internet: bool) -> sandbox_core::NetworkConfig {
+        sandbox_core::NetworkConfig {
+            allow_out: self.allow_out,
+            deny_out: self.deny_out,
+            internet,
+            ..Default::default()
+        }
+    }
 }
 
 impl poem_openapi::types::Example for CreateSandboxRequest {
@@ -58,6 +96,7 @@ impl poem_openapi::types::Example for CreateSandboxRequest {
             cpus: None,
             memory_mb: None,
             disk_mb: None,
+            network: None,
         }
     }
 }
@@ -200,6 +239,9 @@ impl SandboxApi {
             memory_mb: body.memory_mb,
             disk_mb: body.disk_mb,
             internet: body.internet.unwrap_or(true),
+            network: body
+                .network
+                .map(|n| n.config(body.internet.unwrap_or(true))),
             ..SandboxSpec::default()
         };
         let info = state.manager.create(spec).await?;
@@ -285,6 +327,64 @@ impl SandboxApi {
             .manager
             .set_timeout(&id, Duration::from_secs(body.0.timeout))?;
         Ok(Json(info.into()))
+    }
+
+    /// Get egress rules
+    ///
+    /// The sandbox's egress rules (empty lists when it has none). 404 when it does not
+    /// exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/network",
+        method = "get",
+        operation_id = "get_sandbox_network"
+    )]
+    async fn get_network(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+    ) -> Result<Json<NetworkRules>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        state.manager.info(&id)?;
+        let rules = state
+            .manager
+            .network(&id)
+            .map(|n| NetworkRules {
+                allow_out: n.config.allow_out,
+                deny_out: n.config.deny_out,
+            })
+            .unwrap_or_default();
+        Ok(Json(rules))
+    }
+
+    /// Replace egress rules
+    ///
+    /// Replaces the sandbox's egress rules whole; new connections follow them at once.
+    /// 422 for an entry that is not an address or CIDR, 404 when the sandbox does not
+    /// exist, 409 when it is paused, 501 when this host cannot enforce rules (no host
+    /// firewall, see `colima-e2b doctor`).
+    #[oai(
+        path = "/sandboxes/:sandbox_id/network",
+        method = "put",
+        operation_id = "set_sandbox_network"
+    )]
+    async fn set_network(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        body: Json<NetworkRules>,
+    ) -> Result<Json<NetworkRules>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let info = state.manager.info(&id)?;
+        let mut config = body.0.clone().config(true);
+        if let Some(before) = state.manager.network(&id) {
+            config.internet = before.config.internet;
+            config.allow_public_traffic = before.config.allow_public_traffic;
+            config.mask_request_host = before.config.mask_request_host;
+        } else {
+            config.internet = info.internet;
+        }
+        state.manager.set_network(&id, config).await?;
+        Ok(body)
     }
 }
 

@@ -41,4 +41,4 @@ pub use manager::{
     CommandLimits, ManagerConfig, ProxyTarget, RecoveryReport, SandboxManager, Vouch,
 };
 pub use template::Template;
-pub use types::{Limits, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+pub use types::{Limits, NetworkConfig, SandboxId, SandboxInfo, SandboxSpec, SandboxState};

@@ -207,6 +207,38 @@ pub struct SandboxSpec {
     /// Whether clients of the sandbox's agent must present its access token themselves
     /// (E2B's `secure`); otherwise the server's proxy adds it for them.
     pub secure: bool,
+    /// E2B's network config: egress rules and who may reach it; `None`: no rules.
+    pub network: Option<NetworkConfig>,
+}
+
+/// A sandbox's network configuration, as a client sets it at create or replaces it
+/// later (E2B's `network` object with `allow_internet_access`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkConfig {
+    /// Destinations allowed whatever `deny_out` says: addresses and CIDRs.
+    pub allow_out: Vec<String>,
+    /// Destinations denied: addresses and CIDRs (`0.0.0.0/0` makes an allowlist).
+    pub deny_out: Vec<String>,
+    /// `false` denies everything `allow_out` does not allow.
+    pub internet: bool,
+    /// `false`: host-routed requests to the sandbox need its traffic access token.
+    pub allow_public_traffic: bool,
+    /// The Host header requests routed to the sandbox carry inside (`${PORT}` is the
+    /// port); `None` keeps the client's.
+    pub mask_request_host: Option<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
+            internet: true,
+            allow_public_traffic: true,
+            mask_request_host: None,
+        }
+    }
 }
 
 impl Default for SandboxSpec {
@@ -222,6 +254,7 @@ impl Default for SandboxSpec {
             internet: true,
             user: None,
             secure: false,
+            network: None,
         }
     }
 }

@@ -123,7 +123,7 @@ pub(crate) async fn parse_body<T: for<'de> Deserialize<'de>>(body: Body) -> Resu
     })
 }
 
-fn parse_id(raw: &str) -> Result<SandboxId, Reject> {
+pub(crate) fn parse_id(raw: &str) -> Result<SandboxId, Reject> {
     raw.parse()
         .map_err(|_| reject(StatusCode::NOT_FOUND, format!("sandbox {raw} not found")))
 }
@@ -159,7 +159,7 @@ fn sandbox_json(state: &AppState, info: &SandboxInfo, token: Option<&str>) -> Va
         "alias": alias,
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
-        "trafficAccessToken": null,
+        "trafficAccessToken": state.manager.network(&info.id).and_then(|n| n.traffic_token),
         "domain": domain(state),
     });
     // Absent, not null: the SDK sends a token whenever the field is present.
@@ -233,6 +233,8 @@ struct NewSandbox {
     secure: Option<bool>,
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
+    #[serde(default)]
+    network: Option<super::network::CreateNetwork>,
 }
 
 /// `POST /sandboxes`: create a sandbox from a template; `secure` defaults to false.
@@ -257,11 +259,14 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     let timeout = timeout_secs(req.timeout, default)?;
     // E2B names templates by alias or id, optionally with a tag.
     let template = req.template_id.as_str();
+    let internet = req.allow_internet_access.unwrap_or(true);
+    let network = req.network.map(|n| n.config(internet)).transpose()?;
     let spec = SandboxSpec {
         metadata: req.metadata.unwrap_or_default(),
         envs: req.env_vars.unwrap_or_default(),
-        internet: req.allow_internet_access.unwrap_or(true),
+        internet,
         secure: v2 || req.secure.unwrap_or(false),
+        network,
         ..SandboxSpec::new(template, timeout)
     };
     let info = state.manager.create(spec).await.map_err(|e| match e {

@@ -10,6 +10,7 @@
 //!   reach that port inside the sandbox, HTTP and WebSocket alike.
 
 pub mod control;
+pub mod network;
 pub mod proxy;
 pub mod templates;
 

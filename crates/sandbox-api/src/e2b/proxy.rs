@@ -92,9 +92,74 @@ pub async fn route_by_host<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Res
         .and_then(|h| h.to_str().ok())
         .and_then(target_from_host);
     match (target, req.data::<AppState>().cloned()) {
-        (Some(target), Some(state)) => Ok(forward(&state, &target, req, true).await),
+        (Some(target), Some(state)) => {
+            let mut req = req;
+            if let Err(refused) = public_traffic(&state, &target, &mut req) {
+                return Ok(*refused);
+            }
+            Ok(forward(&state, &target, req, true).await)
+        }
         _ => next.call(req).await.map(IntoResponse::into_response),
     }
+}
+
+/// The header that carries a sandbox's traffic access token on host-routed requests.
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// The Host header a host-routed request carries inside (E2B's `maskRequestHost`).
+#[derive(Clone, Debug)]
+struct MaskedHost(HeaderValue);
+
+/// E2B's `allowPublicTraffic: false` and `maskRequestHost` for a request routed by its
+/// Host: without the sandbox's traffic token it is refused (403), except on the agent's
+/// and the code interpreter's ports, which check the sandbox's access token themselves;
+/// with a mask, the request carries the masked Host inside.
+fn public_traffic(
+    state: &AppState,
+    target: &Target,
+    req: &mut Request,
+) -> Result<(), Box<Response>> {
+    let Some(net) = target
+        .sandbox
+        .parse::<SandboxId>()
+        .ok()
+        .and_then(|id| state.manager.network(&id))
+    else {
+        return Ok(());
+    };
+    let own_auth = [
+        AGENT_PORT,
+        sandbox_core::agent::interpreter::INTERPRETER_PORT,
+    ];
+    if let Some(token) = net.traffic_token.as_deref() {
+        let sent = req
+            .headers()
+            .get(TRAFFIC_TOKEN_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !own_auth.contains(&target.port) && !envd_proto::signature::ct_eq(sent, token.as_bytes())
+        {
+            let message = if sent.is_empty() {
+                format!("sandbox {} takes no public traffic: send its traffic access token in {TRAFFIC_TOKEN_HEADER}", target.sandbox)
+            } else {
+                format!(
+                    "wrong {TRAFFIC_TOKEN_HEADER} for sandbox {}",
+                    target.sandbox
+                )
+            };
+            return Err(Box::new(
+                reject(StatusCode::FORBIDDEN, message).into_response(),
+            ));
+        }
+    }
+    if let Some(mask) = net.config.mask_request_host.as_deref() {
+        if let Ok(v) = HeaderValue::from_str(&sandbox_core::manager::masked_host(mask, target.port))
+        {
+            req.extensions_mut().insert(MaskedHost(v));
+        }
+    }
+    req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+    Ok(())
 }
 
 /// `ANY /e2b/envd/*`: the data plane routed by the `E2b-Sandbox-Id` header.
@@ -194,6 +259,9 @@ pub async fn forward(state: &AppState, target: &Target, mut req: Request, vouch:
         if !HOP_BY_HOP.contains(name) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if let Some(MaskedHost(host)) = req.extensions().get::<MaskedHost>() {
+        headers.insert(header::HOST, host.clone());
     }
     if let Some(token) = route.token.as_deref() {
         // Not secure: the server vouches for the client (E2B sends no token then).

@@ -241,7 +241,37 @@ impl SandboxManager {
     /// Refused with [`Error::ResourceExhausted`] when the sandbox limit is reached
     /// (creates in flight count) or the create waited for its turn too long. A failed
     /// create leaves no container behind.
-    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo> {
+    ///
+    /// A network config (`spec.network`) is checked before anything is created and in
+    /// force before this returns; a sandbox whose rules cannot be installed is removed.
+    pub async fn create(&self, mut spec: SandboxSpec) -> Result<SandboxInfo> {
+        let network = spec.network.take().map(|mut net| {
+            if !spec.internet {
+                // E2B's internet off with exceptions: an online sandbox that denies
+                // everything but `allowOut` (a sandbox on the offline network could
+                // reach nothing at all).
+                net.internet = false;
+                spec.internet = !net.allow_out.is_empty();
+            }
+            net
+        });
+        if let Some(net) = &network {
+            self.check_network(net, spec.internet)?;
+        }
+        let info = self.create_unconfigured(spec).await?;
+        if let Some(net) = network {
+            if let Err(e) = self.set_network(&info.id, net).await {
+                if let Err(k) = self.kill(&info.id).await {
+                    tracing::warn!(sandbox = %info.id, error = %k, "could not remove a sandbox whose network config failed");
+                }
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// [`SandboxManager::create`] without the network config.
+    async fn create_unconfigured(&self, spec: SandboxSpec) -> Result<SandboxInfo> {
         let resolved = self.resolve(&spec)?;
         if let Some(result) = self.claim(&spec, &resolved).await {
             return result;

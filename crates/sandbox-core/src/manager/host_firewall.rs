@@ -64,6 +64,7 @@ impl SandboxManager {
                 let Ok(networks) = manager.inner.backend.host_networks().await else {
                     continue; // the engine is down: nothing it runs can send anything
                 };
+                manager.keep_egress().await;
                 let firewall = manager.firewall();
                 let now = firewall.status(&networks).await;
                 if matches!(now, FirewallStatus::Active { .. }) {

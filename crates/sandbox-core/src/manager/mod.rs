@@ -23,6 +23,7 @@ mod create;
 mod deadlines;
 pub mod diagnosis;
 mod disk;
+mod egress;
 mod host_firewall;
 mod images;
 mod lifecycle;
@@ -52,6 +53,7 @@ use crate::types::{Limits, SandboxId, SandboxInfo, SandboxState};
 
 pub use agents::{ProxyTarget, Vouch};
 pub use commands::CommandLimits;
+pub use egress::{masked_host, SandboxNetwork};
 pub use metrics_history::{MetricSample, MetricsHistoryConfig};
 pub use pool::PoolConfig;
 pub use recovery::RecoveryReport;
@@ -217,6 +219,10 @@ struct Inner {
     logs: sandbox_logs::Logs,
     /// The host firewall, as last installed or checked (`None` before start).
     firewall: Mutex<Option<crate::network::FirewallStatus>>,
+    /// Sandboxes' network configs (E2B's `network`).
+    networks: egress::NetworkStore,
+    /// Serialises writes of the egress table.
+    egress_lock: tokio::sync::Mutex<()>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -249,6 +255,8 @@ impl SandboxManager {
         let deadlines = DeadlineStore::new(config.state_dir.as_ref().map(|d| d.join("deadlines")));
         let journal = CreateJournal::new(config.state_dir.as_ref().map(|d| d.join("creating")));
         let claims = pool::ClaimStore::new(config.state_dir.as_ref().map(|d| d.join("claims")));
+        let networks =
+            egress::NetworkStore::new(config.state_dir.as_ref().map(|d| d.join("network")));
         let mut builds = config.builds.clone();
         if builds.dir.is_none() {
             builds.dir = config.state_dir.as_ref().map(|d| d.join("templates"));
@@ -283,6 +291,8 @@ impl SandboxManager {
                 metrics_history: Default::default(),
                 logs: Default::default(),
                 firewall: Mutex::new(None),
+                networks,
+                egress_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -335,6 +345,10 @@ impl SandboxManager {
         self.inner.claims.forget(id);
         self.agents().remove(id);
         self.inner.metrics_history.forget(id);
+        if self.inner.networks.get(id).is_some() {
+            let (manager, id) = (self.clone(), id.clone());
+            tokio::spawn(async move { manager.forget_network(&id).await });
+        }
     }
 
     /// Lists sandboxes whose metadata contains every pair in `metadata`, oldest first.

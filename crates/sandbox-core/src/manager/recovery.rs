@@ -156,6 +156,7 @@ impl SandboxManager {
         }
         self.inner.deadlines.retain(&live);
         self.inner.claims.retain(&live);
+        self.restore_networks(&live).await;
         let (pooled, removed) = self.readopt_members(members).await;
         report.pooled = pooled;
         report.broken += removed;

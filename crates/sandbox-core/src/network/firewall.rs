@@ -123,7 +123,7 @@ fn table_name(interfaces: &[String]) -> String {
 }
 
 /// `{ a, b }`, or nothing for an empty set (nft refuses `elements = { }`).
-fn elements<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+pub(super) fn elements<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
     if items.is_empty() {
         String::new()
@@ -213,7 +213,7 @@ impl HostFirewall {
     }
 
     /// The resolvers sandboxes may query.
-    fn dns(&self) -> Vec<IpAddr> {
+    pub fn dns(&self) -> Vec<IpAddr> {
         self.config
             .dns_servers
             .clone()
@@ -321,6 +321,11 @@ impl HostFirewall {
     }
 }
 
+/// Whether table `name` of the inet family is installed.
+pub async fn table_exists(name: &str) -> bool {
+    nft(&["list", "table", "inet", name], None).await.is_ok()
+}
+
 /// The switches that send frames bridged between two ports of a bridge (one sandbox to
 /// another on the same network) through the IPv4 and IPv6 `forward` hooks.
 const BRIDGE_NF: &[&str] = &[
@@ -392,7 +397,7 @@ fn comment_interfaces(listing: &str) -> Vec<String> {
 }
 
 /// Runs `nft args` with `input` on its stdin; its stdout, or why it failed.
-async fn nft(args: &[&str], input: Option<&str>) -> Result<String, String> {
+pub(super) async fn nft(args: &[&str], input: Option<&str>) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new("nft");
     cmd.args(args)
         .stdin(if input.is_some() {

@@ -4,6 +4,8 @@
 //! machine's own addresses, off private, loopback and link-local destinations, and off
 //! every other sandbox, on whichever engine or network it runs.
 
+pub mod egress;
+pub mod egress_table;
 pub mod firewall;
 pub mod resolvers;
 

@@ -1,0 +1,375 @@
+//! Sandboxes' network configs (E2B's `network`): checked at create, replaced on a running
+//! sandbox (`update_network`), kept in the state directory (`network/`, one file per
+//! sandbox, so a restart rebuilds the rules) and enforced by this server's egress table
+//! ([`crate::network::egress_table`]), which is rewritten whenever a sandbox's rules
+//! change or it goes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{lock, SandboxManager};
+use crate::error::{Error, Result};
+use crate::labels;
+use crate::network::egress::EgressRules;
+use crate::network::egress_table::{self, SandboxRules};
+use crate::network::FirewallStatus;
+use crate::types::{NetworkConfig, SandboxId, SandboxState};
+
+/// What the server keeps of one sandbox's network config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNetwork {
+    /// The config as the client set it.
+    pub config: NetworkConfig,
+    /// The token host-routed requests must carry when public traffic is off.
+    pub traffic_token: Option<String>,
+    /// The sandbox's address its rules are keyed by (`None`: it has no egress rules).
+    pub addr: Option<Ipv4Addr>,
+}
+
+/// The network configs of this server's sandboxes, with the files that keep them.
+#[derive(Debug)]
+pub(super) struct NetworkStore {
+    dir: Option<PathBuf>,
+    configs: std::sync::Mutex<HashMap<SandboxId, SandboxNetwork>>,
+}
+
+impl NetworkStore {
+    pub(super) fn new(dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            configs: Default::default(),
+        }
+    }
+
+    fn path(&self, id: &SandboxId) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(id.as_str()))
+    }
+
+    fn save(&self, id: &SandboxId, net: &SandboxNetwork) -> Result<()> {
+        if let (Some(dir), Some(path)) = (self.dir.as_ref(), self.path(id)) {
+            let io = |e: std::io::Error| Error::backend("state", e);
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let tmp = path.with_extension("tmp");
+            let body = serde_json::to_vec(net).map_err(|e| Error::backend("state", e))?;
+            std::fs::write(&tmp, body).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        lock(&self.configs).insert(id.clone(), net.clone());
+        Ok(())
+    }
+
+    fn load(&self, id: &SandboxId) -> Option<SandboxNetwork> {
+        let raw = std::fs::read(self.path(id)?).ok()?;
+        serde_json::from_slice(&raw)
+            .inspect_err(|e| tracing::warn!(sandbox = %id, error = %e, "unreadable network config"))
+            .ok()
+    }
+
+    pub(super) fn get(&self, id: &SandboxId) -> Option<SandboxNetwork> {
+        lock(&self.configs).get(id).cloned()
+    }
+
+    /// Drops sandbox `id`'s config; whether it had egress rules.
+    pub(super) fn forget(&self, id: &SandboxId) -> bool {
+        if let Some(path) = self.path(id) {
+            let _ = std::fs::remove_file(path);
+        }
+        lock(&self.configs)
+            .remove(id)
+            .is_some_and(|n| n.addr.is_some())
+    }
+
+    /// Reads the configs of `live` sandboxes back and deletes the others' files.
+    pub(super) fn restore(&self, live: &HashSet<SandboxId>) {
+        let found: HashMap<_, _> = live
+            .iter()
+            .filter_map(|id| Some((id.clone(), self.load(id)?)))
+            .collect();
+        if let Some(dir) = &self.dir {
+            super::deadlines::retain_sandbox_files(dir, live);
+        }
+        *lock(&self.configs) = found;
+    }
+
+    /// The configs of the sandboxes that have egress rules.
+    fn keyed(&self) -> Vec<(SandboxId, SandboxNetwork)> {
+        lock(&self.configs)
+            .iter()
+            .filter(|(_, n)| n.addr.is_some())
+            .map(|(id, n)| (id.clone(), n.clone()))
+            .collect()
+    }
+
+    fn rules(&self) -> Vec<SandboxRules> {
+        let mut out: Vec<SandboxRules> = lock(&self.configs)
+            .values()
+            .filter_map(|n| {
+                Some(SandboxRules {
+                    addr: n.addr?,
+                    rules: parse(&n.config).ok()?,
+                })
+            })
+            .collect();
+        out.sort_by_key(|r| r.addr);
+        out
+    }
+}
+
+/// The egress rules of `config`, or why they cannot be enforced.
+fn parse(config: &NetworkConfig) -> Result<EgressRules> {
+    let rules = EgressRules::parse(&config.allow_out, &config.deny_out, config.internet)
+        .map_err(|e| Error::InvalidArgument(e.0))?;
+    if rules.has_domains() {
+        return Err(Error::Unsupported {
+            backend: "egress",
+            operation: "host names in allowOut (this server decides egress by address only; \
+                        list the addresses or CIDRs the names serve)",
+        });
+    }
+    Ok(rules)
+}
+
+impl SandboxManager {
+    /// Checks `config` before a sandbox is created with it (`online`: on a network
+    /// with a way out, where rules need enforcing).
+    pub(super) fn check_network(&self, config: &NetworkConfig, online: bool) -> Result<()> {
+        let rules = parse(config)?;
+        if online && !rules.is_open() {
+            self.egress_enforceable()?;
+        }
+        if let Some(mask) = &config.mask_request_host {
+            check_mask(mask)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this server can enforce egress rules: only through the host firewall.
+    fn egress_enforceable(&self) -> Result<()> {
+        match self.started_firewall_status() {
+            Some(FirewallStatus::Active { .. }) => Ok(()),
+            _ => Err(Error::Unsupported {
+                backend: "egress",
+                operation: "egress rules (allowOut/denyOut, internet off on a running \
+                            sandbox) without the host firewall, which is off or cannot be \
+                            installed here (see `colima-e2b doctor`)",
+            }),
+        }
+    }
+
+    /// Sets (at create) or replaces (E2B's `update_network`) sandbox `id`'s network
+    /// config; new connections follow it, established ones go on. Replacing keeps the
+    /// traffic token when public traffic stays off.
+    pub async fn set_network(
+        &self,
+        id: &SandboxId,
+        config: NetworkConfig,
+    ) -> Result<SandboxNetwork> {
+        let info = self.info(id)?;
+        let rules = parse(&config)?;
+        if let Some(mask) = &config.mask_request_host {
+            check_mask(mask)?;
+        }
+        if info.state == SandboxState::Paused && !rules.is_open() {
+            // Its address is only sure while it runs.
+            return Err(Error::Conflict(format!("sandbox {id} is paused")));
+        }
+        // A sandbox created without internet is on a network with no way out: rules
+        // can only deny more there, which changes nothing.
+        let addr = if rules.is_open() || !info.internet {
+            None
+        } else {
+            self.egress_enforceable()?;
+            Some(self.sandbox_ipv4(id).await?)
+        };
+        let before = self.inner.networks.get(id);
+        let traffic_token = if config.allow_public_traffic {
+            None
+        } else {
+            before
+                .as_ref()
+                .and_then(|b| b.traffic_token.clone())
+                .or_else(|| Some(crate::agent::binary::generate_secret()))
+        };
+        let net = SandboxNetwork {
+            config,
+            traffic_token,
+            addr,
+        };
+        let _apply = self.inner.egress_lock.lock().await;
+        self.inner.networks.save(id, &net)?;
+        if addr.is_some() || before.is_some_and(|b| b.addr.is_some()) {
+            if let Err(e) = self.apply_egress().await {
+                return Err(Error::backend(
+                    "egress",
+                    format!("installing sandbox {id}'s egress rules: {e}"),
+                ));
+            }
+        }
+        Ok(net)
+    }
+
+    /// Sandbox `id`'s network config, if it was given one.
+    pub fn network(&self, id: &SandboxId) -> Option<SandboxNetwork> {
+        self.inner.networks.get(id)
+    }
+
+    /// Drops what is kept of sandbox `id`'s network config and its rules.
+    pub(super) async fn forget_network(&self, id: &SandboxId) {
+        if self.inner.networks.forget(id) {
+            let _apply = self.inner.egress_lock.lock().await;
+            if let Err(e) = self.apply_egress().await {
+                tracing::warn!(sandbox = %id, error = %e, "could not remove a sandbox's egress rules");
+            }
+        }
+    }
+
+    /// Reads the network configs of the re-adopted sandboxes back and installs their
+    /// rules again (called by recovery, before anything runs).
+    pub(super) async fn restore_networks(&self, live: &HashSet<SandboxId>) {
+        self.inner.networks.restore(live);
+        // A container the engine restarted may have a new address.
+        for (id, mut net) in self.inner.networks.keyed() {
+            if let Ok(addr) = self.sandbox_ipv4(&id).await {
+                if net.addr != Some(addr) {
+                    net.addr = Some(addr);
+                    if let Err(e) = self.inner.networks.save(&id, &net) {
+                        tracing::warn!(sandbox = %id, error = %e, "could not keep a sandbox's new address");
+                    }
+                }
+            }
+        }
+        let _apply = self.inner.egress_lock.lock().await;
+        match self.apply_egress().await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "could not install the sandboxes' egress rules"),
+        }
+    }
+
+    /// Installs the egress table again if someone removed it (called by the firewall
+    /// keeper).
+    pub(super) async fn keep_egress(&self) {
+        let rules = self.inner.networks.rules();
+        if rules.is_empty() {
+            return;
+        }
+        let table = egress_table::table_name(&self.inner.config.owner);
+        if crate::network::firewall::table_exists(&table).await {
+            return;
+        }
+        let _apply = self.inner.egress_lock.lock().await;
+        match self.apply_egress().await {
+            Ok(()) => tracing::info!(table = %table, "the egress rules were gone; installed again"),
+            Err(e) => tracing::warn!(error = %e, "could not install the sandboxes' egress rules"),
+        }
+    }
+
+    /// Writes this server's egress table from the configs kept (hold `egress_lock`).
+    async fn apply_egress(&self) -> std::result::Result<(), String> {
+        let rules = self.inner.networks.rules();
+        if rules.is_empty()
+            && self
+                .started_firewall_status()
+                .is_none_or(|s| !matches!(s, FirewallStatus::Active { .. }))
+        {
+            return Ok(()); // no firewall, nothing was ever installed
+        }
+        let dns = crate::network::HostFirewall::new(self.inner.config.network.clone()).dns();
+        egress_table::apply(&self.inner.config.owner, &rules, &dns).await
+    }
+
+    /// Sandbox `id`'s IPv4 address on its network, as the host firewall sees its traffic.
+    async fn sandbox_ipv4(&self, id: &SandboxId) -> Result<Ipv4Addr> {
+        let addr = self
+            .inner
+            .backend
+            .agent_address(&labels::container_name(id), self.agent_port())
+            .await?;
+        match addr.addr.ip() {
+            IpAddr::V4(ip) if !ip.is_loopback() => Ok(ip),
+            _ => Err(Error::Unsupported {
+                backend: "egress",
+                operation: "egress rules for a sandbox reached through a published port \
+                            (its own address is not routable from this host)",
+            }),
+        }
+    }
+}
+
+/// Checks a `maskRequestHost`: a host (optionally with a port, `${PORT}` allowed).
+fn check_mask(mask: &str) -> Result<()> {
+    let plain = mask.replace("${PORT}", "1");
+    let ok = !plain.is_empty()
+        && plain.len() <= 253
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:_[]".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "maskRequestHost {mask:?} is not a host name (with an optional :port; ${{PORT}} \
+             stands for the port)"
+        )))
+    }
+}
+
+/// The Host header a request routed to `port` carries inside, under `mask`.
+pub fn masked_host(mask: &str, port: u16) -> String {
+    mask.replace("${PORT}", &port.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_name_a_host_and_take_the_port() {
+        assert!(check_mask("${PORT}-myapp.example.com").is_ok());
+        assert!(check_mask("localhost:${PORT}").is_ok());
+        assert!(check_mask("a b").is_err());
+        assert!(check_mask("x\r\nInjected: 1").is_err());
+        assert!(check_mask("").is_err());
+        assert_eq!(masked_host("${PORT}-app.test", 3000), "3000-app.test");
+    }
+
+    #[test]
+    fn host_names_in_allow_out_are_refused_as_unsupported() {
+        let config = NetworkConfig {
+            allow_out: vec!["example.com".into()],
+            ..Default::default()
+        };
+        assert!(matches!(parse(&config), Err(Error::Unsupported { .. })));
+        let config = NetworkConfig {
+            deny_out: vec!["example.com".into()],
+            ..Default::default()
+        };
+        assert!(matches!(parse(&config), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn configs_survive_a_restart_only_for_live_sandboxes() {
+        let dir = std::env::temp_dir().join(format!("colima-e2b-net-{}", SandboxId::generate()));
+        let store = NetworkStore::new(Some(dir.join("network")));
+        let (a, b) = (SandboxId::generate(), SandboxId::generate());
+        let net = SandboxNetwork {
+            config: NetworkConfig {
+                deny_out: vec!["0.0.0.0/0".into()],
+                ..Default::default()
+            },
+            traffic_token: Some("t".into()),
+            addr: Some("172.18.0.9".parse().expect("literal")),
+        };
+        store.save(&a, &net).expect("saved");
+        store.save(&b, &net).expect("saved");
+        let again = NetworkStore::new(Some(dir.join("network")));
+        again.restore(&HashSet::from([a.clone()]));
+        assert_eq!(again.get(&a), Some(net));
+        assert_eq!(again.get(&b), None);
+        assert!(!dir.join("network").join(b.as_str()).exists());
+        assert_eq!(again.rules().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
