@@ -3,7 +3,7 @@
 # the Python suite (tests/e2b/test_sdk.py and test_templates.py, the template-build API)
 # once per pinned `e2b` version (tests/e2b/requirements-<version>.txt) and the JS tests
 # (tests/e2b/js, npm `e2b` and `@e2b/code-interpreter`): smoke.mjs, templates.mjs,
-# parity.mjs, parity_files.mjs, code_interpreter.mjs.
+# parity.mjs, parity_files.mjs, code_interpreter.mjs, network.mjs.
 #
 #   deploy/e2b-tests.sh [docker|podman]
 #
@@ -255,7 +255,7 @@ done
 
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
-  for js in smoke templates parity parity_files code_interpreter; do
+  for js in smoke templates parity parity_files code_interpreter network; do
     step "JS SDK e2b@$jsver: tests/e2b/js/$js.mjs"
     if (cd tests/e2b/js && node "$js.mjs"); then
       results+=("PASS js e2b@$jsver $js")

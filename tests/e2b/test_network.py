@@ -7,8 +7,9 @@ by tests/tests/network_policy.rs).
 Coverage (test -> behaviour)
   test_egress_rules_at_create_and_update    network={"allow_out", "deny_out"} creates;
                                             update_network (instance and class method)
-                                            answers, replacing the rules; 4xx/501 for
-                                            what cannot be an address rule
+                                            answers, replacing the rules, host names
+                                            and wildcards included; 400 for what cannot
+                                            be a rule, 501 for egress_proxy
   test_public_traffic_off_needs_the_token   allow_public_traffic=False: the sandbox's
                                             traffic_access_token, required on get_host()
                                             traffic as e2b-traffic-access-token; the
@@ -39,14 +40,19 @@ def test_egress_rules_at_create_and_update():
         sbx.update_network({"deny_out": ["0.0.0.0/0"], "allow_out": ["198.51.100.0/24"]})
         Sandbox.update_network(sbx.sandbox_id, {})
         sbx.update_network({"allow_internet_access": False})
-        # A host name in deny_out is the client's mistake; one in allow_out needs the
-        # egress proxy, which this server does not have (501).
+        # Host names and wildcards go in allow_out (decided by the egress proxy); one in
+        # deny_out is the client's mistake, and so is what is neither.
+        sbx.update_network({"allow_out": ["api.example.com", "*.cdn.example.com"], "deny_out": ["0.0.0.0/0"]})
         with pytest.raises(Exception) as bad:
             sbx.update_network({"deny_out": ["example.com"]})
         assert "denyOut" in str(bad.value), bad.value
+        with pytest.raises(Exception) as bad:
+            sbx.update_network({"allow_out": ["http://not a host"]})
+        assert "not an address" in str(bad.value), bad.value
+        # What this server cannot do is said, not ignored.
         with pytest.raises(Exception) as unsupported:
-            sbx.update_network({"allow_out": ["api.example.com"]})
-        assert "host names" in str(unsupported.value), unsupported.value
+            sbx.update_network({"egress_proxy": {"address": "198.51.100.10:1080"}})
+        assert "not supported" in str(unsupported.value), unsupported.value
         # Still running and usable after the refused updates.
         assert sbx.commands.run("echo still").stdout == "still\n"
     finally:

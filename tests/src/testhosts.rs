@@ -32,6 +32,19 @@ pub const METADATA: &str = "169.254.169.254";
 pub const TCP_PORT: u16 = 8080;
 /// UDP ports the test hosts listen on (443: QUIC, which must be dropped; 8443 not).
 pub const UDP_PORTS: [u16; 2] = [443, 8443];
+/// TCP ports of the web (HTTP, TLS) the test hosts listen on too: what the egress proxy
+/// decides by name.
+pub const WEB_PORTS: [u16; 2] = [80, 443];
+/// Where the test hosts' DNS server answers (port 53).
+pub const DNS: &str = PRIVATE;
+/// Test names and what the DNS server answers for them (a name also answers for every
+/// name below it).
+pub const NAMES: [(&str, &str); 4] = [
+    ("allowed.ce2b.test", PUBLIC),
+    ("other.ce2b.test", PUBLIC_2),
+    ("wild.ce2b.test", PUBLIC),
+    ("private.ce2b.test", PRIVATE),
+];
 
 /// Records connections and datagrams: `tcp|udp <local addr> <local port> <peer addr>`.
 const LISTENER: &str = r#"
@@ -165,6 +178,7 @@ impl Drop for Listener {
 /// The namespace with the test hosts' addresses and their listener.
 pub struct TestHosts {
     listener: Option<Listener>,
+    dns: Option<Child>,
 }
 
 fn ip(args: &[&str]) -> Result<String, String> {
@@ -239,9 +253,12 @@ impl TestHosts {
                 "{dest} is not routed to the test namespace: {route}"
             );
         }
-        let listener = Listener::start(Some(NS), &[TCP_PORT], &UDP_PORTS);
+        let mut ports = vec![TCP_PORT];
+        ports.extend(WEB_PORTS);
+        let listener = Listener::start(Some(NS), &ports, &UDP_PORTS);
         Self {
             listener: Some(listener),
+            dns: Some(start_dns()),
         }
     }
 
@@ -254,9 +271,67 @@ impl TestHosts {
     }
 }
 
+/// Starts dnsmasq in the namespace on [`DNS`], answering [`NAMES`] and nothing else.
+fn start_dns() -> Child {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        NS,
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+    ])
+    .args([
+        "--no-hosts",
+        "--bind-interfaces",
+        "--port=53",
+        "--user=root",
+    ])
+    .args(["--pid-file=".to_string(), format!("--listen-address={DNS}")]);
+    for (name, addr) in NAMES {
+        cmd.arg(format!("--address=/{name}/{addr}"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dnsmasq (install dnsmasq-base: deploy/test.sh does)");
+    // Answers once it listens.
+    for _ in 0..100 {
+        let probe = Command::new("ip")
+            .args(["netns", "exec", NS, "python3", "-c", DNS_PROBE, DNS])
+            .output()
+            .expect("python3");
+        if probe.status.success() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the test hosts' DNS server did not answer");
+}
+
+/// Asks the DNS server at argv[1] for allowed.ce2b.test's A record; exit 0 on an answer.
+const DNS_PROBE: &str = r#"
+import socket, struct, sys
+q = struct.pack(">HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"".join(
+    bytes([len(p)]) + p.encode() for p in "allowed.ce2b.test".split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+s.sendto(q, (sys.argv[1], 53))
+data = s.recv(512)
+sys.exit(0 if struct.unpack(">H", data[6:8])[0] > 0 else 1)
+"#;
+
 impl Drop for TestHosts {
     fn drop(&mut self) {
         self.listener.take();
+        if let Some(mut dns) = self.dns.take() {
+            let _ = dns.kill();
+            let _ = dns.wait();
+        }
         teardown();
     }
 }

@@ -533,7 +533,6 @@ async fn e2b_egress_rules_decide_new_connections_are_replaced_whole_and_outlive_
     for (body, want) in [
         (json!({"denyOut": ["example.com"]}), 400),
         (json!({"allowOut": ["not an address"]}), 400),
-        (json!({"allowOut": ["api.example.com"]}), 501),
         (
             json!({"egressProxy": {"address": "198.51.100.10:1080"}}),
             501,
@@ -662,4 +661,156 @@ async fn public_traffic_off_needs_the_traffic_token_and_the_host_can_be_masked()
         .await
         .expect("request");
     assert_eq!(resp.status(), 200);
+}
+
+/// From inside a sandbox: for each `[kind, address, port, name]`, an HTTP GET with
+/// `Host: name` ("http") or a TLS ClientHello naming `name` ("tls") sent to
+/// `address:port`. Prints one JSON list: the first line the far end answered (the test
+/// hosts answer "hello-from-test-host"; the egress proxy "HTTP/1.1 403 Forbidden"), or
+/// "closed" / "refused" / "timeout" / the error.
+const NAMED: &str = r#"
+import json, socket, ssl, sys
+out = []
+for kind, addr, port, name in json.loads(sys.argv[1]):
+    try:
+        s = socket.create_connection((addr, port), timeout=5)
+        if kind == "http":
+            s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % name).encode())
+            line = s.makefile("rb").readline().decode(errors="replace").strip()
+        else:
+            ctx = ssl.create_default_context()
+            tls = ctx.wrap_socket(s, server_hostname=name, do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+                line = "handshake"
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                line = "closed"
+            except ssl.SSLError as e:
+                # The test host answers plain text: a handshake that got it was proxied.
+                line = "not-tls" if "WRONG_VERSION" in str(e) or "record" in str(e).lower() else "ssl: %s" % e
+            except (ConnectionResetError, BrokenPipeError):
+                line = "closed"
+            except socket.timeout:
+                line = "timeout"
+        out.append(line or "closed")
+    except socket.timeout:
+        out.append("timeout")
+    except ConnectionRefusedError:
+        out.append("refused")
+    except OSError as e:
+        out.append("error: %s" % e)
+print(json.dumps(out))
+"#;
+
+async fn named(server: &Server, id: &str, targets: &[(&str, &str, u16, &str)]) -> Vec<String> {
+    let list = serde_json::to_string(
+        &targets
+            .iter()
+            .map(|(k, a, p, n)| json!([k, a, p, n]))
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    let cmd = format!("python3 -c '{}' '{}'", NAMED.replace('\'', "'\\''"), list);
+    let out = sh(server, id, &cmd).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test]
+async fn host_names_in_allow_out_are_decided_by_sni_and_host_and_dialled_by_the_proxy() {
+    use testhosts::{PUBLIC, PUBLIC_2};
+    let _serial = SERIAL.lock().await;
+    let hosts = TestHosts::start();
+    let options = ServerOptions::new().env(
+        "COLIMA_E2B_NETWORK__EGRESS_RESOLVERS",
+        &format!("[\"{}\"]", testhosts::DNS),
+    );
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options.clone()).await;
+    assert!(
+        server.log().contains("egress proxy listening"),
+        "{}",
+        server.log()
+    );
+    let (status, created) = e2b(
+        &server,
+        reqwest::Method::POST,
+        "/sandboxes",
+        json!({"templateID": "base", "timeout": 300, "network": {
+            "allowOut": ["allowed.ce2b.test", "*.wild.ce2b.test", "private.ce2b.test"],
+            "denyOut": ["0.0.0.0/0"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"]
+        .as_str()
+        .expect("sandboxID")
+        .to_string();
+    const HELLO: &str = "hello-from-test-host";
+    const REFUSED: &str = "HTTP/1.1 403 Forbidden";
+    // Dialled at PUBLIC_2 (denied) with an allowed Host: the proxy dials the name
+    // (PUBLIC), whatever address the sandbox used.
+    let got = named(
+        &server,
+        &id,
+        &[
+            ("http", PUBLIC_2, 80, "allowed.ce2b.test"),
+            ("http", PUBLIC_2, 80, "other.ce2b.test"),
+            ("http", PUBLIC_2, 80, "a.b.wild.ce2b.test"),
+            ("http", PUBLIC_2, 80, "wild.ce2b.test"),
+            ("http", PUBLIC_2, 80, "private.ce2b.test"),
+            ("http", PUBLIC_2, 80, "unknown.ce2b.test"),
+            ("tls", PUBLIC_2, 443, "allowed.ce2b.test"),
+            ("tls", PUBLIC_2, 443, "other.ce2b.test"),
+        ],
+    )
+    .await;
+    assert_eq!(got[0], HELLO, "an allowed Host: {got:?}");
+    assert_eq!(got[1], REFUSED, "a Host not allowed: {got:?}");
+    assert_eq!(got[2], HELLO, "below a wildcard: {got:?}");
+    assert_eq!(got[3], REFUSED, "the wildcard's own name: {got:?}");
+    assert_eq!(
+        got[4], REFUSED,
+        "an allowed name resolving to a private address: {got:?}"
+    );
+    assert_eq!(got[5], REFUSED, "a name that does not resolve: {got:?}");
+    assert_eq!(
+        got[6], "not-tls",
+        "an allowed SNI reached the test host: {got:?}"
+    );
+    assert_eq!(got[7], "closed", "an SNI not allowed: {got:?}");
+    // Everything that arrived came from this host (the proxy) to PUBLIC: the HTTP
+    // requests for the allowed and wildcard names and the allowed ClientHello.
+    let arrivals = settle(|| hosts.arrivals(), 3).await;
+    assert_eq!(arrived_at(&arrivals, "tcp", PUBLIC, 80), 2, "{arrivals:?}");
+    assert_eq!(arrived_at(&arrivals, "tcp", PUBLIC, 443), 1, "{arrivals:?}");
+    assert_eq!(arrivals.len(), 3, "refused traffic arrived: {arrivals:?}");
+    // Other ports follow the address rules only: denied.
+    assert_eq!(reach_public(&server, &id).await, ["refused", "refused"]);
+
+    // Replaced by address rules only: no proxy any more, the sandbox's own address goes.
+    let path = format!("/sandboxes/{id}/network");
+    let (status, v) = e2b(
+        &server,
+        reqwest::Method::PUT,
+        &path,
+        json!({"allowOut": [PUBLIC_2], "denyOut": ["0.0.0.0/0"]}),
+    )
+    .await;
+    assert_eq!(status, 204, "{v}");
+    let got = named(
+        &server,
+        &id,
+        &[
+            ("http", PUBLIC_2, 80, "other.ce2b.test"),
+            ("http", PUBLIC, 80, "allowed.ce2b.test"),
+        ],
+    )
+    .await;
+    assert_eq!(got, [HELLO, "refused"]);
+    let arrivals = settle(|| hosts.arrivals(), 4).await;
+    assert_eq!(
+        arrived_at(&arrivals, "tcp", PUBLIC_2, 80),
+        1,
+        "{arrivals:?}"
+    );
 }

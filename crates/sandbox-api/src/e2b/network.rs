@@ -2,10 +2,10 @@
 //! `PUT /sandboxes/{id}/network` (the SDK's `update_network`), mapped onto the core's
 //! [`NetworkConfig`].
 //!
-//! Taken: `allowOut` (addresses and CIDRs), `denyOut`, `allow_internet_access`,
-//! `allowPublicTraffic`, `maskRequestHost`. `dnsServers` is accepted and changes
-//! nothing: sandboxes always reach the resolvers their engine gives them. Refused with
-//! 501, since this server cannot honour them: host names in `allowOut`, `egressProxy`,
+//! Taken: `allowOut` (addresses, CIDRs, host names and `*.` wildcards), `denyOut`,
+//! `allow_internet_access`, `allowPublicTraffic`, `maskRequestHost`. `dnsServers` is
+//! accepted and changes nothing: sandboxes always reach the resolvers their engine gives
+//! them. Refused with 501, since this server cannot honour them: `egressProxy`,
 //! header-injecting `rules` and `httpsPorts`.
 
 use poem::http::StatusCode;

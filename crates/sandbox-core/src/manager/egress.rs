@@ -14,6 +14,7 @@ use super::{lock, SandboxManager};
 use crate::error::{Error, Result};
 use crate::labels;
 use crate::network::egress::EgressRules;
+use crate::network::egress_proxy::{EgressProxy, Resolver};
 use crate::network::egress_table::{self, SandboxRules};
 use crate::network::FirewallStatus;
 use crate::types::{NetworkConfig, SandboxId, SandboxState};
@@ -109,7 +110,7 @@ impl NetworkStore {
             .filter_map(|n| {
                 Some(SandboxRules {
                     addr: n.addr?,
-                    rules: parse(&n.config).ok()?,
+                    rules: parse(&n.config, true).ok()?,
                 })
             })
             .collect();
@@ -118,15 +119,16 @@ impl NetworkStore {
     }
 }
 
-/// The egress rules of `config`, or why they cannot be enforced.
-fn parse(config: &NetworkConfig) -> Result<EgressRules> {
+/// The egress rules of `config`, or why they cannot be enforced (`proxy`: whether the
+/// egress proxy runs, which host names need).
+fn parse(config: &NetworkConfig, proxy: bool) -> Result<EgressRules> {
     let rules = EgressRules::parse(&config.allow_out, &config.deny_out, config.internet)
         .map_err(|e| Error::InvalidArgument(e.0))?;
-    if rules.has_domains() {
+    if rules.has_domains() && !proxy {
         return Err(Error::Unsupported {
             backend: "egress",
-            operation: "host names in allowOut (this server decides egress by address only; \
-                        list the addresses or CIDRs the names serve)",
+            operation: "host names in allowOut without the egress proxy, which runs only \
+                        with the host firewall (see `colima-e2b doctor`)",
         });
     }
     Ok(rules)
@@ -136,7 +138,7 @@ impl SandboxManager {
     /// Checks `config` before a sandbox is created with it (`online`: on a network
     /// with a way out, where rules need enforcing).
     pub(super) fn check_network(&self, config: &NetworkConfig, online: bool) -> Result<()> {
-        let rules = parse(config)?;
+        let rules = parse(config, self.proxy_port().is_some())?;
         if online && !rules.is_open() {
             self.egress_enforceable()?;
         }
@@ -168,7 +170,7 @@ impl SandboxManager {
         config: NetworkConfig,
     ) -> Result<SandboxNetwork> {
         let info = self.info(id)?;
-        let rules = parse(&config)?;
+        let rules = parse(&config, self.proxy_port().is_some())?;
         if let Some(mask) = &config.mask_request_host {
             check_mask(mask)?;
         }
@@ -266,9 +268,51 @@ impl SandboxManager {
         }
     }
 
+    /// Starts the egress proxy, where the host firewall is active (before recovery
+    /// installs the re-adopted sandboxes' rules).
+    pub(super) async fn start_egress_proxy(&self) {
+        if !matches!(
+            self.started_firewall_status(),
+            Some(FirewallStatus::Active { .. })
+        ) {
+            return;
+        }
+        let network = &self.inner.config.network;
+        let resolver = Resolver::new(&network.egress_resolvers);
+        match EgressProxy::start(
+            self.inner.proxied.clone(),
+            resolver,
+            network.allow_private.clone(),
+        )
+        .await
+        {
+            Ok(proxy) => {
+                tracing::info!(
+                    port = proxy.port(),
+                    "egress proxy listening (host names in allowOut)"
+                );
+                let _ = self.inner.egress_proxy.set(proxy);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "egress proxy not started: host names in allowOut are refused")
+            }
+        }
+    }
+
+    fn proxy_port(&self) -> Option<u16> {
+        self.inner.egress_proxy.get().map(EgressProxy::port)
+    }
+
     /// Writes this server's egress table from the configs kept (hold `egress_lock`).
     async fn apply_egress(&self) -> std::result::Result<(), String> {
         let rules = self.inner.networks.rules();
+        if let Ok(mut proxied) = self.inner.proxied.write() {
+            *proxied = rules
+                .iter()
+                .filter(|r| r.rules.has_domains())
+                .map(|r| (r.addr, r.rules.clone()))
+                .collect();
+        }
         if rules.is_empty()
             && self
                 .started_firewall_status()
@@ -277,7 +321,7 @@ impl SandboxManager {
             return Ok(()); // no firewall, nothing was ever installed
         }
         let dns = crate::network::HostFirewall::new(self.inner.config.network.clone()).dns();
-        egress_table::apply(&self.inner.config.owner, &rules, &dns).await
+        egress_table::apply(&self.inner.config.owner, &rules, &dns, self.proxy_port()).await
     }
 
     /// Sandbox `id`'s IPv4 address on its network, as the host firewall sees its traffic.
@@ -336,17 +380,24 @@ mod tests {
     }
 
     #[test]
-    fn host_names_in_allow_out_are_refused_as_unsupported() {
+    fn host_names_in_allow_out_need_the_proxy() {
         let config = NetworkConfig {
             allow_out: vec!["example.com".into()],
             ..Default::default()
         };
-        assert!(matches!(parse(&config), Err(Error::Unsupported { .. })));
+        assert!(matches!(
+            parse(&config, false),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(parse(&config, true).is_ok());
         let config = NetworkConfig {
             deny_out: vec!["example.com".into()],
             ..Default::default()
         };
-        assert!(matches!(parse(&config), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            parse(&config, true),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -223,6 +223,10 @@ struct Inner {
     networks: egress::NetworkStore,
     /// Serialises writes of the egress table.
     egress_lock: tokio::sync::Mutex<()>,
+    /// The egress proxy, once started (see `start`).
+    egress_proxy: std::sync::OnceLock<crate::network::egress_proxy::EgressProxy>,
+    /// The rules the proxy decides by, for the sandboxes whose rules name hosts.
+    proxied: crate::network::egress_proxy::ProxiedRules,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -293,6 +297,8 @@ impl SandboxManager {
                 firewall: Mutex::new(None),
                 networks,
                 egress_lock: tokio::sync::Mutex::new(()),
+                egress_proxy: std::sync::OnceLock::new(),
+                proxied: Default::default(),
             }),
         }
     }
@@ -319,6 +325,7 @@ impl SandboxManager {
         *lock(&self.inner.host) = Some(info);
         // Before any sandbox is re-adopted or created.
         self.install_firewall().await?;
+        self.start_egress_proxy().await;
         let report = self.recover().await?;
         let interrupted = std::mem::take(&mut *lock(&self.inner.interrupted_builds));
         for image in interrupted {

@@ -34,6 +34,10 @@ pub struct SandboxRules {
     pub rules: EgressRules,
 }
 
+/// TCP ports whose connections a sandbox with host names in its rules makes through the
+/// egress proxy (TLS and plain HTTP).
+pub const PROXIED_PORTS: [u16; 2] = [80, 443];
+
 /// The egress table's name for server `owner`.
 pub fn table_name(owner: &str) -> String {
     let digest = Sha256::digest(owner.as_bytes());
@@ -42,19 +46,41 @@ pub fn table_name(owner: &str) -> String {
 }
 
 /// The IPv4 networks of `nets` (IPv6 never leaves a sandbox network: the host
-/// firewall drops it).
+/// firewall drops it), overlaps and neighbours merged: nft refuses an interval set
+/// whose elements overlap.
 fn v4(nets: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
-    nets.into_iter()
+    let v4: Vec<IpNet> = nets
+        .into_iter()
         .filter(|n| matches!(n, IpNet::V4(_)))
-        .collect()
+        .collect();
+    IpNet::aggregate(&v4)
 }
 
 /// The `nft -f` script that replaces server `owner`'s table with `sandboxes`' rules,
-/// `dns` being the resolvers that stay reachable.
-pub fn script(owner: &str, sandboxes: &[SandboxRules], dns: &[IpAddr]) -> String {
+/// `dns` being the resolvers that stay reachable; TCP 80/443 of sandboxes whose rules
+/// name hosts go to the egress proxy on `proxy_port`.
+pub fn script(
+    owner: &str,
+    sandboxes: &[SandboxRules],
+    dns: &[IpAddr],
+    proxy_port: Option<u16>,
+) -> String {
     let table = table_name(owner);
     let mut chains = String::new();
     let mut verdicts = Vec::new();
+    let proxied: Vec<Ipv4Addr> = sandboxes
+        .iter()
+        .filter(|s| s.rules.has_domains())
+        .map(|s| s.addr)
+        .collect();
+    let redirect = match proxy_port {
+        Some(port) if !proxied.is_empty() => format!(
+            "  chain to_proxy {{\n    type nat hook prerouting priority dstnat - 5; policy accept;\n    ip saddr {{ {} }} tcp dport {{ {} }} redirect to :{port}\n  }}\n",
+            proxied.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+            PROXIED_PORTS.map(|p| p.to_string()).join(", "),
+        ),
+        _ => String::new(),
+    };
     for (n, s) in sandboxes.iter().enumerate() {
         let chain = format!("sandbox_{n}");
         let allowed = v4(s.rules.allowed_nets().copied());
@@ -90,7 +116,7 @@ table inet {table} {{
     meta l4proto {{ tcp, udp }} th dport 53 ip daddr @dns4 accept
     ip saddr vmap @sandboxes
   }}
-}}
+{redirect}}}
 "#
     )
 }
@@ -103,21 +129,36 @@ fn join(nets: &[IpNet]) -> String {
 }
 
 /// Installs server `owner`'s table for `sandboxes`, or deletes it when there are none.
-pub async fn apply(owner: &str, sandboxes: &[SandboxRules], dns: &[IpAddr]) -> Result<(), String> {
+pub async fn apply(
+    owner: &str,
+    sandboxes: &[SandboxRules],
+    dns: &[IpAddr],
+    proxy_port: Option<u16>,
+) -> Result<(), String> {
     if sandboxes.is_empty() {
         let table = table_name(owner);
         // Creating it first makes the delete succeed whether or not it existed.
         let script = format!("table inet {table} {{}}\ndelete table inet {table}\n");
         return nft(&["-f", "-"], Some(&script)).await.map(drop);
     }
-    nft(&["-f", "-"], Some(&script(owner, sandboxes, dns)))
-        .await
-        .map(drop)
+    nft(
+        &["-f", "-"],
+        Some(&script(owner, sandboxes, dns, proxy_port)),
+    )
+    .await
+    .map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(addr: &str, rules: EgressRules) -> SandboxRules {
+        SandboxRules {
+            addr: addr.parse().expect("literal"),
+            rules,
+        }
+    }
 
     fn rules(allow: &[&str], deny: &[&str], internet: bool) -> EgressRules {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -127,17 +168,14 @@ mod tests {
     #[test]
     fn each_sandbox_gets_a_chain_picked_by_its_address() {
         let sandboxes = [
-            SandboxRules {
-                addr: "172.18.0.5".parse().expect("literal"),
-                rules: rules(&["198.51.100.10"], &["198.51.100.0/24"], true),
-            },
-            SandboxRules {
-                addr: "172.18.0.6".parse().expect("literal"),
-                rules: rules(&[], &[], false),
-            },
+            at(
+                "172.18.0.5",
+                rules(&["198.51.100.10"], &["198.51.100.0/24"], true),
+            ),
+            at("172.18.0.6", rules(&[], &[], false)),
         ];
         let dns = ["10.255.255.53".parse().expect("literal")];
-        let s = script("srv-1", &sandboxes, &dns);
+        let s = script("srv-1", &sandboxes, &dns, Some(40123));
         assert!(s.starts_with(&format!("table inet {} {{}}", table_name("srv-1"))));
         assert!(
             s.contains("172.18.0.5 : jump sandbox_0, 172.18.0.6 : jump sandbox_1"),
@@ -156,6 +194,46 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("priority filter - 5"), "{s}");
+        // No host names: nothing goes to the proxy.
+        assert!(!s.contains("redirect"), "{s}");
+    }
+
+    #[test]
+    fn sandboxes_whose_rules_name_hosts_go_through_the_proxy() {
+        let sandboxes = [
+            at(
+                "172.18.0.5",
+                rules(&["api.example.com"], &["0.0.0.0/0"], true),
+            ),
+            at("172.18.0.6", rules(&["198.51.100.1"], &["0.0.0.0/0"], true)),
+        ];
+        let s = script("srv-1", &sandboxes, &[], Some(40123));
+        assert!(
+            s.contains("ip saddr { 172.18.0.5 } tcp dport { 80, 443 } redirect to :40123"),
+            "{s}"
+        );
+        assert!(s.contains("priority dstnat - 5"), "{s}");
+        assert!(!script("srv-1", &sandboxes, &[], None).contains("redirect"));
+    }
+
+    #[test]
+    fn overlapping_and_repeated_entries_are_merged() {
+        let sandboxes = [at(
+            "172.18.0.5",
+            rules(
+                &[
+                    "198.51.100.0/24",
+                    "198.51.100.10",
+                    "198.51.100.10",
+                    "198.51.101.0/24",
+                ],
+                &["0.0.0.0/0", "10.0.0.0/8"],
+                true,
+            ),
+        )];
+        let s = script("srv-1", &sandboxes, &[], None);
+        assert!(s.contains("ip daddr { 198.51.100.0/23 } accept"), "{s}");
+        assert!(s.contains("ip daddr { 0.0.0.0/0 } meta l4proto tcp"), "{s}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Traffic a sandbox sends enters this kernel through its network's bridge. From there:
 //! - to this host's own addresses (the bridge gateways, every other interface, IPv4 and
-//!   IPv6): dropped, except DNS to the resolvers containers are given and the TCP ports
-//!   `allow_host_ports` names (the `input` hook);
+//!   IPv6): dropped, except DNS to the resolvers containers are given, the TCP ports
+//!   `allow_host_ports` names, and TCP 80/443 redirected to the egress proxy by a
+//!   server's egress table (the `input` hook);
 //! - to another sandbox, on the same bridge or on another sandbox network: dropped
 //!   (bridged frames reach the `forward` hook through `br_netfilter`, which the firewall
 //!   turns on; `nft`'s own bridge family cannot name a bridge on kernels without
@@ -84,6 +85,9 @@ pub struct FirewallConfig {
     /// Resolvers sandboxes may query on port 53; default: this host's nameservers (what
     /// the engines give containers).
     pub dns_servers: Option<Vec<IpAddr>>,
+    /// DNS servers the egress proxy resolves allowed host names with; default: this
+    /// host's resolver (`/etc/hosts`, `/etc/resolv.conf`).
+    pub egress_resolvers: Vec<IpAddr>,
 }
 
 /// What the firewall does right now.
@@ -168,6 +172,7 @@ table inet {table} {{
   }}
   chain to_host {{
     ct state established,related accept
+    meta l4proto tcp ct status dnat ct original proto-dst {{ 80, 443 }} accept
     meta l4proto {{ tcp, udp }} th dport 53 ip daddr @dns4 accept
     tcp dport @host_ports accept
     counter drop

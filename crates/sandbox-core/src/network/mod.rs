@@ -5,6 +5,7 @@
 //! every other sandbox, on whichever engine or network it runs.
 
 pub mod egress;
+pub mod egress_proxy;
 pub mod egress_table;
 pub mod firewall;
 pub mod resolvers;
