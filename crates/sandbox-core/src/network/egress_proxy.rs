@@ -11,7 +11,7 @@
 //! dialled does not count. Without a name, the original destination is decided by the
 //! address rules. What is refused is closed (an HTTP request gets a 403 saying why).
 //! An allowed connection is spliced both ways until either side closes; the proxy holds
-//! at most [`MAX_PEEK`] bytes of it, once.
+//! at most [`MAX_PEEK`] bytes of it, once, then two buffers of [`COPY_BUFFER`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -31,7 +31,10 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialling a destination may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections proxied at once; more wait for a place.
-const MAX_CONNECTIONS: usize = 4096;
+const MAX_CONNECTIONS: usize = 1024;
+/// Buffer of each direction of a proxied connection: with [`MAX_CONNECTIONS`], the
+/// proxy's copies hold at most 64 MiB.
+pub const COPY_BUFFER: usize = 32 * 1024;
 
 /// The rules of the sandboxes whose connections come through the proxy, by address.
 pub type ProxiedRules = Arc<RwLock<HashMap<Ipv4Addr, EgressRules>>>;
@@ -294,7 +297,13 @@ impl Context {
             return;
         }
         drop(first);
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let _ = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await;
     }
 
     /// The first address of `name` the rules allow it to reach on `port`.
