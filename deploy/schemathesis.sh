@@ -51,6 +51,9 @@ cleanup() {
     # shellcheck disable=SC2086
     engine_cli rm -f $ids >/dev/null 2>&1 || true
   fi
+  # Its sandboxes' egress rules: a server keeps them through a stop and drops them at
+  # its next start, which this owner never has (sandbox_core::network::egress_table).
+  nft delete table inet "colima_e2b_egress_$(printf %s "$owner" | sha256sum | cut -c1-10)" 2>/dev/null || true
   if [ "$rc" -ne 0 ] && [ -f "$log" ]; then
     echo "--- server log (last 40 lines) ---" >&2
     tail -n 40 "$log" >&2

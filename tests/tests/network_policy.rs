@@ -814,3 +814,78 @@ async fn host_names_in_allow_out_are_decided_by_sni_and_host_and_dialled_by_the_
         "{arrivals:?}"
     );
 }
+
+#[tokio::test]
+async fn a_new_sandbox_drops_rules_a_gone_server_left_for_its_address() {
+    let _serial = SERIAL.lock().await;
+    let _hosts = TestHosts::start();
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let mut server = Server::start(options.clone()).await;
+    let first = server.create_sandbox(json!({"timeout": 300})).await;
+    let near = address(&server, &first, false).await;
+    let prefix = near
+        .rsplit_once('.')
+        .map(|(p, _)| p.to_string())
+        .expect("an IPv4 address");
+    // What a server that crashed for good leaves when its sandboxes are then removed
+    // behind its back: deny-everything rules for addresses the engine hands out again.
+    let gone = "gone-server-of-a-test";
+    let table = sandbox_core::network::egress_table::table_name(gone);
+    let elements: Vec<String> = (2..255)
+        .map(|n| format!("{prefix}.{n} : jump deny_all"))
+        .collect();
+    let script = format!(
+        "table inet {table} {{\n  comment \"colima-e2b egress rules of the sandboxes of server {gone}\"\n  chain deny_all {{\n    meta l4proto tcp reject with tcp reset\n  }}\n  map sandboxes {{ type ipv4_addr : verdict; elements = {{ {} }}; }}\n  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;\n    ip saddr vmap @sandboxes\n  }}\n}}\n",
+        elements.join(", ")
+    );
+    let _gone_table = GoneTable(table.clone());
+    let mut nft_f = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    use std::io::Write;
+    nft_f
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("write");
+    assert!(nft_f.wait().expect("nft").success());
+    // The sandbox that already had one of the addresses is caught by them (the hazard).
+    assert_eq!(reach_public(&server, &first).await[0], "refused");
+    // A server notes other servers' tables when it starts: the sandboxes it re-adopts
+    // and those it creates take their addresses back.
+    server.kill9();
+    let server = Server::start(options.clone()).await;
+    assert_eq!(reach_public(&server, &first).await[0], "open");
+    let second = server.create_sandbox(json!({"timeout": 300})).await;
+    let addr = address(&server, &second, false).await;
+    assert!(
+        addr.starts_with(&format!("{prefix}.")),
+        "{addr} is not in {prefix}.0/24"
+    );
+    assert_eq!(reach_public(&server, &second).await[0], "open");
+    let (ok, map) = nft(&["list", "map", "inet", &table, "sandboxes"]);
+    assert!(ok, "the other server's table is still there");
+    for a in [&near, &addr] {
+        assert!(!map.contains(&format!("{a} :")), "{a} still in {map}");
+    }
+    assert_eq!(
+        map.matches(" : jump deny_all").count(),
+        253 - 2,
+        "only those two go: {map}"
+    );
+}
+
+/// Deletes a hand-made egress table when the test ends, however it ends.
+struct GoneTable(String);
+
+impl Drop for GoneTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}

@@ -259,6 +259,7 @@ impl SandboxManager {
             self.check_network(net, spec.internet)?;
         }
         let info = self.create_unconfigured(spec).await?;
+        self.release_address(&info.id).await;
         if let Some(net) = network {
             if let Err(e) = self.set_network(&info.id, net).await {
                 if let Err(k) = self.kill(&info.id).await {

@@ -299,6 +299,37 @@ impl SandboxManager {
         }
     }
 
+    /// Notes the egress tables other servers left on this host (at start and by the
+    /// firewall keeper), so creates can drop what they hold for reused addresses.
+    pub(super) async fn note_foreign_egress(&self) {
+        if !matches!(
+            self.started_firewall_status(),
+            Some(FirewallStatus::Active { .. })
+        ) {
+            return;
+        }
+        let tables = egress_table::foreign_tables(&self.inner.config.owner).await;
+        *lock(&self.inner.foreign_egress) = tables;
+    }
+
+    /// A new sandbox's address may have been a gone sandbox's, whose rules another
+    /// server's table still holds: they are dropped before the sandbox is handed out.
+    pub(super) async fn release_address(&self, id: &SandboxId) {
+        let tables = lock(&self.inner.foreign_egress).clone();
+        if tables.is_empty() {
+            return;
+        }
+        let Ok(addr) = self.sandbox_ipv4(id).await else {
+            return;
+        };
+        for table in tables {
+            if egress_table::forget_address(&table, addr).await {
+                tracing::info!(table = %table, addr = %addr, sandbox = %id,
+                    "dropped another server's left-over egress rules for a reused address");
+            }
+        }
+    }
+
     fn proxy_port(&self) -> Option<u16> {
         self.inner.egress_proxy.get().map(EgressProxy::port)
     }

@@ -65,6 +65,7 @@ impl SandboxManager {
                     continue; // the engine is down: nothing it runs can send anything
                 };
                 manager.keep_egress().await;
+                manager.note_foreign_egress().await;
                 let firewall = manager.firewall();
                 let now = firewall.status(&networks).await;
                 if matches!(now, FirewallStatus::Active { .. }) {

@@ -227,6 +227,8 @@ struct Inner {
     egress_proxy: std::sync::OnceLock<crate::network::egress_proxy::EgressProxy>,
     /// The rules the proxy decides by, for the sandboxes whose rules name hosts.
     proxied: crate::network::egress_proxy::ProxiedRules,
+    /// Egress tables of other servers on this host (see `release_address`).
+    foreign_egress: Mutex<Vec<String>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -299,6 +301,7 @@ impl SandboxManager {
                 egress_lock: tokio::sync::Mutex::new(()),
                 egress_proxy: std::sync::OnceLock::new(),
                 proxied: Default::default(),
+                foreign_egress: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -326,6 +329,7 @@ impl SandboxManager {
         // Before any sandbox is re-adopted or created.
         self.install_firewall().await?;
         self.start_egress_proxy().await;
+        self.note_foreign_egress().await;
         let report = self.recover().await?;
         let interrupted = std::mem::take(&mut *lock(&self.inner.interrupted_builds));
         for image in interrupted {

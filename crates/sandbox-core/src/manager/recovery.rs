@@ -157,6 +157,9 @@ impl SandboxManager {
         self.inner.deadlines.retain(&live);
         self.inner.claims.retain(&live);
         self.restore_networks(&live).await;
+        for id in &live {
+            self.release_address(id).await;
+        }
         let (pooled, removed) = self.readopt_members(members).await;
         report.pooled = pooled;
         report.broken += removed;

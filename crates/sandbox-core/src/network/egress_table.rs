@@ -75,8 +75,8 @@ pub fn script(
         .collect();
     let redirect = match proxy_port {
         Some(port) if !proxied.is_empty() => format!(
-            "  chain to_proxy {{\n    type nat hook prerouting priority dstnat - 5; policy accept;\n    ip saddr {{ {} }} tcp dport {{ {} }} redirect to :{port}\n  }}\n",
-            proxied.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+            "  set proxied4 {{ type ipv4_addr;{} }}\n  chain to_proxy {{\n    type nat hook prerouting priority dstnat - 5; policy accept;\n    ip saddr @proxied4 tcp dport {{ {} }} redirect to :{port}\n  }}\n",
+            elements(&proxied),
             PROXIED_PORTS.map(|p| p.to_string()).join(", "),
         ),
         _ => String::new(),
@@ -149,6 +149,33 @@ pub async fn apply(
     .map(drop)
 }
 
+/// The egress tables of servers other than `owner`.
+pub async fn foreign_tables(owner: &str) -> Vec<String> {
+    let own = table_name(owner);
+    let Ok(listing) = nft(&["list", "tables", "inet"], None).await else {
+        return Vec::new();
+    };
+    listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|name| name.starts_with(EGRESS_TABLE_PREFIX) && *name != own)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Drops `addr`'s rules from another server's `table`. Only for an address the engine
+/// has just given a new sandbox: on one host an address belongs to one container, so
+/// rules for it there are left over from a sandbox that is gone (its server stopped and
+/// never came back, and the sandbox was removed behind its back).
+pub async fn forget_address(table: &str, addr: Ipv4Addr) -> bool {
+    let mut dropped = false;
+    for set in ["sandboxes", "proxied4"] {
+        let script = format!("delete element inet {table} {set} {{ {addr} }}\n");
+        dropped |= nft(&["-f", "-"], Some(&script)).await.is_ok();
+    }
+    dropped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +236,11 @@ mod tests {
         ];
         let s = script("srv-1", &sandboxes, &[], Some(40123));
         assert!(
-            s.contains("ip saddr { 172.18.0.5 } tcp dport { 80, 443 } redirect to :40123"),
+            s.contains("set proxied4 { type ipv4_addr; elements = { 172.18.0.5 }; }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip saddr @proxied4 tcp dport { 80, 443 } redirect to :40123"),
             "{s}"
         );
         assert!(s.contains("priority dstnat - 5"), "{s}");
