@@ -374,16 +374,11 @@ impl SandboxApi {
         body: Json<NetworkRules>,
     ) -> Result<Json<NetworkRules>, ApiError> {
         let id = parse_id(&sandbox_id.0)?;
-        let info = state.manager.info(&id)?;
-        let mut config = body.0.clone().config(true);
-        if let Some(before) = state.manager.network(&id) {
-            config.internet = before.config.internet;
-            config.allow_public_traffic = before.config.allow_public_traffic;
-            config.mask_request_host = before.config.mask_request_host;
-        } else {
-            config.internet = info.internet;
-        }
-        state.manager.set_network(&id, config).await?;
+        let rules = body.0.clone();
+        state
+            .manager
+            .update_egress(&id, rules.allow_out, rules.deny_out, None)
+            .await?;
         Ok(body)
     }
 }

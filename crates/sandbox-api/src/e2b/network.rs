@@ -124,14 +124,12 @@ pub async fn update(Data(state): Data<&AppState>, Path(id): Path<String>, body: 
         async {
             let id = parse_id(&id)?;
             let body: UpdateNetwork = parse_body(body).await?;
-            let mut config = body
-                .egress
-                .config(body.allow_internet_access.unwrap_or(true))?;
-            if let Some(before) = state.manager.network(&id) {
-                config.allow_public_traffic = before.config.allow_public_traffic;
-                config.mask_request_host = before.config.mask_request_host;
-            }
-            state.manager.set_network(&id, config).await?;
+            let internet = body.allow_internet_access.unwrap_or(true);
+            let config = body.egress.config(internet)?;
+            state
+                .manager
+                .update_egress(&id, config.allow_out, config.deny_out, Some(internet))
+                .await?;
             Ok(no_content())
         }
         .await,

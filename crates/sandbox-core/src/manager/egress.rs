@@ -148,17 +148,25 @@ impl SandboxManager {
         Ok(())
     }
 
+    /// Whether the host firewall was installed (egress rules and the proxy need it).
+    fn firewall_active(&self) -> bool {
+        matches!(
+            self.started_firewall_status(),
+            Some(FirewallStatus::Active { .. })
+        )
+    }
+
     /// Whether this server can enforce egress rules: only through the host firewall.
     fn egress_enforceable(&self) -> Result<()> {
-        match self.started_firewall_status() {
-            Some(FirewallStatus::Active { .. }) => Ok(()),
-            _ => Err(Error::Unsupported {
-                backend: "egress",
-                operation: "egress rules (allowOut/denyOut, internet off on a running \
-                            sandbox) without the host firewall, which is off or cannot be \
-                            installed here (see `colima-e2b doctor`)",
-            }),
+        if self.firewall_active() {
+            return Ok(());
         }
+        Err(Error::Unsupported {
+            backend: "egress",
+            operation: "egress rules (allowOut/denyOut, internet off on a running sandbox) \
+                        without the host firewall, which is off or cannot be installed here \
+                        (see `colima-e2b doctor`)",
+        })
     }
 
     /// Sets (at create) or replaces (E2B's `update_network`) sandbox `id`'s network
@@ -211,6 +219,29 @@ impl SandboxManager {
             }
         }
         Ok(net)
+    }
+
+    /// Replaces sandbox `id`'s egress rules (E2B's `update_network`: omitted rules are
+    /// cleared), keeping who may reach it and its Host mask, which only a create sets;
+    /// `internet` `None` keeps what it has.
+    pub async fn update_egress(
+        &self,
+        id: &SandboxId,
+        allow_out: Vec<String>,
+        deny_out: Vec<String>,
+        internet: Option<bool>,
+    ) -> Result<SandboxNetwork> {
+        let info = self.info(id)?;
+        let before = self.network(id).map(|n| n.config);
+        let config = NetworkConfig {
+            allow_out,
+            deny_out,
+            internet: internet
+                .unwrap_or_else(|| before.as_ref().map_or(info.internet, |b| b.internet)),
+            allow_public_traffic: before.as_ref().is_none_or(|b| b.allow_public_traffic),
+            mask_request_host: before.and_then(|b| b.mask_request_host),
+        };
+        self.set_network(id, config).await
     }
 
     /// Sandbox `id`'s network config, if it was given one.
@@ -271,10 +302,7 @@ impl SandboxManager {
     /// Starts the egress proxy, where the host firewall is active (before recovery
     /// installs the re-adopted sandboxes' rules).
     pub(super) async fn start_egress_proxy(&self) {
-        if !matches!(
-            self.started_firewall_status(),
-            Some(FirewallStatus::Active { .. })
-        ) {
+        if !self.firewall_active() {
             return;
         }
         let network = &self.inner.config.network;
@@ -302,10 +330,7 @@ impl SandboxManager {
     /// Notes the egress tables other servers left on this host (at start and by the
     /// firewall keeper), so creates can drop what they hold for reused addresses.
     pub(super) async fn note_foreign_egress(&self) {
-        if !matches!(
-            self.started_firewall_status(),
-            Some(FirewallStatus::Active { .. })
-        ) {
+        if !self.firewall_active() {
             return;
         }
         let tables = egress_table::foreign_tables(&self.inner.config.owner).await;
@@ -344,14 +369,10 @@ impl SandboxManager {
                 .map(|r| (r.addr, r.rules.clone()))
                 .collect();
         }
-        if rules.is_empty()
-            && self
-                .started_firewall_status()
-                .is_none_or(|s| !matches!(s, FirewallStatus::Active { .. }))
-        {
+        if rules.is_empty() && !self.firewall_active() {
             return Ok(()); // no firewall, nothing was ever installed
         }
-        let dns = crate::network::HostFirewall::new(self.inner.config.network.clone()).dns();
+        let dns = self.firewall().dns();
         egress_table::apply(&self.inner.config.owner, &rules, &dns, self.proxy_port()).await
     }
 

@@ -14,7 +14,8 @@ use crate::network::{FirewallMode, FirewallStatus, HostFirewall};
 const RECHECK: Duration = Duration::from_secs(30);
 
 impl SandboxManager {
-    fn firewall(&self) -> HostFirewall {
+    /// The host firewall under this server's `[network]` settings.
+    pub(super) fn firewall(&self) -> HostFirewall {
         HostFirewall::new(self.inner.config.network.clone())
     }
 

@@ -243,6 +243,8 @@ impl Context {
             return; // dialled directly, not redirected
         }
         let mut first = Vec::with_capacity(1024);
+        // One deadline for the whole peek: a client trickling bytes cannot hold a place.
+        let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
         let name = loop {
             match requested_name(&first) {
                 Requested::NeedMore if first.len() < MAX_PEEK => {}
@@ -251,7 +253,7 @@ impl Context {
             }
             let mut chunk = [0u8; 4096];
             let room = (MAX_PEEK - first.len()).min(chunk.len());
-            match tokio::time::timeout(PEEK_TIMEOUT, client.read(&mut chunk[..room])).await {
+            match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
                 Err(_) => break None,

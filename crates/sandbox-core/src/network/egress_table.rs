@@ -17,10 +17,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
-use sha2::{Digest, Sha256};
 
 use super::egress::EgressRules;
-use super::firewall::{elements, nft};
+use super::firewall::{elements, nft, short_hash};
 
 /// Prefix of the egress tables' names.
 pub const EGRESS_TABLE_PREFIX: &str = "colima_e2b_egress_";
@@ -40,9 +39,7 @@ pub const PROXIED_PORTS: [u16; 2] = [80, 443];
 
 /// The egress table's name for server `owner`.
 pub fn table_name(owner: &str) -> String {
-    let digest = Sha256::digest(owner.as_bytes());
-    let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    format!("{EGRESS_TABLE_PREFIX}{hex}")
+    format!("{EGRESS_TABLE_PREFIX}{}", short_hash(owner))
 }
 
 /// The IPv4 networks of `nets` (IPv6 never leaves a sandbox network: the host

@@ -121,9 +121,13 @@ pub struct Ruleset {
 
 /// The tables' name for bridges `interfaces` (sorted).
 fn table_name(interfaces: &[String]) -> String {
-    let digest = Sha256::digest(interfaces.join(" ").as_bytes());
-    let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    format!("{TABLE_PREFIX}{hex}")
+    format!("{TABLE_PREFIX}{}", short_hash(&interfaces.join(" ")))
+}
+
+/// The first 5 bytes of `text`'s SHA-256, in hex: what tables are named after.
+pub(super) fn short_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
 /// `{ a, b }`, or nothing for an empty set (nft refuses `elements = { }`).
