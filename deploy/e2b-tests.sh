@@ -3,7 +3,7 @@
 # the Python suite (tests/e2b/test_sdk.py and test_templates.py, the template-build API)
 # once per pinned `e2b` version (tests/e2b/requirements-<version>.txt) and the JS tests
 # (tests/e2b/js, npm `e2b` and `@e2b/code-interpreter`): smoke.mjs, templates.mjs,
-# parity.mjs, parity_files.mjs, code_interpreter.mjs, network.mjs.
+# parity.mjs, parity_files.mjs, code_interpreter.mjs, network.mjs, persistence.mjs.
 #
 #   deploy/e2b-tests.sh [docker|podman]
 #
@@ -133,6 +133,8 @@ failed=0
 # A ready command that never passes fails a create after this long (test_templates.py).
 ready_timeout=15
 export E2B_TEST_READY_TIMEOUT=$ready_timeout
+# The engine the tests may ask about a sandbox's container (conftest.container_state).
+export COLIMA_E2B_TEST_BACKEND=$engine
 # Only ever called in a subshell (`&`, `$(...)`): it execs, so that `$!` is the server's
 # own pid and the EXIT trap's kill reaches the server, not a wrapper shell.
 server_env() {
@@ -258,7 +260,7 @@ done
 
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
-  for js in smoke templates parity parity_files code_interpreter network; do
+  for js in smoke templates parity parity_files code_interpreter network persistence; do
     step "JS SDK e2b@$jsver: tests/e2b/js/$js.mjs"
     if (cd tests/e2b/js && node "$js.mjs"); then
       results+=("PASS js e2b@$jsver $js")

@@ -1,6 +1,7 @@
 """pytest configuration of the E2B SDK compatibility suite (see test_sdk.py)."""
 
 import os
+import subprocess
 
 import pytest
 
@@ -66,3 +67,21 @@ def new_sandbox(request):
         return sandbox
 
     return make
+
+
+def container_state(sandbox_id):
+    """The engine's state of the sandbox's container (``running``, ``paused``, ``exited``
+    ...), asked of the engine the server uses (``COLIMA_E2B_TEST_BACKEND``, set by
+    deploy/e2b-tests.sh); ``None`` when there is no such container."""
+    engine = os.environ.get("COLIMA_E2B_TEST_BACKEND")
+    if not engine:
+        pytest.fail("COLIMA_E2B_TEST_BACKEND is not set (deploy/e2b-tests.sh sets it)")
+    cli = [engine]
+    if engine == "podman":
+        cli += ["--remote", "--url", "unix:///run/podman/podman.sock"]
+    out = subprocess.run(
+        cli + ["inspect", "--format", "{{.State.Status}}", f"colima-e2b-{sandbox_id}"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -136,6 +136,9 @@ async fn the_readme_curl_examples_run_verbatim() {
     for d in &lifecycle[3..] {
         assert!(d.get("code").is_none(), "an error: {d}");
     }
+    assert_eq!(lifecycle[5]["state"], "paused", "{lifecycle:?}");
+    assert_eq!(lifecycle[6]["state"], "running", "{lifecycle:?}");
+    assert_eq!(lifecycle[7]["status"], "killed", "{lifecycle:?}");
     let (status, _) = tests::json_of(server.get(&format!("/sandboxes/{id}")).await).await;
     assert_eq!(status, 404, "the README's DELETE removed it");
 }

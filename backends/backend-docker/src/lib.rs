@@ -1084,6 +1084,14 @@ impl SandboxBackend for DockerBackend {
             .map_err(|e| self.map_err(&format!("container {name}"), e))
     }
 
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        self.docker
+            .start_container(name, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| self.map_err(&format!("container {name}"), e))?;
+        self.inspect(name).await
+    }
+
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
         let c = self
             .docker

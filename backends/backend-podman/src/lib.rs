@@ -924,6 +924,10 @@ impl SandboxBackend for PodmanBackend {
             .map_err(|e| self.api_err(e, &format!("container {name}")))
     }
 
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        self.start_and_inspect(name).await
+    }
+
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
         let v: Value = self
             .raw

@@ -79,6 +79,8 @@ pub struct Config {
     pub default_timeout: u64,
     /// Longest timeout a client may ask for, seconds.
     pub max_timeout: u64,
+    /// Seconds a paused sandbox is kept before it is removed.
+    pub paused_retention: u64,
     /// Resource limits per sandbox: defaults and the most a client may ask for.
     pub limits: LimitsConfig,
     /// Start even where the engine's storage cannot enforce disk quotas (one sandbox could
@@ -143,6 +145,7 @@ impl Default for Config {
             default_template: "base".into(),
             default_timeout: 300,
             max_timeout: 24 * 3600,
+            paused_retention: 30 * 24 * 3600,
             limits: LimitsConfig::default(),
             allow_unlimited_disk: false,
             stall_timeout: 30,
@@ -498,6 +501,7 @@ const KEYS: &[&str] = &[
     "default_template",
     "default_timeout",
     "max_timeout",
+    "paused_retention",
     "limits",
     "allow_unlimited_disk",
     "stall_timeout",
@@ -634,6 +638,9 @@ impl Config {
         }
         if self.default_timeout == 0 || self.default_timeout > self.max_timeout {
             return Err("default_timeout must be between 1 and max_timeout".into());
+        }
+        if self.paused_retention == 0 {
+            return Err("paused_retention must be at least 1 second".into());
         }
         let c = &self.commands;
         if c.default_timeout == 0 || c.default_timeout > c.max_timeout {

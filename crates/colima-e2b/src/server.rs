@@ -32,6 +32,7 @@ pub fn manager_config(config: &Config, agent: Option<sandbox_core::AgentBinary>)
         pool: config.pool.pool(),
         max_sandboxes: config.max_sandboxes,
         max_timeout: Duration::from_secs(config.max_timeout),
+        paused_retention: Duration::from_secs(config.paused_retention),
         state_dir: config.state_dir(),
         agent,
         agent_port: Some(sandbox_core::agent::AGENT_PORT),

@@ -7,7 +7,7 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use sandbox_core::{SandboxInfo, SandboxSpec};
+use sandbox_core::{Lifecycle, OnTimeout, SandboxInfo, SandboxSpec};
 
 use crate::error::{parse_id, ApiError};
 use crate::{rfc3339, AppState};
@@ -43,6 +43,54 @@ pub struct CreateSandboxRequest {
     pub disk_mb: Option<u64>,
     /// Egress rules: what the sandbox may reach beyond the server's default policy.
     pub network: Option<NetworkRules>,
+    /// What the deadline does (kill, or pause) and whether requests wake it when paused.
+    pub lifecycle: Option<LifecycleRequest>,
+}
+
+/// What happens at a sandbox's deadline (E2B's `autoPause`, `autoPauseMemory`,
+/// `autoResume`).
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct LifecycleRequest {
+    /// `kill` (the default) or `pause`: a paused sandbox is kept for the server's
+    /// `paused_retention`.
+    pub on_timeout: Option<String>,
+    /// Whether that pause keeps memory (a freeze, the default) or only the filesystem
+    /// (the memory is freed; a resume starts the sandbox again).
+    pub keep_memory: Option<bool>,
+    /// Whether a request into the paused sandbox (a command, a file, a host route)
+    /// resumes it first; needs `on_timeout: pause` with memory kept.
+    pub auto_resume: Option<bool>,
+}
+
+impl poem_openapi::types::Example for LifecycleRequest {
+    fn example() -> Self {
+        LifecycleRequest {
+            on_timeout: Some("pause".into()),
+            keep_memory: Some(true),
+            auto_resume: Some(true),
+        }
+    }
+}
+
+impl LifecycleRequest {
+    fn lifecycle(&self) -> Result<Lifecycle, ApiError> {
+        let on_timeout = match self.on_timeout.as_deref() {
+            None | Some("kill") => OnTimeout::Kill,
+            Some("pause") => OnTimeout::Pause,
+            Some(other) => {
+                return Err(ApiError::from(sandbox_core::Error::InvalidArgument(
+                    format!("on_timeout must be kill or pause, not {other:?}"),
+                )))
+            }
+        };
+        let default = Lifecycle::default();
+        Ok(Lifecycle {
+            on_timeout,
+            keep_memory: self.keep_memory.unwrap_or(default.keep_memory),
+            auto_resume: self.auto_resume.unwrap_or(default.auto_resume),
+        })
+    }
 }
 
 /// A sandbox's egress rules (E2B's `allowOut`/`denyOut`). Evaluated in E2B's order:
@@ -97,6 +145,7 @@ impl poem_openapi::types::Example for CreateSandboxRequest {
             memory_mb: None,
             disk_mb: None,
             network: None,
+            lifecycle: None,
         }
     }
 }
@@ -242,6 +291,11 @@ impl SandboxApi {
             network: body
                 .network
                 .map(|n| n.config(body.internet.unwrap_or(true))),
+            lifecycle: body
+                .lifecycle
+                .map(|l| l.lifecycle())
+                .transpose()?
+                .unwrap_or_default(),
             ..SandboxSpec::default()
         };
         let info = state.manager.create(spec).await?;
@@ -326,6 +380,58 @@ impl SandboxApi {
         let info = state
             .manager
             .set_timeout(&id, Duration::from_secs(body.0.timeout))?;
+        Ok(Json(info.into()))
+    }
+
+    /// Pause sandbox
+    ///
+    /// Pauses a running sandbox. `keep_memory=true` (the default) freezes it: its
+    /// processes stop where they are and resume where they were. `keep_memory=false`
+    /// keeps only its filesystem and frees its memory: a resume starts it again (the
+    /// template's start command reruns; processes do not survive). A paused sandbox is
+    /// kept for the server's `paused_retention`, across server and engine restarts (a
+    /// frozen one whose engine restarted resumes from its filesystem). 409 when it is
+    /// already paused, 404 when it does not exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/pause",
+        method = "post",
+        operation_id = "pause_sandbox"
+    )]
+    async fn pause(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        keep_memory: Query<Option<bool>>,
+    ) -> Result<Json<Sandbox>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let info = state
+            .manager
+            .pause(&id, keep_memory.0.unwrap_or(true))
+            .await?;
+        Ok(Json(info.into()))
+    }
+
+    /// Resume sandbox
+    ///
+    /// Resumes a paused sandbox, which then lives `timeout` seconds (default: the
+    /// timeout it was created with). 409 when it is not paused, 404 when it does not
+    /// exist.
+    #[oai(
+        path = "/sandboxes/:sandbox_id/resume",
+        method = "post",
+        operation_id = "resume_sandbox"
+    )]
+    async fn resume(
+        &self,
+        state: Data<&AppState>,
+        sandbox_id: Path<String>,
+        timeout: Query<Option<u64>>,
+    ) -> Result<Json<Sandbox>, ApiError> {
+        let id = parse_id(&sandbox_id.0)?;
+        let info = state
+            .manager
+            .resume(&id, timeout.0.map(Duration::from_secs), false)
+            .await?;
         Ok(Json(info.into()))
     }
 

@@ -305,7 +305,7 @@ async fn commands_in_a_paused_sandbox_answer_409_at_once() {
         .unwrap_or_default()
         .parse()
         .expect("id");
-    app.manager.pause(&id).await.expect("pause");
+    app.manager.pause(&id, true).await.expect("pause");
     assert_eq!(
         app.manager.info(&id).map(|i| i.state).ok(),
         Some(SandboxState::Paused)
@@ -544,7 +544,7 @@ async fn the_e2b_data_plane_answers_502_for_unknown_and_paused_sandboxes() {
         .unwrap_or_default()
         .to_string();
     app.manager
-        .pause(&id.parse().expect("id"))
+        .pause(&id.parse().expect("id"), true)
         .await
         .expect("pause");
     let (status, body) = answer(

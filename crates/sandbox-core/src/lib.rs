@@ -41,4 +41,6 @@ pub use manager::{
     CommandLimits, ManagerConfig, ProxyTarget, RecoveryReport, SandboxManager, Vouch,
 };
 pub use template::Template;
-pub use types::{Limits, NetworkConfig, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+pub use types::{
+    Lifecycle, Limits, NetworkConfig, OnTimeout, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};

@@ -209,6 +209,63 @@ pub struct SandboxSpec {
     pub secure: bool,
     /// E2B's network config: egress rules and who may reach it; `None`: no rules.
     pub network: Option<NetworkConfig>,
+    /// What its deadline does and whether traffic wakes it when paused.
+    pub lifecycle: Lifecycle,
+}
+
+/// What a sandbox's deadline does (E2B's `autoPause`, `autoPauseMemory`) and whether
+/// traffic resumes it when paused (E2B's `autoResume`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Lifecycle {
+    /// At the deadline: kill the sandbox, or pause it.
+    pub on_timeout: OnTimeout,
+    /// A pause at the deadline keeps memory (a freeze) rather than only the filesystem.
+    pub keep_memory: bool,
+    /// A request into the paused sandbox (data plane, host route, command) resumes it.
+    pub auto_resume: bool,
+}
+
+/// What happens at a sandbox's deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The sandbox is removed (the default).
+    #[default]
+    Kill,
+    /// The sandbox is paused and kept for the server's paused retention.
+    Pause,
+}
+
+impl Default for Lifecycle {
+    /// Killed at the deadline; a pause keeps memory unless told otherwise (E2B's default).
+    fn default() -> Self {
+        Self {
+            on_timeout: OnTimeout::Kill,
+            keep_memory: true,
+            auto_resume: false,
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Refuses combinations that cannot work: auto-resume without a pause at the
+    /// deadline, or with a deadline pause that keeps only the filesystem (E2B's rules).
+    pub fn check(&self) -> Result<()> {
+        if self.auto_resume && self.on_timeout != OnTimeout::Pause {
+            return Err(Error::InvalidArgument(
+                "autoResume needs autoPause (on_timeout: pause)".into(),
+            ));
+        }
+        if self.auto_resume && !self.keep_memory {
+            return Err(Error::InvalidArgument(
+                "autoResume cannot be combined with autoPauseMemory: false (a filesystem-only \
+                 pause is resumed with connect)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A sandbox's network configuration, as a client sets it at create or replaces it
@@ -255,6 +312,7 @@ impl Default for SandboxSpec {
             user: None,
             secure: false,
             network: None,
+            lifecycle: Lifecycle::default(),
         }
     }
 }

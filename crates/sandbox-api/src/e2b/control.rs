@@ -13,7 +13,9 @@ use poem::http::{header, StatusCode};
 use poem::web::{Data, Path};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use sandbox_core::manager::{Direction, LogQuery, MetricSample};
-use sandbox_core::{listing, Error, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use sandbox_core::{
+    listing, Error, Lifecycle, OnTimeout, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -235,6 +237,47 @@ struct NewSandbox {
     allow_internet_access: Option<bool>,
     #[serde(default)]
     network: Option<super::network::CreateNetwork>,
+    /// Pause instead of kill at the deadline.
+    #[serde(default)]
+    auto_pause: Option<bool>,
+    /// Whether that pause keeps memory (default true).
+    #[serde(default)]
+    auto_pause_memory: Option<bool>,
+    #[serde(default)]
+    auto_resume: Option<AutoResume>,
+}
+
+/// E2B's `autoResume` create field.
+#[derive(Debug, Deserialize)]
+struct AutoResume {
+    #[serde(default)]
+    enabled: bool,
+}
+
+impl NewSandbox {
+    /// The lifecycle the create asks for (the core checks the combination).
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            on_timeout: if self.auto_pause.unwrap_or(false) {
+                OnTimeout::Pause
+            } else {
+                OnTimeout::Kill
+            },
+            keep_memory: self.auto_pause_memory.unwrap_or(true),
+            auto_resume: self.auto_resume.as_ref().is_some_and(|a| a.enabled),
+        }
+    }
+}
+
+/// E2B's `lifecycle` of a sandbox's detail.
+fn lifecycle_json(lifecycle: Lifecycle) -> Value {
+    json!({
+        "onTimeout": match lifecycle.on_timeout {
+            OnTimeout::Kill => "kill",
+            OnTimeout::Pause => "pause",
+        },
+        "autoResume": lifecycle.auto_resume,
+    })
 }
 
 /// `POST /sandboxes`: create a sandbox from a template; `secure` defaults to false.
@@ -260,8 +303,10 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
     // E2B names templates by alias or id, optionally with a tag.
     let template = req.template_id.as_str();
     let internet = req.allow_internet_access.unwrap_or(true);
+    let lifecycle = req.lifecycle();
     let network = req.network.map(|n| n.config(internet)).transpose()?;
     let spec = SandboxSpec {
+        lifecycle,
         metadata: req.metadata.unwrap_or_default(),
         envs: req.env_vars.unwrap_or_default(),
         internet,
@@ -422,6 +467,10 @@ async fn detail(state: &AppState, id: &str) -> Answer {
         }
         obj.insert("domain".into(), json!(domain(state)));
         obj.insert("allowInternetAccess".into(), json!(info.internet));
+        obj.insert(
+            "lifecycle".into(),
+            lifecycle_json(state.manager.lifecycle(&info.id)),
+        );
     }
     Ok(json_response(StatusCode::OK, body))
 }
@@ -445,6 +494,17 @@ pub async fn kill(Data(state): Data<&AppState>, Path(id): Path<String>) -> Respo
 #[derive(Debug, Default, Deserialize)]
 struct TimeoutBody {
     timeout: Option<i64>,
+    /// `false` on connect: start a paused sandbox from its filesystem (a reboot).
+    #[serde(default)]
+    memory: Option<bool>,
+}
+
+/// Body of the pause call.
+#[derive(Debug, Default, Deserialize)]
+struct PauseBody {
+    /// `false` keeps only the filesystem and frees the memory.
+    #[serde(default)]
+    memory: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/timeout`: the sandbox now ends `timeout` seconds from now.
@@ -510,7 +570,8 @@ pub async fn connect(Data(state): Data<&AppState>, Path(id): Path<String>, body:
             let id = parse_id(&id)?;
             let body: TimeoutBody = parse_body(body).await?;
             let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_V2_SECS)?;
-            let (info, resumed) = state.manager.connect(&id, timeout).await?;
+            let cold = body.memory == Some(false);
+            let (info, resumed) = state.manager.connect(&id, timeout, cold).await?;
             let status = if resumed {
                 StatusCode::CREATED
             } else {
@@ -522,14 +583,18 @@ pub async fn connect(Data(state): Data<&AppState>, Path(id): Path<String>, body:
     )
 }
 
-/// `POST /sandboxes/{id}/pause`: 204, or 409 when already paused.
+/// `POST /sandboxes/{id}/pause` (`{memory}`, default true): 204, or 409 when already
+/// paused.
 #[poem::handler]
-pub async fn pause(Data(state): Data<&AppState>, Path(id): Path<String>) -> Response {
+pub async fn pause(Data(state): Data<&AppState>, Path(id): Path<String>, body: Body) -> Response {
     answer(
         async {
+            let id = parse_id(&id)?;
+            let body: PauseBody = parse_body(body).await?;
+            let keep_memory = body.memory.unwrap_or(true);
             Ok(state
                 .manager
-                .pause(&parse_id(&id)?)
+                .pause(&id, keep_memory)
                 .await
                 .map(|_| no_content())?)
         }
@@ -545,8 +610,7 @@ pub async fn resume(Data(state): Data<&AppState>, Path(id): Path<String>, body: 
             let id = parse_id(&id)?;
             let body: TimeoutBody = parse_body(body).await?;
             let timeout = timeout_secs(body.timeout, DEFAULT_TIMEOUT_SECS)?;
-            state.manager.resume(&id).await?;
-            let info = state.manager.set_timeout(&id, timeout)?;
+            let info = state.manager.resume(&id, Some(timeout), false).await?;
             sandbox_answer(state, &info, StatusCode::CREATED).await
         }
         .await,

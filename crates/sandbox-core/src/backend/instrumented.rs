@@ -105,6 +105,9 @@ impl SandboxBackend for Instrumented {
     async fn stop(&self, name: &str) -> Result<()> {
         self.timed("stop", self.0.stop(name)).await
     }
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        self.timed("start", self.0.start(name)).await
+    }
     async fn host_networks(&self) -> Result<Vec<HostNetwork>> {
         self.timed("host_networks", self.0.host_networks()).await
     }

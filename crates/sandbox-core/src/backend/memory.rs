@@ -243,6 +243,26 @@ impl SandboxBackend for InMemoryBackend {
         })
     }
 
+    async fn stop(&self, name: &str) -> Result<()> {
+        self.container(name, |c| match c.state {
+            SandboxState::Running => {
+                c.state = SandboxState::Exited;
+                Ok(())
+            }
+            other => Err(Error::Conflict(format!("container {name} is {other}"))),
+        })
+    }
+
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        self.container(name, |c| match c.state {
+            SandboxState::Exited | SandboxState::Created => {
+                c.state = SandboxState::Running;
+                Ok(c.clone())
+            }
+            other => Err(Error::Conflict(format!("container {name} is {other}"))),
+        })
+    }
+
     async fn remove(&self, name: &str) -> Result<()> {
         self.lock()
             .containers

@@ -248,6 +248,17 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
         self.remove(name).await
     }
 
+    /// Starts a stopped container again, its filesystem as it was left, and reports it
+    /// (a pause that keeps only the filesystem is a [`stop`](Self::stop) and a start).
+    /// Default: unsupported.
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        let _ = name;
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "start",
+        })
+    }
+
     /// The sandbox networks (created when missing) as this kernel sees them, for the
     /// host firewall. Empty where sandbox traffic does not pass through this kernel (an
     /// engine in a VM, rootless networking): the firewall cannot apply there. Default:

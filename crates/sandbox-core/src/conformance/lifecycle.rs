@@ -285,6 +285,47 @@ pub async fn stop_kills_at_once_and_leaves_a_removable_container(
     cleanup.run().await;
 }
 
+/// A stopped container starts again as the same container, its labels and environment
+/// as they were (what a pause that keeps only the filesystem relies on); starting a
+/// missing container is not found.
+pub async fn a_stopped_container_starts_again_as_it_was(
+    backend: &dyn SandboxBackend,
+    fixture: &Fixture,
+) {
+    let mut spec = fixture.spec("restart");
+    spec.env.push("KEPT=yes".into());
+    let cleanup = Cleanup::new(backend, vec![spec.name.clone()]);
+    let created = backend.create(&spec).await.expect("create");
+    backend.stop(&spec.name).await.expect("stop");
+    let mut stopped = false;
+    for _ in 0..200 {
+        let state = backend.inspect(&spec.name).await.expect("inspect").state;
+        if !matches!(state, SandboxState::Running | SandboxState::Paused) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(stopped, "the container did not stop");
+    let started = backend.start(&spec.name).await.expect("start");
+    assert_eq!(started.state, SandboxState::Running);
+    assert_eq!(started.id, created.id, "start made another container");
+    for (k, v) in &spec.labels {
+        assert_eq!(started.labels.get(k), Some(v), "label {k} changed");
+    }
+    assert!(
+        started.env.iter().any(|e| e == "KEPT=yes"),
+        "env changed: {:?}",
+        started.env
+    );
+    backend.remove(&spec.name).await.expect("remove");
+    assert!(matches!(
+        backend.start(&spec.name).await,
+        Err(Error::NotFound { .. })
+    ));
+    cleanup.run().await;
+}
+
 /// Operations on a container that does not exist say not found.
 pub async fn operations_on_a_missing_container_are_not_found(
     backend: &dyn SandboxBackend,

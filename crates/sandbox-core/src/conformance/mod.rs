@@ -149,6 +149,7 @@ macro_rules! conformance_tests {
             lifecycle: pausing_twice_or_resuming_a_running_container_conflicts,
             lifecycle: a_main_process_that_ignores_sigterm_is_still_removed,
             lifecycle: stop_kills_at_once_and_leaves_a_removable_container,
+            lifecycle: a_stopped_container_starts_again_as_it_was,
             lifecycle: operations_on_a_missing_container_are_not_found,
             lifecycle: a_create_whose_start_fails_leaves_nothing,
             lifecycle: a_create_from_a_missing_image_is_not_found_and_leaves_nothing,

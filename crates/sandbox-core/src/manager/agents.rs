@@ -39,12 +39,14 @@ impl SandboxManager {
     }
 
     /// A client for sandbox `id`'s agent, to work in the sandbox. A paused sandbox is a
-    /// [`Error::Conflict`] at once: its agent is frozen and would not answer.
+    /// [`Error::Conflict`] at once (its agent would not answer), unless it was created
+    /// with `auto_resume`: then it is resumed first.
     ///
     /// After a server restart the client is rebuilt from the container itself (its
     /// secret is in the container's environment, its address comes from the backend), so
     /// nothing but the sandbox has to remember it.
     pub async fn agent(&self, id: &SandboxId) -> Result<AgentClient> {
+        self.wake(id).await?;
         let info = self.info(id)?;
         if info.state == SandboxState::Paused {
             return Err(Error::Conflict(format!(
@@ -58,10 +60,14 @@ impl SandboxManager {
     /// state.
     pub async fn access_token(&self, id: &SandboxId) -> Result<String> {
         self.info(id)?;
-        Ok(self.agent_client(id).await?.token().to_string())
+        if let Some(client) = self.agents().get(id) {
+            return Ok(client.token().to_string());
+        }
+        // A stopped container (a filesystem pause) has no address, but its secret.
+        self.container_secret(id).await
     }
 
-    async fn agent_client(&self, id: &SandboxId) -> Result<AgentClient> {
+    pub(super) async fn agent_client(&self, id: &SandboxId) -> Result<AgentClient> {
         if let Some(client) = self.agents().get(id) {
             return Ok(client.clone());
         }
@@ -77,11 +83,27 @@ impl SandboxManager {
     /// itself says (its secret in its environment, its address from the backend).
     pub(super) async fn container_agent(&self, id: &SandboxId) -> Result<AgentClient> {
         let name = labels::container_name(id);
-        let backend = &self.inner.backend;
-        let container = backend.inspect(&name).await.map_err(|e| match e {
-            Error::NotFound { .. } => super::not_found(id),
-            other => other,
-        })?;
+        let secret = self.container_secret(id).await?;
+        let addr = self
+            .inner
+            .backend
+            .agent_address(&name, self.agent_port())
+            .await?;
+        Ok(AgentClient::new(self.inner.http.clone(), addr.addr, secret))
+    }
+
+    /// The agent secret in sandbox `id`'s container's environment.
+    async fn container_secret(&self, id: &SandboxId) -> Result<String> {
+        let name = labels::container_name(id);
+        let container = self
+            .inner
+            .backend
+            .inspect(&name)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => super::not_found(id),
+                other => other,
+            })?;
         let prefix = format!("{SECRET_ENV}=");
         let secret = container
             .env
@@ -94,15 +116,14 @@ impl SandboxManager {
                 ))
             })?
             .to_string();
-        let addr = backend.agent_address(&name, self.agent_port()).await?;
-        Ok(AgentClient::new(self.inner.http.clone(), addr.addr, secret))
+        Ok(secret)
     }
 
     /// Where a request for `port` inside sandbox `id` goes: the agent's address for the
     /// agent port, else what the backend reports. For the agent's port the server adds
     /// the access token when it vouches for the caller and the request has none
     /// (`client_token`), and so for the code interpreter's port ([`INTERPRETER_PORT`]).
-    /// A paused sandbox is a [`Error::Conflict`].
+    /// A paused sandbox is a [`Error::Conflict`], unless `auto_resume` resumes it.
     pub async fn proxy_target(
         &self,
         id: &SandboxId,
@@ -110,6 +131,7 @@ impl SandboxManager {
         vouch: Vouch,
         client_token: bool,
     ) -> Result<ProxyTarget> {
+        self.wake(id).await?;
         let info = self.info(id)?;
         if info.state == SandboxState::Paused {
             return Err(Error::Conflict(format!("sandbox {id} is paused")));

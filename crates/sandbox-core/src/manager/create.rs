@@ -73,6 +73,7 @@ impl SandboxManager {
         })?;
         let timeout = spec.timeout.unwrap_or(config.default_timeout);
         self.check_timeout(timeout)?;
+        spec.lifecycle.check()?;
         validate_envs(&spec.envs)?;
         labels::validate_metadata(&spec.metadata)?;
         let limits = Limits {
@@ -308,6 +309,7 @@ impl SandboxManager {
                 Ok(info)
             }
             Err(e) => {
+                self.forget_lifecycle(&id);
                 metrics::histogram!("colima_e2b_sandbox_create_seconds", "outcome" => "error", "path" => "cold")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("colima_e2b_sandbox_create_failures_total", "reason" => e.code())
@@ -379,6 +381,11 @@ impl SandboxManager {
                 .labels
                 .insert(labels::POOL.to_string(), "true".to_string());
         }
+        if !pool_member {
+            // Before the container exists: recovery reads a stopped container with a
+            // pause record as paused, and this one must never be read so.
+            self.note_lifecycle(&info.id, spec.lifecycle, r, &spec.envs)?;
+        }
         let created = match backend.create(&container).await {
             Ok(created) => created,
             Err(e) => {
@@ -402,7 +409,8 @@ impl SandboxManager {
         let started = async {
             let client = self.wait_agent(&name, secret).await?;
             if !pool_member {
-                self.init_agent(&client, r, &spec.envs).await?;
+                self.init_agent(&client, &r.template, &r.user, &spec.envs)
+                    .await?;
             }
             if r.template.start_cmd.is_some() || r.template.ready_cmd.is_some() {
                 self.start_and_wait_ready(&client, &r.template, &r.template.user)
@@ -484,14 +492,20 @@ impl SandboxManager {
             .agent_address(name, self.agent_port())
             .await?;
         let client = AgentClient::new(self.inner.http.clone(), addr.addr, secret);
+        self.await_health(&client, name).await?;
+        Ok(client)
+    }
+
+    /// Waits for the agent behind `client` (of container `name`) to answer `/health`.
+    pub(super) async fn await_health(&self, client: &AgentClient, name: &str) -> Result<()> {
         let limit = self.inner.config.agent_ready_timeout;
         let deadline = Instant::now() + limit;
         let mut pause = Duration::from_millis(5);
         loop {
             match client.health().await {
-                Ok(()) => return Ok(client),
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() + pause >= deadline => {
-                    tracing::warn!(container = name, agent = %addr.addr, error = %e,
+                    tracing::warn!(container = name, agent = %client.addr(), error = %e,
                         "the sandbox agent did not answer /health in time");
                     return Err(Error::Timeout(limit));
                 }
@@ -508,19 +522,20 @@ impl SandboxManager {
     pub(super) async fn init_agent(
         &self,
         client: &AgentClient,
-        r: &Resolved,
+        template: &Template,
+        user: &str,
         envs: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
         // The user's own workdir only with the template's user: another user starts
         // in their home.
-        let workdir = (r.user == r.template.user)
-            .then(|| r.template.workdir.clone())
+        let workdir = (user == template.user)
+            .then(|| template.workdir.clone())
             .flatten();
         client
             .init(&InitRequest {
                 env_vars: Some(envs.clone()),
                 access_token: Some(client.token().to_string()),
-                default_user: Some(r.user.clone()),
+                default_user: Some(user.to_string()),
                 default_workdir: workdir,
             })
             .await

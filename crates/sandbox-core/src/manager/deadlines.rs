@@ -121,6 +121,15 @@ impl SandboxManager {
                 ],
             ),
         );
+        self.set_deadline(id, deadline)
+    }
+
+    /// Moves sandbox `id`'s deadline to `deadline`, kept across a restart.
+    pub(super) fn set_deadline(
+        &self,
+        id: &SandboxId,
+        deadline: OffsetDateTime,
+    ) -> Result<SandboxInfo> {
         self.info(id)?;
         self.inner.deadlines.save(id, deadline)?;
         let info = {
@@ -182,12 +191,34 @@ impl SandboxManager {
     /// Removes every sandbox whose deadline has passed; returns how many were removed.
     pub async fn reap_expired(&self) -> usize {
         let now = OffsetDateTime::now_utc();
+        let due: Vec<SandboxInfo> = self
+            .registry()
+            .sandboxes
+            .values()
+            .filter(|s| s.expires_at <= now)
+            .cloned()
+            .collect();
+        // Sandboxes created with `on_timeout: pause` are paused instead.
+        let mut to_pause = Vec::new();
+        let mut to_kill = HashSet::new();
+        for info in &due {
+            match self.pause_at_deadline(info) {
+                Some(keep_memory) => to_pause.push((info.id.clone(), keep_memory)),
+                None => {
+                    to_kill.insert(info.id.clone());
+                }
+            }
+        }
+        let pauses = to_pause
+            .iter()
+            .map(|(id, keep_memory)| self.pause_expired(id, *keep_memory));
+        futures_util::future::join_all(pauses).await;
         let expired: Vec<SandboxInfo> = {
             let mut reg = self.registry();
             let ids: Vec<SandboxId> = reg
                 .sandboxes
                 .values()
-                .filter(|s| s.expires_at <= now)
+                .filter(|s| s.expires_at <= now && to_kill.contains(&s.id))
                 .map(|s| s.id.clone())
                 .collect();
             ids.iter()
@@ -196,7 +227,8 @@ impl SandboxManager {
         };
         let count = expired.len();
         let removals = expired.into_iter().map(|info| async move {
-            tracing::info!(sandbox = %info.id, "sandbox expired; removing");
+            let paused = info.state == crate::types::SandboxState::Paused;
+            tracing::info!(sandbox = %info.id, paused, "sandbox expired; removing");
             if info.state == crate::types::SandboxState::Running {
                 self.pull_agent_events(&info.id).await;
             }
@@ -205,7 +237,15 @@ impl SandboxManager {
                     self.forget(&info.id);
                     self.end_log(
                         &info.id,
-                        LogEntry::now(LogLevel::Info, "sandbox reached its timeout and was removed", &[]),
+                        LogEntry::now(
+                            LogLevel::Info,
+                            if paused {
+                                "paused sandbox reached the paused retention and was removed"
+                            } else {
+                                "sandbox reached its timeout and was removed"
+                            },
+                            &[],
+                        ),
                     );
                     metrics::counter!("colima_e2b_sandbox_expiries_total").increment(1);
                 }

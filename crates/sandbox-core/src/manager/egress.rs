@@ -263,8 +263,30 @@ impl SandboxManager {
     /// rules again (called by recovery, before anything runs).
     pub(super) async fn restore_networks(&self, live: &HashSet<SandboxId>) {
         self.inner.networks.restore(live);
-        // A container the engine restarted may have a new address.
+        // A container the engine restarted may have a new address; a stopped one (a
+        // filesystem pause) has none until it starts again.
         for (id, mut net) in self.inner.networks.keyed() {
+            if self.parked(&id)
+                && self
+                    .info(&id)
+                    .is_ok_and(|i| i.state == SandboxState::Paused)
+            {
+                let stopped = self
+                    .inner
+                    .backend
+                    .inspect(&labels::container_name(&id))
+                    .await
+                    .is_ok_and(|c| {
+                        !matches!(c.state, SandboxState::Running | SandboxState::Paused)
+                    });
+                if stopped {
+                    net.addr = None;
+                    if let Err(e) = self.inner.networks.save(&id, &net) {
+                        tracing::warn!(sandbox = %id, error = %e, "could not keep a sandbox's network config");
+                    }
+                    continue;
+                }
+            }
             if let Ok(addr) = self.sandbox_ipv4(&id).await {
                 if net.addr != Some(addr) {
                     net.addr = Some(addr);
@@ -279,6 +301,46 @@ impl SandboxManager {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "could not install the sandboxes' egress rules"),
         }
+    }
+
+    /// A sandbox whose container stops (a filesystem pause) gives its address back to
+    /// the engine: its rules leave the table, so a new container given that address is
+    /// not caught by them, until [`unpark_egress`](Self::unpark_egress).
+    pub(super) async fn park_egress(&self, id: &SandboxId) {
+        let Some(mut net) = self.inner.networks.get(id).filter(|n| n.addr.is_some()) else {
+            return;
+        };
+        net.addr = None;
+        let _apply = self.inner.egress_lock.lock().await;
+        if let Err(e) = self.inner.networks.save(id, &net) {
+            tracing::warn!(sandbox = %id, error = %e, "could not keep a sandbox's network config");
+        }
+        if let Err(e) = self.apply_egress().await {
+            tracing::warn!(sandbox = %id, error = %e, "could not remove a stopped sandbox's egress rules");
+        }
+    }
+
+    /// A sandbox's container started again: its rules are installed at its new address
+    /// before anything but its agent runs.
+    pub(super) async fn unpark_egress(&self, id: &SandboxId) -> Result<()> {
+        let Some(mut net) = self.inner.networks.get(id) else {
+            return Ok(());
+        };
+        let info = self.info(id)?;
+        let rules = parse(&net.config, self.proxy_port().is_some())?;
+        if rules.is_open() || !info.internet {
+            return Ok(());
+        }
+        net.addr = Some(self.sandbox_ipv4(id).await?);
+        self.release_address(id).await;
+        let _apply = self.inner.egress_lock.lock().await;
+        self.inner.networks.save(id, &net)?;
+        self.apply_egress().await.map_err(|e| {
+            Error::backend(
+                "egress",
+                format!("installing sandbox {id}'s egress rules: {e}"),
+            )
+        })
     }
 
     /// Installs the egress table again if someone removed it (called by the firewall

@@ -1,4 +1,4 @@
-//! Lifecycle after creation: kill, pause, resume, and E2B's connect.
+//! Lifecycle after creation: kill, and E2B's connect (pause and resume: [`super::pausing`]).
 
 use std::time::Duration;
 
@@ -39,57 +39,23 @@ impl SandboxManager {
         }
     }
 
-    /// Freezes a running sandbox (its deadline keeps running).
-    pub async fn pause(&self, id: &SandboxId) -> Result<SandboxInfo> {
-        let info = self.info(id)?;
-        if info.state == SandboxState::Paused {
-            return Err(Error::Conflict(format!("sandbox {id} is already paused")));
-        }
-        self.require_pause()?;
-        self.inner
-            .backend
-            .pause(&labels::container_name(id))
-            .await?;
-        self.log(id, LogEntry::now(LogLevel::Info, "sandbox paused", &[]));
-        self.set_state(id, SandboxState::Paused)
-    }
-
-    /// Thaws a paused sandbox.
-    pub async fn resume(&self, id: &SandboxId) -> Result<SandboxInfo> {
-        let info = self.info(id)?;
-        if info.state != SandboxState::Paused {
-            return Err(Error::Conflict(format!("sandbox {id} is not paused")));
-        }
-        self.require_pause()?;
-        self.inner
-            .backend
-            .resume(&labels::container_name(id))
-            .await?;
-        self.log(id, LogEntry::now(LogLevel::Info, "sandbox resumed", &[]));
-        self.set_state(id, SandboxState::Running)
-    }
-
-    /// E2B's connect: resumes a paused sandbox, then makes it live at least `timeout`
-    /// from now (never shorter). Returns the sandbox and whether it was resumed.
-    pub async fn connect(&self, id: &SandboxId, timeout: Duration) -> Result<(SandboxInfo, bool)> {
-        let resumed = match self.info(id)?.state {
-            SandboxState::Paused => {
-                self.resume(id).await?;
-                true
+    /// E2B's connect: resumes a paused sandbox for `timeout` (from its filesystem when
+    /// `cold`), or makes a running one live at least `timeout` from now (never
+    /// shorter). Returns the sandbox and whether it was resumed.
+    pub async fn connect(
+        &self,
+        id: &SandboxId,
+        timeout: Duration,
+        cold: bool,
+    ) -> Result<(SandboxInfo, bool)> {
+        if self.info(id)?.state == SandboxState::Paused {
+            match self.resume(id, Some(timeout), cold).await {
+                Ok(info) => return Ok((info, true)),
+                // Resumed by someone else meanwhile: connect to it as running.
+                Err(Error::Conflict(_)) => {}
+                Err(e) => return Err(e),
             }
-            _ => false,
-        };
-        Ok((self.extend_timeout(id, timeout)?, resumed))
-    }
-
-    fn require_pause(&self) -> Result<()> {
-        if self.inner.backend.capabilities().pause {
-            Ok(())
-        } else {
-            Err(Error::Unsupported {
-                backend: self.inner.backend.name(),
-                operation: "pause",
-            })
         }
+        Ok((self.extend_timeout(id, timeout)?, false))
     }
 }

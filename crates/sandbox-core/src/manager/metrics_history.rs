@@ -130,7 +130,8 @@ impl SandboxManager {
         if info.state != SandboxState::Running {
             return Err(Error::Conflict(format!("sandbox {id} is not running")));
         }
-        let m = self.agent(id).await?.metrics().await?;
+        // Not `agent`: a sample must never wake a paused sandbox.
+        let m = self.agent_client(id).await?.metrics().await?;
         // The sandbox's limit bounds what it has, whatever the kernel reports.
         let limit = info.limits.memory_mb.saturating_mul(1 << 20);
         let mem_total = if m.mem_total == 0 {

@@ -8,7 +8,9 @@
 //! - [`agents`]: clients of sandboxes' agents, routes into sandboxes, signed URLs.
 //! - [`code`](self::code): code runs in a sandbox's code interpreter (native API).
 //! - [`commands`]: the native API's commands, with their timeouts and output caps.
-//! - [`lifecycle`]: kill, pause, resume, connect.
+//! - [`lifecycle`]: kill and E2B's connect.
+//! - [`pausing`]: pause and resume (with memory or from the filesystem), what a
+//!   deadline does (`on_timeout`), auto-resume.
 //! - [`pool`]: the warm pool: sandboxes started ahead of demand, claimed by creates.
 //! - [`reclaim`]: ended sandboxes' containers, killed at once and deleted in the
 //!   background.
@@ -28,6 +30,7 @@ mod host_firewall;
 mod images;
 mod lifecycle;
 pub mod metrics_history;
+mod pausing;
 mod pool;
 mod reclaim;
 mod recovery;
@@ -96,6 +99,8 @@ pub struct ManagerConfig {
     pub max_sandboxes: usize,
     /// Longest timeout a client may ask for.
     pub max_timeout: Duration,
+    /// How long a paused sandbox is kept before it is removed.
+    pub paused_retention: Duration,
     /// Commands of the native API: default and longest timeout, output kept.
     pub commands: CommandLimits,
     /// Where state that must survive a restart is kept: deadline changes (`deadlines/`),
@@ -141,6 +146,7 @@ impl Default for ManagerConfig {
             pool: PoolConfig::default(),
             max_sandboxes: 100,
             max_timeout: Duration::from_secs(24 * 3600),
+            paused_retention: Duration::from_secs(30 * 24 * 3600),
             commands: CommandLimits::default(),
             state_dir: None,
             main_command: vec!["sleep".into(), "infinity".into()],
@@ -229,6 +235,10 @@ struct Inner {
     proxied: crate::network::egress_proxy::ProxiedRules,
     /// Egress tables of other servers on this host (see `release_address`).
     foreign_egress: Mutex<Vec<String>>,
+    /// Sandboxes' lifecycles and pause records.
+    lifecycles: pausing::LifecycleStore,
+    /// One lifecycle change per sandbox at a time.
+    turns: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -263,6 +273,8 @@ impl SandboxManager {
         let claims = pool::ClaimStore::new(config.state_dir.as_ref().map(|d| d.join("claims")));
         let networks =
             egress::NetworkStore::new(config.state_dir.as_ref().map(|d| d.join("network")));
+        let lifecycles =
+            pausing::LifecycleStore::new(config.state_dir.as_ref().map(|d| d.join("lifecycle")));
         let mut builds = config.builds.clone();
         if builds.dir.is_none() {
             builds.dir = config.state_dir.as_ref().map(|d| d.join("templates"));
@@ -302,6 +314,8 @@ impl SandboxManager {
                 egress_proxy: std::sync::OnceLock::new(),
                 proxied: Default::default(),
                 foreign_egress: Mutex::new(Vec::new()),
+                lifecycles,
+                turns: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -356,6 +370,7 @@ impl SandboxManager {
         self.inner.claims.forget(id);
         self.agents().remove(id);
         self.inner.metrics_history.forget(id);
+        self.forget_lifecycle(id);
         if self.inner.networks.get(id).is_some() {
             let (manager, id) = (self.clone(), id.clone());
             tokio::spawn(async move { manager.forget_network(&id).await });
@@ -417,9 +432,15 @@ impl SandboxManager {
             .await
         {
             Ok(container) => {
-                info.state = container.state;
+                // A pause that kept only the filesystem is a stopped container.
+                info.state = match container.state {
+                    SandboxState::Exited | SandboxState::Created if self.parked(id) => {
+                        SandboxState::Paused
+                    }
+                    state => state,
+                };
                 if let Some(s) = self.registry().sandboxes.get_mut(id) {
-                    s.state = container.state;
+                    s.state = info.state;
                 }
                 Ok(info)
             }

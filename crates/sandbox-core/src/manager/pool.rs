@@ -335,7 +335,13 @@ impl SandboxManager {
         // member, so it goes back to the pool.
         let noted = self.reserve().and_then(|reservation| {
             self.inner.journal.begin(&id)?;
-            if let Err(e) = self.inner.claims.save(&info) {
+            if let Err(e) = self
+                .inner
+                .claims
+                .save(&info)
+                .and_then(|()| self.note_lifecycle(&id, spec.lifecycle, r, &spec.envs))
+            {
+                self.inner.claims.forget(&id);
                 self.inner.journal.end(&id);
                 return Err(e);
             }
@@ -354,8 +360,12 @@ impl SandboxManager {
                 return Err(Claim::Refused(e));
             }
         };
-        if let Err(e) = self.init_agent(&member.client, r, &spec.envs).await {
+        if let Err(e) = self
+            .init_agent(&member.client, &r.template, &r.user, &spec.envs)
+            .await
+        {
             self.inner.claims.forget(&id);
+            self.forget_lifecycle(&id);
             self.inner.journal.end(&id);
             return Err(Claim::Broken(e));
         }

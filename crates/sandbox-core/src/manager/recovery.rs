@@ -1,6 +1,6 @@
 //! Re-adoption after a restart: this server's containers are read back from the engine;
-//! running and paused ones are managed again with their deadlines; expired, stopped and
-//! unreadable ones are removed, and so is every container whose create never finished
+//! running and paused ones (stopped ones with a pause record included) are managed again
+//! with their deadlines; expired, other stopped and unreadable ones are removed, and so is every container whose create never finished
 //! (the [`CreateJournal`] says which: its client got no answer).
 
 use std::collections::HashSet;
@@ -125,6 +125,16 @@ impl SandboxManager {
             if let Some(deadline) = self.inner.deadlines.load(&info.id) {
                 info.expires_at = deadline;
             }
+            // A stopped container with a pause record is a paused sandbox (a filesystem
+            // pause, or a frozen one whose engine restarted and lost its memory).
+            let parked = self
+                .inner
+                .lifecycles
+                .load(&info.id)
+                .is_some_and(|r| r.paused.is_some());
+            if parked && matches!(info.state, SandboxState::Exited | SandboxState::Created) {
+                info.state = SandboxState::Paused;
+            }
             if unclaimed && !unfinished.contains(&info.id) {
                 members.push(info);
             } else if unfinished.contains(&info.id) {
@@ -156,6 +166,8 @@ impl SandboxManager {
         }
         self.inner.deadlines.retain(&live);
         self.inner.claims.retain(&live);
+        self.inner.lifecycles.restore(&live);
+        self.settle_pause_records(&live);
         self.restore_networks(&live).await;
         for id in &live {
             self.release_address(id).await;

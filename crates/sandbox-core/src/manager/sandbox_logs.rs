@@ -252,7 +252,9 @@ impl SandboxManager {
     /// Copies the agent's new events into sandbox `id`'s log (quietly: a sandbox that
     /// does not answer is read next time).
     pub(super) async fn pull_agent_events(&self, id: &SandboxId) {
-        let Ok(agent) = self.agent(id).await else {
+        // Not `agent`: reading the log must never wake a paused sandbox (its callers
+        // know it runs).
+        let Ok(agent) = self.agent_client(id).await else {
             return;
         };
         let after = self.inner.logs.agent_seq(id);

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::labels;
 use crate::manager::{ManagerConfig, SandboxManager};
 use crate::template::Template;
-use crate::types::{SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use crate::types::{Lifecycle, OnTimeout, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 use crate::InMemoryBackend;
 use crate::SandboxBackend;
 
@@ -124,6 +124,12 @@ impl SandboxBackend for TestEngine {
     }
     async fn remove(&self, name: &str) -> Result<()> {
         self.inner.remove(name).await
+    }
+    async fn stop(&self, name: &str) -> Result<()> {
+        self.inner.stop(name).await
+    }
+    async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        self.inner.start(name).await
     }
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
         self.inner.agent_address(name, port).await
@@ -239,6 +245,13 @@ async fn create_get_list_kill_round_trip() {
     assert!(m.list(&filter).is_empty());
 
     m.kill(&info.id).await.expect("kill");
+    // Killed at once, deleted in the background.
+    for _ in 0..100 {
+        if backend.names().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(backend.names().is_empty());
     assert!(matches!(m.get(&info.id).await, Err(Error::NotFound { .. })));
     assert!(matches!(
@@ -444,20 +457,160 @@ async fn restart_adopts_live_and_removes_expired_and_half_created() {
 async fn pause_and_resume_track_state_and_conflicts() {
     let (_backend, m) = manager(None);
     let info = m.create(spec(60)).await.expect("create");
-    assert!(matches!(m.resume(&info.id).await, Err(Error::Conflict(_))));
-    assert_eq!(
-        m.pause(&info.id).await.expect("pause").state,
-        SandboxState::Paused
-    );
-    assert!(matches!(m.pause(&info.id).await, Err(Error::Conflict(_))));
+    assert!(matches!(
+        m.resume(&info.id, None, false).await,
+        Err(Error::Conflict(_))
+    ));
+    let paused = m.pause(&info.id, true).await.expect("pause");
+    assert_eq!(paused.state, SandboxState::Paused);
+    // A paused sandbox's deadline is the paused retention, not its timeout.
+    let retention = ManagerConfig::default().paused_retention;
+    assert!(paused.expires_at > OffsetDateTime::now_utc() + retention - Duration::from_secs(60));
+    assert!(matches!(
+        m.pause(&info.id, true).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        m.pause(&info.id, false).await,
+        Err(Error::Conflict(_))
+    ));
     assert_eq!(
         m.get(&info.id).await.expect("get").state,
         SandboxState::Paused
     );
+    assert_eq!(m.paused_with_memory(&info.id), Some(true));
+    let resumed = m
+        .resume(&info.id, Some(Duration::from_secs(30)), false)
+        .await
+        .expect("resume");
+    assert_eq!(resumed.state, SandboxState::Running);
+    let left = resumed.expires_at - OffsetDateTime::now_utc();
+    assert!(left <= time::Duration::seconds(30) && left > time::Duration::seconds(20));
+    assert_eq!(m.paused_with_memory(&info.id), None);
+}
+
+#[tokio::test]
+async fn a_filesystem_pause_stops_the_container_and_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("colima-e2b-test-{}", SandboxId::generate()));
+    let (backend, m) = manager(Some(dir.clone()));
+    let info = m.create(spec(60)).await.expect("create");
+    let name = labels::container_name(&info.id);
+    m.pause(&info.id, false).await.expect("pause");
     assert_eq!(
-        m.resume(&info.id).await.expect("resume").state,
+        backend.inspect(&name).await.expect("inspect").state,
+        SandboxState::Exited,
+        "the container is stopped: its memory is freed"
+    );
+    assert_eq!(
+        m.get(&info.id).await.expect("get").state,
+        SandboxState::Paused
+    );
+    assert_eq!(m.paused_with_memory(&info.id), Some(false));
+
+    // A new server over the same engine and state: the stopped container is a paused
+    // sandbox, not a dead one.
+    let m2 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
+    let report = m2.start().await.expect("start");
+    assert_eq!((report.adopted, report.broken), (1, 0));
+    assert_eq!(
+        m2.info(&info.id).expect("adopted").state,
+        SandboxState::Paused
+    );
+    assert_eq!(m2.paused_with_memory(&info.id), Some(false));
+    // Resuming with no timeout gives it its create's timeout again.
+    let resumed = m2.resume(&info.id, None, false).await.expect("resume");
+    assert_eq!(resumed.state, SandboxState::Running);
+    assert_eq!(
+        backend.inspect(&name).await.expect("inspect").state,
         SandboxState::Running
     );
+    let left = resumed.expires_at - OffsetDateTime::now_utc();
+    assert!(left <= time::Duration::seconds(60) && left > time::Duration::seconds(50));
+
+    // A stopped container without a pause record is still a dead one.
+    m2.pause(&info.id, false).await.expect("pause again");
+    std::fs::remove_dir_all(dir.join("lifecycle")).expect("drop the records");
+    let m3 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
+    let report = m3.start().await.expect("start");
+    assert_eq!((report.adopted, report.broken), (0, 1));
+    assert!(backend.names().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn on_timeout_pause_pauses_at_the_deadline_and_auto_resume_wakes_it() {
+    let (backend, m) = manager(None);
+    let mut s = spec(1);
+    s.lifecycle = Lifecycle {
+        on_timeout: OnTimeout::Pause,
+        keep_memory: true,
+        auto_resume: true,
+    };
+    let info = m.create(s).await.expect("create");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(m.reap_expired().await, 0, "nothing is removed");
+    let now = m.info(&info.id).expect("still there");
+    assert_eq!(now.state, SandboxState::Paused);
+    assert_eq!(
+        backend
+            .inspect(&labels::container_name(&info.id))
+            .await
+            .expect("inspect")
+            .state,
+        SandboxState::Paused,
+        "frozen, with its memory"
+    );
+    // A request into it resumes it first (this server runs no agent, so the request
+    // itself then fails, after the wake).
+    let _ = m.agent(&info.id).await;
+    let woke = m.info(&info.id).expect("still there");
+    assert_eq!(woke.state, SandboxState::Running);
+    assert!(woke.expires_at > OffsetDateTime::now_utc());
+
+    // Without auto-resume a request finds it paused.
+    let mut s = spec(1);
+    s.lifecycle.on_timeout = OnTimeout::Pause;
+    s.lifecycle.keep_memory = false;
+    let plain = m.create(s).await.expect("create");
+    m.pause(&plain.id, false).await.expect("pause");
+    assert!(matches!(m.agent(&plain.id).await, Err(Error::Conflict(_))));
+    assert_eq!(
+        m.info(&plain.id).expect("there").state,
+        SandboxState::Paused
+    );
+}
+
+#[tokio::test]
+async fn a_paused_sandbox_is_removed_after_the_retention_and_bad_lifecycles_are_refused() {
+    let backend = Arc::new(TestEngine::default());
+    let m = SandboxManager::new(
+        backend.clone(),
+        ManagerConfig {
+            paused_retention: Duration::from_secs(1),
+            ..config(None)
+        },
+    );
+    let info = m.create(spec(60)).await.expect("create");
+    m.pause(&info.id, false).await.expect("pause");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(m.reap_expired().await, 1);
+    assert!(m.info(&info.id).is_err());
+
+    for lifecycle in [
+        Lifecycle {
+            auto_resume: true,
+            ..Lifecycle::default()
+        },
+        Lifecycle {
+            on_timeout: OnTimeout::Pause,
+            keep_memory: false,
+            auto_resume: true,
+        },
+    ] {
+        let mut s = spec(60);
+        s.lifecycle = lifecycle;
+        assert!(matches!(m.create(s).await, Err(Error::InvalidArgument(_))));
+    }
 }
 
 #[tokio::test]
