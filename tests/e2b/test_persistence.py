@@ -20,6 +20,13 @@ Coverage (test -> behaviour)
   test_filesystem_auto_pause_needs_connect         on_timeout {"action": "pause",
                                                    filesystem only}: stopped at the
                                                    deadline, connect() boots it again
+  test_snapshot_create_list_delete                 create_snapshot(name) (the source runs
+                                                   on), Sandbox.create(snapshot_id) has
+                                                   its files, list_snapshots (instance
+                                                   and class), delete_snapshot
+  test_fork_of_three                               fork(count=3, timeout): three
+                                                   sandboxes with the source's files and
+                                                   metadata, processes not carried over
 """
 
 from __future__ import annotations
@@ -108,3 +115,44 @@ def test_filesystem_auto_pause_needs_connect():
         assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
     finally:
         Sandbox.kill(s.sandbox_id)
+
+
+def test_snapshot_create_list_delete(new_sandbox):
+    s = new_sandbox()
+    s.files.write("/home/user/snap.txt", "snapped")
+    name = f"snap-{uuid.uuid4().hex[:8]}"
+    snap = s.create_snapshot(name=name)
+    assert snap.names == [name]
+    assert Sandbox.get_info(s.sandbox_id).state == SandboxState.RUNNING
+    assert [x.snapshot_id for x in s.list_snapshots().next_items()] == [snap.snapshot_id]
+    assert snap.snapshot_id in [x.snapshot_id for x in Sandbox.list_snapshots().next_items()]
+    child = Sandbox.create(snap.snapshot_id, timeout=120)
+    try:
+        assert child.files.read("/home/user/snap.txt") == "snapped"
+    finally:
+        child.kill()
+    assert Sandbox.delete_snapshot(snap.snapshot_id) is True
+    assert Sandbox.delete_snapshot(snap.snapshot_id) is False, "a second delete: 404"
+    assert s.list_snapshots().next_items() == []
+
+
+def test_fork_of_three(new_sandbox):
+    group = uuid.uuid4().hex[:8]
+    s = new_sandbox(metadata={"fork": group})
+    s.files.write("/home/user/forked.txt", "forked")
+    bg = s.commands.run("sleep 4245", background=True, timeout=0)
+    bg.disconnect()
+    forks = s.fork(count=3, timeout=120)
+    try:
+        assert len(forks) == 3
+        for f in forks:
+            assert isinstance(f, Sandbox), f
+            assert f.sandbox_id != s.sandbox_id
+            assert f.files.read("/home/user/forked.txt") == "forked"
+            assert Sandbox.get_info(f.sandbox_id).metadata.get("fork") == group
+            assert all(p.cmd != "sleep" or "4245" not in p.args for p in f.commands.list())
+        assert len({f.sandbox_id for f in forks}) == 3
+    finally:
+        for f in forks:
+            if isinstance(f, Sandbox):
+                f.kill()

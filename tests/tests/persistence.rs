@@ -411,3 +411,166 @@ async fn e2b_pause_modes_and_a_reboot_on_connect() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(sh(&server, &id, "echo up").await, "up");
 }
+
+/// Whether the engine has an image whose reference contains `part`.
+fn engine_has_image(part: &str) -> bool {
+    let out = tests::engine_command()
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .output()
+        .expect("engine CLI");
+    String::from_utf8_lossy(&out.stdout).contains(part)
+}
+
+#[tokio::test]
+async fn snapshots_and_forks_start_sandboxes_from_a_capture_and_free_it() {
+    let options = options();
+    let _cleanup = OwnerCleanup(options.clone());
+    let mut server = Server::start(options.clone()).await;
+    let source = server
+        .create_sandbox(json!({"template": "boots", "timeout": 600, "metadata": {"team": "a"}}))
+        .await;
+    sh(&server, &source, "echo captured > /home/user/c.txt").await;
+    server.background(&source, "sleep 321").await;
+
+    // A named snapshot through E2B's API; the source runs on.
+    let path = format!("/sandboxes/{source}/snapshots");
+    let (status, snap) = e2b(
+        &server,
+        reqwest::Method::POST,
+        &path,
+        json!({"name": "team-a-snap"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{snap}");
+    assert_eq!(snap["names"], json!(["team-a-snap"]));
+    let snap_id = snap["snapshotID"].as_str().expect("id").to_string();
+    assert_eq!(state_of(&server, &source).await, "running");
+    assert!(!sh(&server, &source, "pgrep -fx 'sleep 321'")
+        .await
+        .is_empty());
+    let (status, again) = e2b(
+        &server,
+        reqwest::Method::POST,
+        &path,
+        json!({"name": "team-a-snap"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &again["snapshotID"]),
+        (201, &snap["snapshotID"]),
+        "{again}"
+    );
+    let (status, listed) = e2b(
+        &server,
+        reqwest::Method::GET,
+        &format!("/snapshots?sandboxID={source}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listed,
+        json!([{"snapshotID": snap_id, "names": ["team-a-snap"]}])
+    );
+
+    // It survives a server crash, and sandboxes start from it: its files, not its
+    // processes; the template's start command runs again.
+    server.kill9();
+    let server = Server::start(options).await;
+    let (status, from) = e2b(
+        &server,
+        reqwest::Method::POST,
+        "/sandboxes",
+        json!({"templateID": snap_id, "timeout": 120}),
+    )
+    .await;
+    assert_eq!(status, 201, "{from}");
+    let from = from["sandboxID"].as_str().expect("id").to_string();
+    assert_eq!(sh(&server, &from, "cat /home/user/c.txt").await, "captured");
+    assert_eq!(
+        sh(&server, &from, "pgrep -fx 'sleep 321' || echo none").await,
+        "none"
+    );
+    let starts = eventually(Duration::from_secs(30), || async {
+        server.run(&from, "wc -l < /home/user/starts.log").await.1["stdout"]
+            .as_str()
+            .is_some_and(|s| s.trim() == "2")
+    })
+    .await;
+    assert!(
+        starts,
+        "the start command did not run again in the snapshot's sandbox"
+    );
+    let (status, body) = e2b(
+        &server,
+        reqwest::Method::DELETE,
+        &format!("/templates/{snap_id}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 409, "deleted while a sandbox uses it: {body}");
+
+    // Fork of 3 through the native API: one capture, the source's metadata.
+    let (status, forks) = json_of(
+        server
+            .post(
+                &format!("/sandboxes/{source}/fork"),
+                json!({"count": 3, "timeout": 120}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{forks}");
+    let forks: Vec<String> = forks
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|f| {
+            f["sandbox"]["sandbox_id"]
+                .as_str()
+                .expect("a fork")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(forks.len(), 3);
+    let (_, info) = json_of(server.get(&format!("/sandboxes/{}", forks[0])).await).await;
+    let capture = info["template_id"].as_str().expect("template").to_string();
+    assert_ne!(capture, snap_id);
+    assert_eq!(info["metadata"]["team"], "a");
+    for f in &forks {
+        assert_eq!(sh(&server, f, "cat /home/user/c.txt").await, "captured");
+    }
+    assert!(engine_has_image(&capture), "the capture's image");
+    let (status, _) = json_of(
+        server
+            .post(&format!("/sandboxes/{source}/fork"), json!({"count": 101}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 422, "a count over 100");
+
+    // The capture goes with its last sandbox; the snapshot with its delete.
+    for f in &forks {
+        assert_eq!(
+            server.delete(&format!("/sandboxes/{f}")).await.status(),
+            200
+        );
+    }
+    let freed = eventually(Duration::from_secs(90), || async {
+        !engine_has_image(&capture)
+    })
+    .await;
+    assert!(freed, "the fork's capture image outlived its sandboxes");
+    assert_eq!(
+        server.delete(&format!("/sandboxes/{from}")).await.status(),
+        200
+    );
+    let (status, body) = json_of(server.delete(&format!("/snapshots/{snap_id}")).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !engine_has_image(&snap_id),
+        "the snapshot's images are removed"
+    );
+    let (_, listed) = json_of(server.get("/snapshots").await).await;
+    assert_eq!(listed, json!([]));
+}

@@ -746,10 +746,13 @@ fn backing_filesystem(info: &bollard::models::SystemInfo) -> Option<String> {
 
 /// What an image inspect says of the image.
 fn image_info_of(i: bollard::models::ImageInspect) -> ImageInfo {
+    let config = i.config.unwrap_or_default();
     ImageInfo {
         size: i.size.and_then(|s| u64::try_from(s).ok()),
         id: i.id,
-        user: i.config.and_then(|c| c.user),
+        user: config.user,
+        entrypoint: config.entrypoint,
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
     }
 }
 
@@ -1084,6 +1087,19 @@ impl SandboxBackend for DockerBackend {
             .map_err(|e| self.map_err(&format!("container {name}"), e))
     }
 
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        running: bool,
+    ) -> Result<ImageInfo> {
+        sandbox_core::backend::image::snapshot_with(self, name, image, labels, running).await?;
+        self.image_info(image)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
+    }
+
     async fn start(&self, name: &str) -> Result<ContainerInfo> {
         self.docker
             .start_container(name, None::<StartContainerOptions>)
@@ -1206,7 +1222,14 @@ impl DeriveSteps for DockerBackend {
             .map_err(|e| self.map_err(&format!("container {name}"), e))
     }
 
-    async fn commit(&self, name: &str, repo: &str, tag: &str, changes: &[String]) -> Result<()> {
+    async fn commit(
+        &self,
+        name: &str,
+        repo: &str,
+        tag: &str,
+        changes: &[String],
+        pause: bool,
+    ) -> Result<()> {
         self.docker
             .commit_container(
                 CommitContainerOptions {
@@ -1214,7 +1237,7 @@ impl DeriveSteps for DockerBackend {
                     repo: Some(repo.to_string()),
                     tag: Some(tag.to_string()),
                     changes: Some(changes.join("\n")),
-                    pause: false,
+                    pause,
                     ..Default::default()
                 },
                 ContainerConfig::default(),

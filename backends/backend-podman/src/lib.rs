@@ -514,6 +514,23 @@ impl PodmanBackend {
                 .pointer("/Config/User")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            entrypoint: v
+                .pointer("/Config/Entrypoint")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                }),
+            labels: v
+                .pointer("/Config/Labels")
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -924,6 +941,19 @@ impl SandboxBackend for PodmanBackend {
             .map_err(|e| self.api_err(e, &format!("container {name}")))
     }
 
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        running: bool,
+    ) -> Result<ImageInfo> {
+        sandbox_core::backend::image::snapshot_with(self, name, image, labels, running).await?;
+        self.image_info(image)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
+    }
+
     async fn start(&self, name: &str) -> Result<ContainerInfo> {
         self.start_and_inspect(name).await
     }
@@ -1030,12 +1060,19 @@ impl DeriveSteps for PodmanBackend {
             .map_err(|e| self.api_err(e, &format!("container {name}")))
     }
 
-    async fn commit(&self, name: &str, repo: &str, tag: &str, changes: &[String]) -> Result<()> {
+    async fn commit(
+        &self,
+        name: &str,
+        repo: &str,
+        tag: &str,
+        changes: &[String],
+        pause: bool,
+    ) -> Result<()> {
         let mut query = vec![
             ("container", name.to_string()),
             ("repo", repo.to_string()),
             ("tag", tag.to_string()),
-            ("pause", "false".to_string()),
+            ("pause", pause.to_string()),
         ];
         query.extend(changes.iter().map(|c| ("changes", c.clone())));
         let query = containers_api::url::encoded_pairs(query);

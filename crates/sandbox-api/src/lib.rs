@@ -18,6 +18,7 @@ pub mod health;
 pub mod logs;
 pub mod metrics;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod templates;
 pub mod text;
 
@@ -94,6 +95,7 @@ type Apis = (
     code::CodeApi,
     templates::TemplateApi,
     logs::LogApi,
+    snapshots::SnapshotApi,
 );
 
 fn service() -> OpenApiService<Apis, ()> {
@@ -106,6 +108,7 @@ fn service() -> OpenApiService<Apis, ()> {
             code::CodeApi,
             templates::TemplateApi,
             logs::LogApi,
+            snapshots::SnapshotApi,
         ),
         "colima-e2b",
         VERSION,
@@ -215,6 +218,9 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/pause", post(control::pause))
         .at("/sandboxes/:id/network", poem::put(e2b::network::update))
         .at("/sandboxes/:id/resume", post(control::resume))
+        .at("/sandboxes/:id/snapshots", post(e2b::snapshots::create))
+        .at("/sandboxes/:id/fork", post(e2b::snapshots::fork))
+        .at("/snapshots", get(e2b::snapshots::list))
         .at("/sandboxes/:id/metrics", get(control::metrics))
         .at("/sandboxes/metrics", get(control::metrics_batch))
         .at("/sandboxes/:id/logs", get(control::logs_v1))

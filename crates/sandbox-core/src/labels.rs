@@ -34,6 +34,9 @@ pub const LIMITS: &str = "dev.colima-e2b.limits";
 /// are in the server's state directory, not in these labels.
 pub const POOL: &str = "dev.colima-e2b.pool";
 
+/// On snapshot images: the sandbox they were captured from.
+pub const SNAPSHOT_OF: &str = "dev.colima-e2b.snapshot-of";
+
 /// On derived images: sha256 of the agent binary they carry.
 pub const AGENT_SHA256: &str = "dev.colima-e2b.agent-sha256";
 /// On derived images: the template image they were derived from.
@@ -99,6 +102,9 @@ pub fn for_sandbox(owner: &str, info: &SandboxInfo) -> BTreeMap<String, String> 
         LIMITS.into(),
         serde_json::to_string(&info.limits).unwrap_or_else(|_| "{}".into()),
     );
+    // Always set: an image committed from a pool member (a snapshot) carries its
+    // labels, and a container's own labels are what must count.
+    labels.insert(POOL.into(), "false".into());
     labels
 }
 

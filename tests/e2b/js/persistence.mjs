@@ -2,7 +2,8 @@
 // package.json), unchanged: `pause()` (memory kept: processes go on), `pause({keepMemory:
 // false})` (only the filesystem: files kept, processes gone), `Sandbox.connect` resuming
 // both, and `lifecycle: {onTimeout: 'pause', autoResume: true}` paused at its deadline
-// and resumed by the next command. Needs E2B_API_URL, E2B_SANDBOX_URL, E2B_DOMAIN and
+// and resumed by the next command; createSnapshot, a create from it, fork and
+// deleteSnapshot. Needs E2B_API_URL, E2B_SANDBOX_URL, E2B_DOMAIN and
 // E2B_API_KEY (deploy/e2b-tests.sh sets them). Exits non-zero, naming the failed step.
 //
 //   cd tests/e2b/js && npm ci && node persistence.mjs
@@ -65,6 +66,27 @@ async function main() {
       const r = await auto.commands.run('cat /home/user/f.txt')
       check(r.stdout === 'before', `stdout ${JSON.stringify(r.stdout)}`)
       check((await Sandbox.getInfo(auto.sandboxId)).state === 'running', 'not resumed')
+    })
+
+    await run('createSnapshot, Sandbox.create(snapshotId), fork', async () => {
+      const src = await Sandbox.create({ timeoutMs: 300_000 })
+      sandboxes.push(src)
+      await src.files.write('/home/user/snap.txt', 'snapped')
+      const snap = await src.createSnapshot()
+      check(typeof snap.snapshotId === 'string' && snap.snapshotId.length > 0, JSON.stringify(snap))
+      const child = await Sandbox.create(snap.snapshotId, { timeoutMs: 120_000 })
+      sandboxes.push(child)
+      check((await child.files.read('/home/user/snap.txt')) === 'snapped', 'snapshot lost the file')
+      const forks = await src.fork({ count: 2, timeoutMs: 120_000 })
+      check(forks.length === 2, `forks: ${forks.length}`)
+      for (const f of forks) {
+        check(f instanceof Sandbox, `a fork failed: ${f}`)
+        sandboxes.push(f)
+        check((await f.files.read('/home/user/snap.txt')) === 'snapped', 'fork lost the file')
+      }
+      await child.kill()
+      sandboxes.splice(sandboxes.indexOf(child), 1)
+      check((await Sandbox.deleteSnapshot(snap.snapshotId)) === true, 'delete answered false')
     })
   } finally {
     progress.step = 'kill'

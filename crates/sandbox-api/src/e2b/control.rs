@@ -51,9 +51,14 @@ pub(crate) fn reject(status: StatusCode, message: impl Into<String>) -> Reject {
 }
 
 impl Reject {
+    /// The error body, `{code, message}`.
+    pub fn body(&self) -> Value {
+        json!({"code": self.status.as_u16(), "message": self.message})
+    }
+
     /// The HTTP response.
     pub fn into_response(self) -> Response {
-        let body = json!({"code": self.status.as_u16(), "message": self.message});
+        let body = self.body();
         let mut resp = Response::builder()
             .status(self.status)
             .content_type("application/json")
@@ -153,7 +158,7 @@ fn template_names(state: &AppState, reference: &str) -> (String, String) {
     }
 }
 
-fn sandbox_json(state: &AppState, info: &SandboxInfo, token: Option<&str>) -> Value {
+pub(super) fn sandbox_json(state: &AppState, info: &SandboxInfo, token: Option<&str>) -> Value {
     let (template_id, alias) = template_names(state, &info.template);
     let mut body = json!({
         "sandboxID": info.id.as_str(),
@@ -195,7 +200,10 @@ fn listed_json(state: &AppState, info: &SandboxInfo) -> Value {
 }
 
 /// The access token to hand out for `info`: secure sandboxes' clients must send it.
-async fn token_for(state: &AppState, info: &SandboxInfo) -> Result<Option<String>, Reject> {
+pub(super) async fn token_for(
+    state: &AppState,
+    info: &SandboxInfo,
+) -> Result<Option<String>, Reject> {
     if !info.secure {
         return Ok(None);
     }
@@ -350,7 +358,7 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
 }
 
 /// The pairs of a URL-encoded form (malformed input reads as no pairs).
-fn form_pairs(raw: &str) -> Vec<(String, String)> {
+pub(super) fn form_pairs(raw: &str) -> Vec<(String, String)> {
     serde_urlencoded::from_str(raw).unwrap_or_default()
 }
 

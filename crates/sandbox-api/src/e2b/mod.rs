@@ -12,6 +12,7 @@
 pub mod control;
 pub mod network;
 pub mod proxy;
+pub mod snapshots;
 pub mod templates;
 
 use std::sync::Arc;

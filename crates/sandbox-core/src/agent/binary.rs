@@ -96,6 +96,13 @@ impl AgentBinary {
 }
 
 impl AgentBinary {
+    /// Whether image `info` already runs this agent build as its entrypoint (a
+    /// snapshot, committed from a sandbox of a derived image): it needs no deriving.
+    pub fn carried_by(&self, info: &crate::backend::ImageInfo) -> bool {
+        info.labels.get(crate::labels::AGENT_SHA256) == Some(&self.sha256)
+            && info.entrypoint.as_deref() == Some(&[AGENT_PATH.to_string()][..])
+    }
+
     /// The derivation that puts this agent into `base` as its entrypoint, tagged
     /// [`AgentBinary::derived_tag`].
     pub fn derive_request(&self, base: &str, base_id: Option<&str>) -> crate::backend::DeriveImage {

@@ -142,10 +142,35 @@ pub trait DeriveSteps: Send + Sync {
     ) -> Result<()>;
     /// Extracts the uncompressed tar `archive` at `/` in container `name`.
     async fn upload(&self, name: &str, archive: Vec<u8>) -> Result<()>;
-    /// Commits container `name` as `repo:tag` with Dockerfile-style `changes`.
-    async fn commit(&self, name: &str, repo: &str, tag: &str, changes: &[String]) -> Result<()>;
+    /// Commits container `name` as `repo:tag` with Dockerfile-style `changes`, frozen
+    /// for the capture when `pause` (a running container).
+    async fn commit(
+        &self,
+        name: &str,
+        repo: &str,
+        tag: &str,
+        changes: &[String],
+        pause: bool,
+    ) -> Result<()>;
     /// Force-removes container `name`.
     async fn remove_temporary(&self, name: &str) -> Result<()>;
+}
+
+/// Commits sandbox container `name` as `image` with `labels` set on it (a snapshot, see
+/// [`crate::SandboxBackend::snapshot`]), frozen for the capture when `running`.
+pub async fn snapshot_with(
+    steps: &dyn DeriveSteps,
+    name: &str,
+    image: &str,
+    labels: &BTreeMap<String, String>,
+    running: bool,
+) -> Result<()> {
+    let (repo, tag) = split_image(image);
+    let changes: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("LABEL {k}={}", serde_json::Value::from(v.as_str())))
+        .collect();
+    steps.commit(name, repo, tag, &changes, running).await
 }
 
 /// Derives `req.tag` (see [`crate::SandboxBackend::derive_image`]): reuses an existing
@@ -167,7 +192,9 @@ pub async fn derive_with(steps: &dyn DeriveSteps, req: &DeriveImage) -> Result<(
     let (repo, tag) = split_image(&req.tag);
     let result = async {
         steps.upload(&temp, archive).await?;
-        steps.commit(&temp, repo, tag, &req.commit_changes()).await
+        steps
+            .commit(&temp, repo, tag, &req.commit_changes(), false)
+            .await
     }
     .await;
     match steps.remove_temporary(&temp).await {

@@ -105,6 +105,16 @@ impl SandboxBackend for Instrumented {
     async fn stop(&self, name: &str) -> Result<()> {
         self.timed("stop", self.0.stop(name)).await
     }
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        running: bool,
+    ) -> Result<ImageInfo> {
+        self.timed("snapshot", self.0.snapshot(name, image, labels, running))
+            .await
+    }
     async fn start(&self, name: &str) -> Result<ContainerInfo> {
         self.timed("start", self.0.start(name)).await
     }

@@ -295,6 +295,45 @@ impl SandboxBackend for InMemoryBackend {
         Ok(())
     }
 
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        _running: bool,
+    ) -> Result<ImageInfo> {
+        let mut state = self.lock();
+        let from = state
+            .containers
+            .get(name)
+            .map(|c| c.image.clone())
+            .ok_or_else(|| Error::not_found(format!("container {name}")))?;
+        let base = state
+            .images
+            .get(&from)
+            .ok_or_else(|| Error::not_found(format!("image {from}")))?;
+        let mut copy = Image {
+            programs: base.programs.clone(),
+            entrypoint: base.entrypoint.clone(),
+            labels: base.labels.clone(),
+        };
+        copy.labels.extend(labels.clone());
+        state.images.insert(image.to_string(), copy);
+        Ok(ImageInfo::default())
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        let mut state = self.lock();
+        if state.containers.values().any(|c| c.image == image) {
+            return Err(Error::Conflict(format!("image {image} is in use")));
+        }
+        state
+            .images
+            .remove(image)
+            .map(drop)
+            .ok_or_else(|| Error::not_found(format!("image {image}")))
+    }
+
     async fn agent_address(&self, name: &str, _port: u16) -> Result<AgentAddress> {
         let agent = {
             let state = self.lock();

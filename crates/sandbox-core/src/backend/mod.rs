@@ -181,6 +181,10 @@ pub struct ImageInfo {
     pub id: Option<String>,
     /// The user the image's config runs as (`Config.User`; empty or `None`: root).
     pub user: Option<String>,
+    /// Its entrypoint (`Config.Entrypoint`).
+    pub entrypoint: Option<Vec<String>>,
+    /// Its labels (`Config.Labels`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// How the server reaches a sandbox's agent.
@@ -283,6 +287,23 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
         Err(crate::Error::Unsupported {
             backend: self.name(),
             operation: "build_image",
+        })
+    }
+
+    /// Commits sandbox container `name`'s filesystem as image `image` with `labels` (E2B's
+    /// snapshot), freezing it for the capture when `running`; works on a frozen or
+    /// stopped container too. Returns the image.
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        running: bool,
+    ) -> Result<ImageInfo> {
+        let _ = (name, image, labels, running);
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "snapshot",
         })
     }
 

@@ -35,6 +35,11 @@ impl SandboxManager {
             None => self.inner.backend.ensure_image(base).await?,
         };
         match &self.inner.config.agent {
+            // A snapshot carries the agent already.
+            Some(agent) if agent.carried_by(&info) => Ok(RunImage {
+                name: base.to_string(),
+                size: info.size,
+            }),
             Some(agent) => {
                 let name = self.derived_image(base, info.id.as_deref(), agent).await?;
                 // The derived image is the base plus the agent.

@@ -16,6 +16,7 @@
 //!   background.
 //! - [`diagnosis`]: what the manager can tell about its deployment.
 //! - [`metrics_history`]: resource use sampled over time.
+//! - [`snapshots`]: snapshots and forks (a sandbox's filesystem as a template).
 //! - [`sandbox_logs`]: each sandbox's log (the server's actions, its agent's events).
 
 mod agents;
@@ -35,6 +36,7 @@ mod pool;
 mod reclaim;
 mod recovery;
 pub mod sandbox_logs;
+mod snapshots;
 mod templates;
 #[cfg(test)]
 mod tests;
@@ -61,6 +63,7 @@ pub use metrics_history::{MetricSample, MetricsHistoryConfig};
 pub use pool::PoolConfig;
 pub use recovery::RecoveryReport;
 pub use sandbox_logs::{Direction, LogConfig, LogEntry, LogLevel, LogQuery};
+pub use snapshots::MAX_FORKS;
 pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
 
 use deadlines::DeadlineStore;
@@ -239,6 +242,8 @@ struct Inner {
     lifecycles: pausing::LifecycleStore,
     /// One lifecycle change per sandbox at a time.
     turns: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Forks' captures that forks are still creating sandboxes from.
+    forking: Mutex<HashSet<String>>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -316,6 +321,7 @@ impl SandboxManager {
                 foreign_egress: Mutex::new(Vec::new()),
                 lifecycles,
                 turns: Mutex::new(HashMap::new()),
+                forking: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -352,6 +358,9 @@ impl SandboxManager {
         self.spawn_reaper();
         self.spawn_sampler();
         self.spawn_refiller();
+        // Forks' captures whose sandboxes went while the server was down.
+        let manager = self.clone();
+        tokio::spawn(async move { manager.sweep_fork_captures().await });
         self.spawn_firewall_keeper();
         Ok(report)
     }
@@ -371,6 +380,11 @@ impl SandboxManager {
         self.agents().remove(id);
         self.inner.metrics_history.forget(id);
         self.forget_lifecycle(id);
+        if self.inner.templates.list().iter().any(|t| t.ephemeral) {
+            // It may have been the last sandbox of a fork's capture.
+            let manager = self.clone();
+            tokio::spawn(async move { manager.sweep_fork_captures().await });
+        }
         if self.inner.networks.get(id).is_some() {
             let (manager, id) = (self.clone(), id.clone());
             tokio::spawn(async move { manager.forget_network(&id).await });

@@ -197,7 +197,7 @@ impl SandboxManager {
     }
 
     /// One lifecycle change of sandbox `id` at a time (pause, resume, a wake by traffic).
-    async fn turn(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(super) async fn turn(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
         let cell = lock(&self.inner.turns)
             .entry(id.clone())
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))

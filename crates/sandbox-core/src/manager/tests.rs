@@ -131,6 +131,18 @@ impl SandboxBackend for TestEngine {
     async fn start(&self, name: &str) -> Result<ContainerInfo> {
         self.inner.start(name).await
     }
+    async fn snapshot(
+        &self,
+        name: &str,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        running: bool,
+    ) -> Result<crate::backend::ImageInfo> {
+        self.inner.snapshot(name, image, labels, running).await
+    }
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        self.inner.remove_image(image).await
+    }
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
         self.inner.agent_address(name, port).await
     }
@@ -819,4 +831,72 @@ async fn a_create_that_never_finished_is_removed_at_restart() {
     let m3 = SandboxManager::new(backend.clone(), config(Some(dir.clone())));
     assert_eq!(m3.start().await.expect("start").unfinished, 0);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn snapshots_start_sandboxes_and_a_fork_capture_goes_with_its_last_sandbox() {
+    let (backend, m) = manager(None);
+    let source = m.create(spec(60)).await.expect("create");
+    let snap = m
+        .snapshot(&source.id, Some("my-snap"))
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.snapshot_of.as_deref(), Some(source.id.as_str()));
+    assert_eq!(m.snapshots(Some(source.id.as_str())).len(), 1);
+    assert!(m.snapshots(Some("other")).is_empty());
+    // Again under the same name: the same snapshot, a new capture.
+    let again = m
+        .snapshot(&source.id, Some("my-snap"))
+        .await
+        .expect("again");
+    assert_eq!(again.id, snap.id);
+    assert_eq!(again.builds.len(), 2);
+    let from = m
+        .create(SandboxSpec::new("my-snap", Duration::from_secs(60)))
+        .await
+        .expect("create from the snapshot");
+    assert!(
+        from.image.starts_with("colima-e2b-template/"),
+        "{}",
+        from.image
+    );
+    assert!(matches!(
+        m.remove_template(&snap.id).await,
+        Err(Error::Conflict(_))
+    ));
+
+    let forks = m
+        .fork(&source.id, 3, Duration::from_secs(30))
+        .await
+        .expect("fork");
+    assert_eq!(forks.len(), 3);
+    let forks: Vec<SandboxInfo> = forks.into_iter().map(|f| f.expect("a fork")).collect();
+    let capture = forks[0].template.clone();
+    assert!(forks.iter().all(|f| f.template == capture));
+    assert!(
+        m.snapshots(None).iter().all(|s| s.id != capture),
+        "a fork's capture is not listed as a snapshot"
+    );
+    assert!(matches!(
+        m.fork(&source.id, 0, Duration::from_secs(30)).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    for f in &forks {
+        m.kill(&f.id).await.expect("kill a fork");
+    }
+    let mut gone = false;
+    for _ in 0..200 {
+        if m.templates().find(&capture).is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the fork's capture outlived its sandboxes");
+    m.kill(&from.id).await.expect("kill");
+    m.remove_template(&snap.id)
+        .await
+        .expect("remove the snapshot");
+    assert!(m.snapshots(None).is_empty());
+    let _ = backend;
 }

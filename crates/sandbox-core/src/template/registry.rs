@@ -115,6 +115,12 @@ pub struct TemplateRecord {
     /// Memory its sandboxes ask for by default, MiB (E2B's `memoryMB`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
+    /// A snapshot (E2B's): the sandbox its builds were captured from last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<String>,
+    /// Captured for a fork: removed once no sandbox uses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 impl TemplateRecord {
@@ -526,6 +532,8 @@ impl Registry {
                 builds: Vec::new(),
                 cpu_count: None,
                 memory_mb: None,
+                snapshot_of: None,
+                ephemeral: false,
             });
         if cpu_count.is_some() {
             record.cpu_count = cpu_count;
@@ -912,6 +920,108 @@ impl Registry {
             }
         });
         Ok(())
+    }
+
+    /// A new capture of sandbox `source` (E2B's snapshot): a build of snapshot template
+    /// `name` (created when missing; `None`: a new unnamed one, `ephemeral` for a fork's),
+    /// its image to be committed by the caller, then [`finish_snapshot`](Self::finish_snapshot)
+    /// or [`fail_snapshot`](Self::fail_snapshot). A template of that name that is not a
+    /// snapshot is a conflict.
+    pub fn request_snapshot(
+        &self,
+        name: Option<&str>,
+        source: &str,
+        ephemeral: bool,
+    ) -> Result<(TemplateRecord, BuildRecord)> {
+        if let Some(name) = name {
+            validate_name(name)?;
+        }
+        let mut state = self.lock();
+        let existing = name.and_then(|n| state.templates.values().find(|t| t.name == n));
+        if let Some(t) = existing {
+            if t.snapshot_of.is_none() {
+                return Err(Error::Conflict(format!(
+                    "template {} exists and is not a snapshot",
+                    t.name
+                )));
+            }
+        }
+        let id = existing.map(|t| t.id.clone()).unwrap_or_else(template_id);
+        let build_id = uuid::Uuid::new_v4().to_string();
+        let record = state
+            .templates
+            .entry(id.clone())
+            .or_insert_with(|| TemplateRecord {
+                id: id.clone(),
+                name: name.map_or_else(|| id.clone(), str::to_string),
+                created_at: now(),
+                tags: BTreeMap::new(),
+                builds: Vec::new(),
+                cpu_count: None,
+                memory_mb: None,
+                snapshot_of: None,
+                ephemeral,
+            });
+        record.snapshot_of = Some(source.to_string());
+        let build = BuildRecord {
+            id: build_id,
+            // A restart during the capture fails it and removes its image (`open`).
+            status: BuildStatus::Building,
+            created_at: now(),
+            finished_at: None,
+            image: format!("{IMAGE_REPO}/{id}:{}", uuid::Uuid::new_v4()),
+            tags: vec![DEFAULT_TAG.to_string()],
+            template: None,
+            reason: None,
+            seconds: None,
+            base: None,
+        };
+        record.builds.push(build.clone());
+        let record = record.clone();
+        drop(state);
+        self.persist(&record);
+        Ok((record, build))
+    }
+
+    /// Snapshot build `build_id` of `template_id` was captured: it is ready as
+    /// `template`, built on `base` (the image the source ran from, when known), and
+    /// its template's default.
+    pub fn finish_snapshot(
+        &self,
+        template_id: &str,
+        build_id: &str,
+        template: Template,
+        base: Option<String>,
+    ) {
+        self.update(template_id, |r| {
+            let Some(b) = r.builds.iter_mut().find(|b| b.id == build_id) else {
+                return;
+            };
+            b.status = BuildStatus::Ready;
+            b.finished_at = Some(now());
+            b.seconds = Some((now() - b.created_at).as_seconds_f64());
+            b.template = Some(template);
+            b.base = base;
+            r.tags.insert(DEFAULT_TAG.to_string(), build_id.to_string());
+        });
+    }
+
+    /// Snapshot build `build_id` of `template_id` failed: it is forgotten, and so is a
+    /// template it was the only build of.
+    pub fn fail_snapshot(&self, template_id: &str, build_id: &str) {
+        let empty = {
+            let mut state = self.lock();
+            let Some(r) = state.templates.get_mut(template_id) else {
+                return;
+            };
+            r.builds.retain(|b| b.id != build_id);
+            r.builds.is_empty()
+        };
+        if empty {
+            let _ = self.remove(template_id);
+        } else {
+            self.update(template_id, |_| {});
+        }
     }
 
     /// Forgets template `id_or_name`, stopping its running builds; returns its record
