@@ -322,18 +322,6 @@ impl SandboxBackend for InMemoryBackend {
         Ok(ImageInfo::default())
     }
 
-    async fn remove_image(&self, image: &str) -> Result<()> {
-        let mut state = self.lock();
-        if state.containers.values().any(|c| c.image == image) {
-            return Err(Error::Conflict(format!("image {image} is in use")));
-        }
-        state
-            .images
-            .remove(image)
-            .map(drop)
-            .ok_or_else(|| Error::not_found(format!("image {image}")))
-    }
-
     async fn agent_address(&self, name: &str, _port: u16) -> Result<AgentAddress> {
         let agent = {
             let state = self.lock();

@@ -140,9 +140,6 @@ impl SandboxBackend for TestEngine {
     ) -> Result<crate::backend::ImageInfo> {
         self.inner.snapshot(name, image, labels, running).await
     }
-    async fn remove_image(&self, image: &str) -> Result<()> {
-        self.inner.remove_image(image).await
-    }
     async fn agent_address(&self, name: &str, port: u16) -> Result<AgentAddress> {
         self.inner.agent_address(name, port).await
     }
