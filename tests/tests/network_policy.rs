@@ -529,6 +529,31 @@ async fn e2b_egress_rules_decide_new_connections_are_replaced_whole_and_outlive_
         "{native}"
     );
 
+    // A filesystem pause stops the container and gives its address back to the engine:
+    // its rules leave the table, and come back with it at whatever address it gets.
+    let (status, v) = e2b(
+        &server,
+        post.clone(),
+        &format!("/sandboxes/{id}/pause"),
+        json!({"memory": false}),
+    )
+    .await;
+    assert_eq!(status, 204, "{v}");
+    assert!(
+        !egress_table_installed(&options.owner),
+        "a stopped sandbox's address is still in the egress table"
+    );
+    let (status, v) = e2b(
+        &server,
+        post.clone(),
+        &format!("/sandboxes/{id}/connect"),
+        json!({"timeout": 300}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert!(egress_table_installed(&options.owner));
+    assert_eq!(reach_public(&server, &id).await, ["refused", "open"]);
+
     // What the API refuses, and says why.
     for (body, want) in [
         (json!({"denyOut": ["example.com"]}), 400),

@@ -574,3 +574,77 @@ async fn snapshots_and_forks_start_sandboxes_from_a_capture_and_free_it() {
     let (_, listed) = json_of(server.get("/snapshots").await).await;
     assert_eq!(listed, json!([]));
 }
+
+#[tokio::test]
+async fn derived_images_no_template_needs_are_pruned() {
+    let guard = tests::OwnerGuard::new();
+    let base = format!(
+        "colima-e2b-test/prune-{}:v1",
+        sandbox_core::SandboxId::generate()
+    );
+    let tag = |from: &str| {
+        let ok = tests::engine_command()
+            .args(["tag", from, &base])
+            .status()
+            .expect("engine CLI")
+            .success();
+        assert!(ok, "tag {from} as {base}");
+    };
+    tag("colima-e2b/base:latest");
+    let agent = sandbox_core::AgentBinary::load(&tests::agent_binary()).expect("agent");
+    let manager = sandbox_core::SandboxManager::new(
+        tests::test_backend().await,
+        sandbox_core::ManagerConfig {
+            owner: guard.0.clone(),
+            templates: [("p".to_string(), sandbox_core::Template::new(&base))].into(),
+            default_template: "p".into(),
+            agent: Some(agent.clone()),
+            prune_min_age: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    manager.start().await.expect("start");
+    let derived_of = |manager: &sandbox_core::SandboxManager| {
+        let manager = manager.clone();
+        let base = base.clone();
+        let agent = agent.clone();
+        async move {
+            let id = manager
+                .backend()
+                .image_info(&base)
+                .await
+                .expect("inspect")
+                .and_then(|i| i.id);
+            agent.derived_tag(&base, id.as_deref())
+        }
+    };
+    let spec = || sandbox_core::SandboxSpec::new("p", Duration::from_secs(120));
+    let first = manager.create(spec()).await.expect("create");
+    let old = derived_of(&manager).await;
+    assert!(engine_has_image(&old), "derived {old}");
+    assert_eq!(
+        manager.prune_derived_images().await,
+        0,
+        "in use, and current"
+    );
+    manager.kill(&first.id).await.expect("kill");
+
+    // The base's name now means another image: the old derivation is stale.
+    tag("colima-e2b/python:latest");
+    let second = manager.create(spec()).await.expect("create again");
+    let new = derived_of(&manager).await;
+    assert_ne!(old, new);
+    let gone = eventually(Duration::from_secs(60), || async {
+        manager.prune_derived_images().await;
+        !engine_has_image(&old)
+    })
+    .await;
+    assert!(gone, "the stale derived image {old} was not pruned");
+    assert!(engine_has_image(&new), "the current derivation was pruned");
+    manager.kill(&second.id).await.expect("kill");
+    let _ = eventually(Duration::from_secs(60), || async {
+        manager.backend().remove_image(&new).await.is_ok()
+    })
+    .await;
+    let _ = tests::engine_command().args(["rmi", &base]).status();
+}

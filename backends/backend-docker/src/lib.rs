@@ -47,7 +47,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
 use sandbox_core::backend::{
     build_failure, context_chunks, is_build_context_problem, split_image, BuildRequest, BuildSink,
-    HostNetwork, StepTracker,
+    HostNetwork, ImageEntry, StepTracker,
 };
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
@@ -1098,6 +1098,34 @@ impl SandboxBackend for DockerBackend {
         self.image_info(image)
             .await?
             .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
+    }
+
+    async fn list_images(&self, label: &str) -> Result<Vec<ImageEntry>> {
+        let options = ListImagesOptions {
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![label.to_string()],
+            )])),
+            ..Default::default()
+        };
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(|e| self.map_err("images", e))?;
+        Ok(images
+            .into_iter()
+            .map(|i| ImageEntry {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                labels: i.labels.into_iter().collect(),
+                created: i.created,
+            })
+            .collect())
     }
 
     async fn start(&self, name: &str) -> Result<ContainerInfo> {

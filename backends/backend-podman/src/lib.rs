@@ -52,7 +52,7 @@ use podman_api::{ApiVersion, Podman};
 use sandbox_core::backend::image::{derive_with, DeriveSteps};
 use sandbox_core::backend::{
     build_failure, context_chunks, is_build_context_problem, BuildEvent, BuildRequest, BuildSink,
-    HostNetwork, StepTracker,
+    HostNetwork, ImageEntry, StepTracker,
 };
 use sandbox_core::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, EngineInfo, Error,
@@ -952,6 +952,54 @@ impl SandboxBackend for PodmanBackend {
         self.image_info(image)
             .await?
             .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
+    }
+
+    async fn list_images(&self, label: &str) -> Result<Vec<ImageEntry>> {
+        let filters = serde_json::json!({ "label": [label] }).to_string();
+        let query = containers_api::url::encoded_pairs([("filters", filters)]);
+        let answer: Value = self
+            .raw
+            .get_json(format!("{API}/images/json?{query}"))
+            .await
+            .map_err(|e| self.conn_err(e, "images"))?;
+        let entries = answer.as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(entries
+            .iter()
+            .filter_map(|i| {
+                let strings = |key: &str| -> Vec<String> {
+                    i.get(key)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                Some(ImageEntry {
+                    id: i.get("Id")?.as_str()?.to_string(),
+                    tags: strings("Names")
+                        .into_iter()
+                        .chain(strings("RepoTags"))
+                        .fold(Vec::new(), |mut acc, t| {
+                            if !acc.contains(&t) {
+                                acc.push(t);
+                            }
+                            acc
+                        }),
+                    labels: i
+                        .get("Labels")
+                        .and_then(Value::as_object)
+                        .map(|o| {
+                            o.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    created: i.get("Created").and_then(Value::as_i64).unwrap_or_default(),
+                })
+            })
+            .collect())
     }
 
     async fn start(&self, name: &str) -> Result<ContainerInfo> {

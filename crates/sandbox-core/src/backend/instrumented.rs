@@ -115,6 +115,9 @@ impl SandboxBackend for Instrumented {
         self.timed("snapshot", self.0.snapshot(name, image, labels, running))
             .await
     }
+    async fn list_images(&self, label: &str) -> Result<Vec<crate::backend::ImageEntry>> {
+        self.timed("list_images", self.0.list_images(label)).await
+    }
     async fn start(&self, name: &str) -> Result<ContainerInfo> {
         self.timed("start", self.0.start(name)).await
     }

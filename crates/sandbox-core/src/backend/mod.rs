@@ -187,6 +187,19 @@ pub struct ImageInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// One image an image listing found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// The engine's image id.
+    pub id: String,
+    /// Its references (`repo:tag`).
+    pub tags: Vec<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// When it was created, unix seconds.
+    pub created: i64,
+}
+
 /// How the server reaches a sandbox's agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentAddress {
@@ -305,6 +318,13 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
             backend: self.name(),
             operation: "snapshot",
         })
+    }
+
+    /// The local images that carry label `label` (any value). Default: none (a backend
+    /// that cannot list images has nothing to clean up).
+    async fn list_images(&self, label: &str) -> Result<Vec<ImageEntry>> {
+        let _ = label;
+        Ok(Vec::new())
     }
 
     /// Removes image `image` (a reference or id) and the untagged parents only it used.

@@ -5,7 +5,8 @@
 
 use super::{lock, SandboxManager};
 use crate::agent::AgentBinary;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::labels;
 
 /// A template's image as sandboxes run it.
 pub(super) struct RunImage {
@@ -71,5 +72,58 @@ impl SandboxManager {
         self.inner.backend.derive_image(&req).await?;
         lock(&self.inner.derived_ready).insert(tag.clone());
         Ok(tag)
+    }
+
+    /// Removes derived images that no template needs any more: those of another agent
+    /// build, and those derived from a base whose name now means another image
+    /// (rebuilt, pulled again) or nothing. Images a container uses (the engine refuses),
+    /// snapshots' images (removed with their snapshot) and images younger than
+    /// `prune_min_age` stay. Returns how many were removed.
+    pub async fn prune_derived_images(&self) -> usize {
+        let Some(agent) = &self.inner.config.agent else {
+            return 0;
+        };
+        let backend = &self.inner.backend;
+        let Ok(images) = backend.list_images(labels::DERIVED_FROM).await else {
+            return 0;
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let min_age = i64::try_from(self.inner.config.prune_min_age.as_secs()).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        for image in images {
+            if image.labels.contains_key(labels::SNAPSHOT_OF) || now - image.created < min_age {
+                continue;
+            }
+            let Some(base) = image.labels.get(labels::DERIVED_FROM) else {
+                continue;
+            };
+            let wanted = match backend.image_info(base).await {
+                Ok(Some(info)) => Some(agent.derived_tag(base, info.id.as_deref())),
+                Ok(None) => None,
+                Err(_) => continue, // the engine did not say: keep it
+            };
+            if image.tags.iter().any(|t| Some(t) == wanted.as_ref()) {
+                continue;
+            }
+            let refs: Vec<String> = if image.tags.is_empty() {
+                vec![image.id.clone()]
+            } else {
+                image.tags.clone()
+            };
+            for r in refs {
+                self.forget_image(&r);
+                match backend.remove_image(&r).await {
+                    Ok(()) => {
+                        tracing::info!(image = %r, base = %base, "removed a derived image no template needs");
+                        removed += 1;
+                    }
+                    Err(Error::Conflict(_) | Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(image = %r, error = %e, "could not remove a stale derived image")
+                    }
+                }
+            }
+        }
+        removed
     }
 }

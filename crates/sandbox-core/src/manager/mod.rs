@@ -104,6 +104,9 @@ pub struct ManagerConfig {
     pub max_timeout: Duration,
     /// How long a paused sandbox is kept before it is removed.
     pub paused_retention: Duration,
+    /// Derived images younger than this are never pruned (another server on the engine,
+    /// of another agent build, may have just derived one for a create in flight).
+    pub prune_min_age: Duration,
     /// Commands of the native API: default and longest timeout, output kept.
     pub commands: CommandLimits,
     /// Where state that must survive a restart is kept: deadline changes (`deadlines/`),
@@ -150,6 +153,7 @@ impl Default for ManagerConfig {
             max_sandboxes: 100,
             max_timeout: Duration::from_secs(24 * 3600),
             paused_retention: Duration::from_secs(30 * 24 * 3600),
+            prune_min_age: Duration::from_secs(3600),
             commands: CommandLimits::default(),
             state_dir: None,
             main_command: vec!["sleep".into(), "infinity".into()],
@@ -358,9 +362,13 @@ impl SandboxManager {
         self.spawn_reaper();
         self.spawn_sampler();
         self.spawn_refiller();
-        // Forks' captures whose sandboxes went while the server was down.
+        // Forks' captures whose sandboxes went while the server was down, and derived
+        // images that no template needs any more.
         let manager = self.clone();
-        tokio::spawn(async move { manager.sweep_fork_captures().await });
+        tokio::spawn(async move {
+            manager.sweep_fork_captures().await;
+            manager.prune_derived_images().await;
+        });
         self.spawn_firewall_keeper();
         Ok(report)
     }

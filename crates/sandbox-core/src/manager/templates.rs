@@ -303,6 +303,7 @@ impl SandboxManager {
         for build in &record.builds {
             self.remove_build_images(&build.image).await;
         }
+        self.prune_derived_images().await;
         Ok(record)
     }
 
