@@ -948,10 +948,7 @@ impl SandboxBackend for PodmanBackend {
         labels: &BTreeMap<String, String>,
         running: bool,
     ) -> Result<ImageInfo> {
-        sandbox_core::backend::image::snapshot_with(self, name, image, labels, running).await?;
-        self.image_info(image)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
+        sandbox_core::backend::image::snapshot_with(self, name, image, labels, running).await
     }
 
     async fn list_images(&self, label: &str) -> Result<Vec<ImageEntry>> {

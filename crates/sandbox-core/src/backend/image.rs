@@ -156,21 +156,26 @@ pub trait DeriveSteps: Send + Sync {
     async fn remove_temporary(&self, name: &str) -> Result<()>;
 }
 
-/// Commits sandbox container `name` as `image` with `labels` set on it (a snapshot, see
-/// [`crate::SandboxBackend::snapshot`]), frozen for the capture when `running`.
-pub async fn snapshot_with(
-    steps: &dyn DeriveSteps,
+/// Commits sandbox container `name` as `image` with `labels` set on it, frozen for the
+/// capture when `running`, and reports the image (see
+/// [`crate::SandboxBackend::snapshot`]).
+pub async fn snapshot_with<B: DeriveSteps + crate::SandboxBackend>(
+    backend: &B,
     name: &str,
     image: &str,
     labels: &BTreeMap<String, String>,
     running: bool,
-) -> Result<()> {
+) -> Result<crate::backend::ImageInfo> {
     let (repo, tag) = split_image(image);
     let changes: Vec<String> = labels
         .iter()
         .map(|(k, v)| format!("LABEL {k}={}", serde_json::Value::from(v.as_str())))
         .collect();
-    steps.commit(name, repo, tag, &changes, running).await
+    backend.commit(name, repo, tag, &changes, running).await?;
+    backend
+        .image_info(image)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("image {image} (just committed)")))
 }
 
 /// Derives `req.tag` (see [`crate::SandboxBackend::derive_image`]): reuses an existing

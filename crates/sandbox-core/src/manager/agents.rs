@@ -94,16 +94,7 @@ impl SandboxManager {
 
     /// The agent secret in sandbox `id`'s container's environment.
     async fn container_secret(&self, id: &SandboxId) -> Result<String> {
-        let name = labels::container_name(id);
-        let container = self
-            .inner
-            .backend
-            .inspect(&name)
-            .await
-            .map_err(|e| match e {
-                Error::NotFound { .. } => super::not_found(id),
-                other => other,
-            })?;
+        let container = self.sandbox_container(id).await?;
         let prefix = format!("{SECRET_ENV}=");
         let secret = container
             .env

@@ -4,12 +4,13 @@
 //! ([`crate::network::egress_table`]), which is rewritten whenever a sandbox's rules
 //! change or it goes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::records::SandboxRecords;
 use super::{lock, SandboxManager};
 use crate::error::{Error, Result};
 use crate::labels;
@@ -32,82 +33,46 @@ pub struct SandboxNetwork {
 
 /// The network configs of this server's sandboxes, with the files that keep them.
 #[derive(Debug)]
-pub(super) struct NetworkStore {
-    dir: Option<PathBuf>,
-    configs: std::sync::Mutex<HashMap<SandboxId, SandboxNetwork>>,
-}
+pub(super) struct NetworkStore(SandboxRecords<SandboxNetwork>);
 
 impl NetworkStore {
     pub(super) fn new(dir: Option<PathBuf>) -> Self {
-        Self {
-            dir,
-            configs: Default::default(),
-        }
-    }
-
-    fn path(&self, id: &SandboxId) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(id.as_str()))
+        Self(SandboxRecords::new(dir, "network config"))
     }
 
     fn save(&self, id: &SandboxId, net: &SandboxNetwork) -> Result<()> {
-        if let (Some(dir), Some(path)) = (self.dir.as_ref(), self.path(id)) {
-            let io = |e: std::io::Error| Error::backend("state", e);
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let tmp = path.with_extension("tmp");
-            let body = serde_json::to_vec(net).map_err(|e| Error::backend("state", e))?;
-            std::fs::write(&tmp, body).map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
-        }
-        lock(&self.configs).insert(id.clone(), net.clone());
-        Ok(())
-    }
-
-    fn load(&self, id: &SandboxId) -> Option<SandboxNetwork> {
-        let raw = std::fs::read(self.path(id)?).ok()?;
-        serde_json::from_slice(&raw)
-            .inspect_err(|e| tracing::warn!(sandbox = %id, error = %e, "unreadable network config"))
-            .ok()
+        self.0.save(id, net)
     }
 
     pub(super) fn get(&self, id: &SandboxId) -> Option<SandboxNetwork> {
-        lock(&self.configs).get(id).cloned()
+        self.0.get(id)
     }
 
     /// Drops sandbox `id`'s config; whether it had egress rules.
     pub(super) fn forget(&self, id: &SandboxId) -> bool {
-        if let Some(path) = self.path(id) {
-            let _ = std::fs::remove_file(path);
-        }
-        lock(&self.configs)
-            .remove(id)
-            .is_some_and(|n| n.addr.is_some())
+        self.0.forget(id).is_some_and(|n| n.addr.is_some())
     }
 
     /// Reads the configs of `live` sandboxes back and deletes the others' files.
     pub(super) fn restore(&self, live: &HashSet<SandboxId>) {
-        let found: HashMap<_, _> = live
-            .iter()
-            .filter_map(|id| Some((id.clone(), self.load(id)?)))
-            .collect();
-        if let Some(dir) = &self.dir {
-            super::deadlines::retain_sandbox_files(dir, live);
-        }
-        *lock(&self.configs) = found;
+        self.0.restore(live);
     }
 
     /// The configs of the sandboxes that have egress rules.
     fn keyed(&self) -> Vec<(SandboxId, SandboxNetwork)> {
-        lock(&self.configs)
-            .iter()
+        self.0
+            .all()
+            .into_iter()
             .filter(|(_, n)| n.addr.is_some())
-            .map(|(id, n)| (id.clone(), n.clone()))
             .collect()
     }
 
     fn rules(&self) -> Vec<SandboxRules> {
-        let mut out: Vec<SandboxRules> = lock(&self.configs)
-            .values()
-            .filter_map(|n| {
+        let mut out: Vec<SandboxRules> = self
+            .0
+            .all()
+            .into_iter()
+            .filter_map(|(_, n)| {
                 Some(SandboxRules {
                     addr: n.addr?,
                     rules: parse(&n.config, true).ok()?,

@@ -34,6 +34,7 @@ pub mod metrics_history;
 mod pausing;
 mod pool;
 mod reclaim;
+mod records;
 mod recovery;
 pub mod sandbox_logs;
 mod snapshots;
@@ -282,8 +283,10 @@ impl SandboxManager {
         let claims = pool::ClaimStore::new(config.state_dir.as_ref().map(|d| d.join("claims")));
         let networks =
             egress::NetworkStore::new(config.state_dir.as_ref().map(|d| d.join("network")));
-        let lifecycles =
-            pausing::LifecycleStore::new(config.state_dir.as_ref().map(|d| d.join("lifecycle")));
+        let lifecycles = pausing::LifecycleStore::new(
+            config.state_dir.as_ref().map(|d| d.join("lifecycle")),
+            "lifecycle",
+        );
         let mut builds = config.builds.clone();
         if builds.dir.is_none() {
             builds.dir = config.state_dir.as_ref().map(|d| d.join("templates"));
@@ -483,6 +486,21 @@ impl SandboxManager {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// What the engine says of sandbox `id`'s container (gone: the sandbox is not found).
+    pub(super) async fn sandbox_container(
+        &self,
+        id: &SandboxId,
+    ) -> Result<crate::backend::ContainerInfo> {
+        self.inner
+            .backend
+            .inspect(&labels::container_name(id))
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => not_found(id),
+                other => other,
+            })
     }
 
     fn set_state(&self, id: &SandboxId, state: SandboxState) -> Result<SandboxInfo> {

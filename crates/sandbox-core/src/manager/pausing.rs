@@ -15,14 +15,14 @@
 //! paused sandbox, not a dead one, to recovery; a frozen sandbox whose engine restarted
 //! (its memory is gone) is resumed as a filesystem pause.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::records::SandboxRecords;
 use super::sandbox_logs::{LogEntry, LogLevel};
 use super::{lock, now_ms, SandboxManager};
 use crate::error::{Error, Result};
@@ -66,76 +66,7 @@ pub(super) struct LifecycleRecord {
 }
 
 /// The lifecycle records of this server's sandboxes, with the files that keep them.
-#[derive(Debug)]
-pub(super) struct LifecycleStore {
-    dir: Option<PathBuf>,
-    records: std::sync::Mutex<HashMap<SandboxId, LifecycleRecord>>,
-}
-
-impl LifecycleStore {
-    pub(super) fn new(dir: Option<PathBuf>) -> Self {
-        Self {
-            dir,
-            records: Default::default(),
-        }
-    }
-
-    fn path(&self, id: &SandboxId) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(id.as_str()))
-    }
-
-    /// Keeps `record`, on disk before this returns.
-    pub(super) fn save(&self, id: &SandboxId, record: &LifecycleRecord) -> Result<()> {
-        if let (Some(dir), Some(path)) = (self.dir.as_ref(), self.path(id)) {
-            let io = |e: std::io::Error| Error::backend("state", e);
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let tmp = path.with_extension("tmp");
-            let body = serde_json::to_vec(record).map_err(|e| Error::backend("state", e))?;
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp).map_err(io)?;
-                f.write_all(&body).map_err(io)?;
-                f.sync_all().map_err(io)?;
-            }
-            std::fs::rename(&tmp, &path).map_err(io)?;
-        }
-        lock(&self.records).insert(id.clone(), record.clone());
-        Ok(())
-    }
-
-    pub(super) fn get(&self, id: &SandboxId) -> Option<LifecycleRecord> {
-        lock(&self.records).get(id).cloned()
-    }
-
-    /// Reads a record from disk (recovery, before the records are restored).
-    pub(super) fn load(&self, id: &SandboxId) -> Option<LifecycleRecord> {
-        let raw = std::fs::read(self.path(id)?).ok()?;
-        serde_json::from_slice(&raw)
-            .inspect_err(
-                |e| tracing::warn!(sandbox = %id, error = %e, "unreadable lifecycle record"),
-            )
-            .ok()
-    }
-
-    pub(super) fn forget(&self, id: &SandboxId) {
-        if let Some(path) = self.path(id) {
-            let _ = std::fs::remove_file(path);
-        }
-        lock(&self.records).remove(id);
-    }
-
-    /// Reads the records of `live` sandboxes back and deletes the others' files.
-    pub(super) fn restore(&self, live: &HashSet<SandboxId>) {
-        let found: HashMap<_, _> = live
-            .iter()
-            .filter_map(|id| Some((id.clone(), self.load(id)?)))
-            .collect();
-        *lock(&self.records) = found;
-        if let Some(dir) = &self.dir {
-            super::deadlines::retain_sandbox_files(dir, live);
-        }
-    }
-}
+pub(super) type LifecycleStore = SandboxRecords<LifecycleRecord>;
 
 fn unix_ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
@@ -313,15 +244,7 @@ impl SandboxManager {
         }
         let name = labels::container_name(id);
         let record = self.inner.lifecycles.get(id);
-        let container = self
-            .inner
-            .backend
-            .inspect(&name)
-            .await
-            .map_err(|e| match e {
-                Error::NotFound { .. } => super::not_found(id),
-                e => e,
-            })?;
+        let container = self.sandbox_container(id).await?;
         let booted = match container.state {
             SandboxState::Paused if !cold => {
                 self.require_pause()?;
@@ -492,7 +415,7 @@ impl SandboxManager {
 
     /// Drops sandbox `id`'s per-sandbox lifecycle state (it is gone).
     pub(super) fn forget_lifecycle(&self, id: &SandboxId) {
-        self.inner.lifecycles.forget(id);
+        let _ = self.inner.lifecycles.forget(id);
         lock(&self.inner.turns).remove(id);
     }
 }

@@ -41,15 +41,7 @@ impl SandboxManager {
         let _turn = self.turn(id).await;
         let info = self.info(id)?;
         let container = labels::container_name(id);
-        let state = self
-            .inner
-            .backend
-            .inspect(&container)
-            .await
-            .map_err(|e| match e {
-                Error::NotFound { .. } => super::not_found(id),
-                e => e,
-            })?;
+        let state = self.sandbox_container(id).await?;
         let boot = self.inner.lifecycles.get(id).and_then(|r| r.boot);
         let mut template = boot
             .as_ref()
