@@ -173,6 +173,27 @@ async fn a_filesystem_pause_frees_the_container_keeps_files_and_restarts_the_tem
     assert_eq!(status, 409, "paused twice");
 
     let resumed = resume(&server, &id).await;
+    // The first command after the boot: the new agent numbers its events from the
+    // start again, below the old agent's, and they still reach the sandbox's log.
+    sh(&server, &id, "echo after-boot-marker").await;
+    let (status, logs) = json_of(
+        server
+            .get(&format!("/sandboxes/{id}/logs?limit=1000"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{logs}");
+    let started = logs["logs"].as_array().is_some_and(|l| {
+        l.iter().any(|e| {
+            e["fields"]["cmd"]
+                .as_str()
+                .is_some_and(|c| c.contains("after-boot-marker"))
+        })
+    });
+    assert!(
+        started,
+        "the restarted agent's process start is not in the log: {logs}"
+    );
     let left = seconds_left(&resumed["end_at"]);
     assert!(
         (500..=600).contains(&left),

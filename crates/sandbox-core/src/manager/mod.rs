@@ -247,8 +247,10 @@ struct Inner {
     lifecycles: pausing::LifecycleStore,
     /// One lifecycle change per sandbox at a time.
     turns: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
-    /// Forks' captures that forks are still creating sandboxes from.
-    forking: Mutex<HashSet<String>>,
+    /// Forks under way (sweeps of forks' captures wait for none).
+    forks_under_way: std::sync::atomic::AtomicUsize,
+    /// One sweep of forks' captures at a time.
+    sweep_lock: tokio::sync::Mutex<()>,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -328,7 +330,8 @@ impl SandboxManager {
                 foreign_egress: Mutex::new(Vec::new()),
                 lifecycles,
                 turns: Mutex::new(HashMap::new()),
-                forking: Mutex::new(HashSet::new()),
+                forks_under_way: Default::default(),
+                sweep_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -306,6 +306,7 @@ impl SandboxManager {
             }
             let client = self.container_agent(id).await?;
             self.await_health(&client, &name).await?;
+            self.inner.logs.agent_restarted(id);
             if let Some(boot) = boot {
                 self.init_agent(&client, &boot.template, &boot.user, &boot.envs)
                     .await?;

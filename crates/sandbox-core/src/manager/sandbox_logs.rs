@@ -221,6 +221,14 @@ impl Logs {
             l.agent_seq = l.agent_seq.max(seq);
         }
     }
+
+    /// Sandbox `id`'s agent started anew (a resume from the filesystem): its events
+    /// are numbered from the start again.
+    pub(super) fn agent_restarted(&self, id: &SandboxId) {
+        if let Some(l) = lock(&self.all).get_mut(id) {
+            l.agent_seq = 0;
+        }
+    }
 }
 
 impl SandboxManager {

@@ -8,20 +8,37 @@
 //! The engine freezes a running source for the commit; it goes on afterwards.
 //!
 //! A fork captures once and creates its sandboxes from that capture: an ephemeral
-//! template, removed once no sandbox uses it (and no fork is still creating from it).
+//! template, removed once no sandbox uses it (never while a fork is under way).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{lock, SandboxManager};
+use super::SandboxManager;
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::template::registry::TemplateRecord;
+use crate::template::registry::{BuildStatus, TemplateRecord};
 use crate::template::Template;
 use crate::types::{SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 
 /// Most sandboxes one fork may make (E2B's limit).
 pub const MAX_FORKS: usize = 100;
+
+/// Counts a fork as under way while it lives.
+struct ForkUnderWay<'a>(&'a AtomicUsize);
+
+impl<'a> ForkUnderWay<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for ForkUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl SandboxManager {
     /// Captures sandbox `id`'s filesystem as snapshot `name` (a new build of it when a
@@ -110,6 +127,8 @@ impl SandboxManager {
             .list()
             .into_iter()
             .filter(|t| !t.ephemeral)
+            // A capture a restart cut off has no image to start from.
+            .filter(|t| t.current().is_some_and(|b| b.status == BuildStatus::Ready))
             .filter(|t| match (&t.snapshot_of, source) {
                 (Some(of), Some(s)) => of == s,
                 (Some(_), None) => true,
@@ -136,8 +155,10 @@ impl SandboxManager {
         }
         self.check_timeout(timeout)?;
         let info = self.info(id)?;
+        // Sweeps wait until no fork is under way: from its capture until its creates have
+        // registered their sandboxes, nothing uses the capture yet.
+        let _under_way = ForkUnderWay::new(&self.inner.forks_under_way);
         let capture = self.capture(id, None, true).await?;
-        lock(&self.inner.forking).insert(capture.id.clone());
         let boot = self.inner.lifecycles.get(id).and_then(|r| r.boot);
         let spec = SandboxSpec {
             template: Some(capture.id.clone()),
@@ -155,7 +176,7 @@ impl SandboxManager {
         };
         let creates = (0..count).map(|_| self.create(spec.clone()));
         let results = futures_util::future::join_all(creates).await;
-        lock(&self.inner.forking).remove(&capture.id);
+        drop(_under_way);
         let made = results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(sandbox = %id, capture = %capture.id, asked = count, made, "sandbox forked");
         metrics::counter!("colima_e2b_forks_total").increment(made as u64);
@@ -165,27 +186,32 @@ impl SandboxManager {
         Ok(results)
     }
 
-    /// Removes forks' captures that no sandbox uses any more, with their images.
+    /// Removes forks' captures that no sandbox uses any more, with their images (not
+    /// while a fork is under way: the next sweep takes what this one left).
     pub(super) async fn sweep_fork_captures(&self) {
+        if self.inner.forks_under_way.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let _one_at_a_time = self.inner.sweep_lock.lock().await;
         let in_use: std::collections::HashSet<String> = self
             .registry()
             .sandboxes
             .values()
             .map(|s| s.template.clone())
             .collect();
-        let forking = lock(&self.inner.forking).clone();
         let unused: Vec<TemplateRecord> = self
             .inner
             .templates
             .list()
             .into_iter()
-            .filter(|t| t.ephemeral && !in_use.contains(&t.id) && !forking.contains(&t.id))
+            .filter(|t| t.ephemeral && !in_use.contains(&t.id))
             .collect();
         for t in unused {
             match self.remove_template(&t.id).await {
                 Ok(_) => {
                     tracing::info!(capture = %t.id, "removed a fork's capture no sandbox uses")
                 }
+                Err(Error::NotFound { .. }) => {}
                 Err(e) => {
                     tracing::warn!(capture = %t.id, error = %e, "could not remove a fork's capture")
                 }
