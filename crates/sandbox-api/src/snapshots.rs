@@ -202,16 +202,7 @@ impl SnapshotApi {
         state: Data<&AppState>,
         snapshot_id: Path<String>,
     ) -> Result<Json<SnapshotDeleted>, ApiError> {
-        let id = snapshot_id.0;
-        let is_snapshot = state
-            .manager
-            .templates()
-            .find(&id)
-            .is_some_and(|t| t.snapshot_of.is_some() && !t.ephemeral);
-        if !is_snapshot {
-            return Err(sandbox_core::Error::not_found(format!("snapshot {id}")).into());
-        }
-        let record = state.manager.remove_template(&id).await?;
+        let record = state.manager.delete_snapshot(&snapshot_id.0).await?;
         Ok(Json(SnapshotDeleted {
             snapshot_id: record.id,
             status: "deleted".into(),

@@ -139,6 +139,20 @@ impl SandboxManager {
         out
     }
 
+    /// Removes snapshot `id` with its images (a fork's capture or a template that is not
+    /// a snapshot is not found); refused while a sandbox of it exists.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<TemplateRecord> {
+        let is_snapshot = self
+            .inner
+            .templates
+            .find(id)
+            .is_some_and(|t| t.snapshot_of.is_some() && !t.ephemeral);
+        if !is_snapshot {
+            return Err(Error::not_found(format!("snapshot {id}")));
+        }
+        self.remove_template(id).await
+    }
+
     /// E2B's fork: one capture of sandbox `id`, then `count` sandboxes from it living
     /// `timeout`, each with the source's settings (metadata, envs, user, limits,
     /// network rules, lifecycle); one result per fork. Processes are not carried over.
