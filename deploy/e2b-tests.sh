@@ -3,7 +3,8 @@
 # the Python suite (tests/e2b/test_sdk.py and test_templates.py, the template-build API)
 # once per pinned `e2b` version (tests/e2b/requirements-<version>.txt) and the JS tests
 # (tests/e2b/js, npm `e2b` and `@e2b/code-interpreter`): smoke.mjs, templates.mjs,
-# parity.mjs, parity_files.mjs, code_interpreter.mjs, network.mjs, persistence.mjs.
+# parity.mjs, parity_files.mjs, code_interpreter.mjs, network.mjs, persistence.mjs,
+# volumes.mjs.
 #
 #   deploy/e2b-tests.sh [docker|podman]
 #
@@ -158,6 +159,12 @@ cleanup() {
     # shellcheck disable=SC2086
     engine_cli rm -f $ids >/dev/null 2>&1
   fi
+  vols=$(engine_cli volume ls -q --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
+  if [ -n "$vols" ]; then
+    echo "removing $(echo "$vols" | wc -w) leftover volume(s) of $owner" >&2
+    # shellcheck disable=SC2086
+    engine_cli volume rm -f $vols >/dev/null 2>&1
+  fi
   # Its sandboxes' egress rules: a server keeps them through a stop and drops them at
   # its next start, which this owner never has (sandbox_core::network::egress_table).
   nft delete table inet "colima_e2b_egress_$(printf %s "$owner" | sha256sum | cut -c1-10)" 2>/dev/null || true
@@ -206,11 +213,11 @@ if [ "$healthy" != 1 ]; then
 fi
 
 # Only what `colima-e2b env` prints configures the SDKs.
-unset E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN E2B_DEBUG E2B_ACCESS_TOKEN
+unset E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_VOLUME_API_URL E2B_DOMAIN E2B_DEBUG E2B_ACCESS_TOKEN
 envout=$(server_env "$bin" env --port "$port")
 eval "$envout"
-export E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN
-for k in E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_DOMAIN; do
+export E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_VOLUME_API_URL E2B_DOMAIN
+for k in E2B_API_KEY E2B_API_URL E2B_SANDBOX_URL E2B_VOLUME_API_URL E2B_DOMAIN; do
   [ -n "${!k:-}" ] || { echo "colima-e2b env did not set $k; it printed:" >&2; echo "$envout" >&2; exit 1; }
 done
 echo "E2B_API_URL=$E2B_API_URL E2B_SANDBOX_URL=$E2B_SANDBOX_URL E2B_DOMAIN=$E2B_DOMAIN" >&2
@@ -260,7 +267,7 @@ done
 
 if [ "${E2B_SKIP_JS:-0}" != 1 ]; then
   jsver=$(node -p 'require("./tests/e2b/js/node_modules/e2b/package.json").version')
-  for js in smoke templates parity parity_files code_interpreter network persistence; do
+  for js in smoke templates parity parity_files code_interpreter network persistence volumes; do
     step "JS SDK e2b@$jsver: tests/e2b/js/$js.mjs"
     if (cd tests/e2b/js && node "$js.mjs"); then
       results+=("PASS js e2b@$jsver $js")

@@ -51,6 +51,11 @@ cleanup() {
     # shellcheck disable=SC2086
     engine_cli rm -f $ids >/dev/null 2>&1 || true
   fi
+  vols=$(engine_cli volume ls -q --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null || true)
+  if [ -n "$vols" ]; then
+    # shellcheck disable=SC2086
+    engine_cli volume rm -f $vols >/dev/null 2>&1 || true
+  fi
   # Its sandboxes' egress rules: a server keeps them through a stop and drops them at
   # its next start, which this owner never has (sandbox_core::network::egress_table).
   nft delete table inet "colima_e2b_egress_$(printf %s "$owner" | sha256sum | cut -c1-10)" 2>/dev/null || true

@@ -17,13 +17,16 @@ for e in docker podman; do
   sock=/var/run/docker.sock; [ "$e" = podman ] && sock=/run/podman/podman.sock
   curl -fsS --max-time 2 --unix-socket "$sock" http://localhost/_ping >/dev/null 2>&1 || started+=("$e")
 done
-# The conformance suite derives small probe images that the backend trait cannot remove.
+# The conformance suite derives small probe images that the backend trait cannot remove
+# (and a check that fails leaves its probe volume).
 remove_probe_images() {
   local e cli
   for e in docker podman; do
     cli=("$e"); [ "$e" = podman ] && cli=(podman --remote --url unix:///run/podman/podman.sock)
     "${cli[@]}" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null |
       grep 'colima-e2b-conformance/' | xargs -r "${cli[@]}" rmi -f >/dev/null 2>&1 || true
+    "${cli[@]}" volume ls -q --filter label=dev.colima-e2b.conformance 2>/dev/null |
+      xargs -r "${cli[@]}" volume rm -f >/dev/null 2>&1 || true
   done
 }
 cleanup() {

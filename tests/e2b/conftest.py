@@ -85,3 +85,13 @@ def container_state(sandbox_id):
         text=True,
     )
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def readme_python_blocks(section: str, needle: str):
+    """The README's Python examples in ``## <section>`` that contain ``needle``."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1].parent / "README.md").read_text()
+    body = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n```", 1)[0] for b in body.split("```python\n")[1:]]
+    return [b for b in blocks if needle in b]

@@ -58,7 +58,7 @@ from typing import List, Optional
 import httpx
 import pytest
 
-from conftest import require_e2b_environment
+from conftest import readme_python_blocks, require_e2b_environment
 
 from e2b import (
     BuildException,
@@ -596,10 +596,7 @@ def test_ready_cmd_never_passes(templates, make_sandbox, tmp_path):
 
 def readme_template_example() -> str:
     """The README's Python template example (E2B SDKs section), as written there."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("\n## E2B SDKs\n", 1)[1].split("\n## ", 1)[0]
-    blocks = [b.split("\n```", 1)[0] for b in section.split("```python\n")[1:]]
-    found = [b for b in blocks if "Template.build(" in b]
+    found = readme_python_blocks("E2B SDKs", "Template.build(")
     assert len(found) == 1, f"one README example builds a template: {found}"
     return found[0]
 

@@ -437,12 +437,39 @@ pub fn remove_owner_containers(owner: &str) -> usize {
     ids.len()
 }
 
-/// Removes an owner's containers and state directory when dropped.
+/// Removes every engine volume of `owner` (test cleanup, after its containers); returns
+/// how many there were.
+pub fn remove_owner_volumes(owner: &str) -> usize {
+    let out = engine_command()
+        .args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=dev.colima-e2b.owner={owner}"),
+        ])
+        .output()
+        .expect("engine CLI");
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    if !names.is_empty() {
+        let _ = engine_command()
+            .args(["volume", "rm", "-f"])
+            .args(&names)
+            .output();
+    }
+    names.len()
+}
+
+/// Removes an owner's containers, volumes and state directory when dropped.
 pub struct OwnerCleanup(pub ServerOptions);
 
 impl Drop for OwnerCleanup {
     fn drop(&mut self) {
         remove_owner_containers(&self.0.owner);
+        remove_owner_volumes(&self.0.owner);
         // Its sandboxes' egress rules, which a server keeps through a crash and only
         // drops itself when it restarts or kills them.
         let table = sandbox_core::network::egress_table::table_name(&self.0.owner);

@@ -82,6 +82,7 @@ async fn env_prints_what_the_sdk_needs_and_the_key_works() {
     for line in [
         format!("export E2B_API_URL=http://127.0.0.1:{port}/e2b"),
         format!("export E2B_SANDBOX_URL=http://127.0.0.1:{port}/e2b/envd"),
+        format!("export E2B_VOLUME_API_URL=http://127.0.0.1:{port}"),
         format!("export E2B_DOMAIN=localhost:{port}"),
         format!("export E2B_API_KEY={KEY}"),
     ] {

@@ -669,3 +669,69 @@ async fn derived_images_no_template_needs_are_pruned() {
     .await;
     let _ = tests::engine_command().args(["rmi", &base]).status();
 }
+
+#[tokio::test]
+async fn a_snapshots_files_count_against_the_quota_of_sandboxes_made_from_it() {
+    let options = options();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let source = server
+        .create_sandbox(json!({"template": "base", "timeout": 600, "disk_mb": 1200}))
+        .await;
+    sh(
+        &server,
+        &source,
+        "dd if=/dev/zero of=/home/user/carried bs=1M count=300 2>/dev/null && sync",
+    )
+    .await;
+    let (status, snap) = json_of(
+        server
+            .post(&format!("/sandboxes/{source}/snapshots"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{snap}");
+    let snap = snap["snapshot_id"].as_str().expect("id").to_string();
+
+    // With the same quota, the new sandbox holds the 300 MiB it started with and room
+    // for about 900 more, not 1200 more (engines whose quota counts only writes would
+    // otherwise let every generation of snapshots add a whole quota).
+    let (status, made) = json_of(
+        server
+            .post(
+                "/sandboxes/",
+                json!({"template": snap, "timeout": 600, "disk_mb": 1200}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(
+        made["disk_mb"], 1200,
+        "the quota asked for is the one reported"
+    );
+    let id = made["sandbox_id"].as_str().expect("id").to_string();
+    let (status, body) = server
+        .run(
+            &id,
+            "dd if=/dev/zero of=/home/user/more bs=1M count=1100 2>/dev/null; echo status=$?; \
+             du -sm /home/user | cut -f1",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = body["stdout"].as_str().unwrap_or_default().to_string();
+    assert!(
+        out.contains("status=1"),
+        "1100 MiB more fit in a 1200 MiB quota that 300 MiB of snapshot files share: {out}"
+    );
+    let held: u64 = out
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("du");
+    assert!(
+        held <= 1200,
+        "the sandbox holds {held} MiB under a 1200 MiB quota"
+    );
+    assert!(held >= 1000, "the quota stopped writes early: {held} MiB");
+}

@@ -33,14 +33,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig,
-    NetworkCreateRequest, NetworkingConfig, PortBinding, ResourcesUlimits,
+    ContainerConfig, ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig, Mount,
+    MountType, MountVolumeOptions, NetworkCreateRequest, NetworkingConfig, PortBinding,
+    ResourcesUlimits, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     BuildImageOptions, BuilderVersion, CommitContainerOptions, CreateContainerOptions,
     CreateImageOptions, InspectContainerOptions, ListContainersOptions, ListImagesOptions,
-    ListNetworksOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
-    UploadToContainerOptions,
+    ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions, RemoveImageOptions,
+    RemoveVolumeOptions, StartContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures_util::{StreamExt, TryStreamExt};
@@ -222,8 +223,13 @@ impl DockerBackend {
                     };
                     let info = docker.info().await.ok().unwrap_or_default();
                     let quota = storage_has_quota(&info);
-                    let quota_counts_image =
-                        matches!(info.driver.as_deref(), Some("btrfs" | "zfs"));
+                    let quota_counts_image = match info.driver.as_deref() {
+                        Some("zfs") => true,
+                        Some("btrfs") => sandbox_core::backend::quota::btrfs_quota_counts_image(
+                            std::path::Path::new(info.docker_root_dir.as_deref().unwrap_or("")),
+                        ),
+                        _ => false,
+                    };
                     return Ok(Self {
                         docker,
                         endpoint,
@@ -411,6 +417,23 @@ impl DockerBackend {
             }),
             network_mode: Some(network.to_string()),
             port_bindings,
+            mounts: (!spec.volumes.is_empty()).then(|| {
+                spec.volumes
+                    .iter()
+                    .map(|v| Mount {
+                        typ: Some(MountType::VOLUME),
+                        source: Some(v.volume.clone()),
+                        target: Some(v.path.clone()),
+                        read_only: Some(false),
+                        // The image's files at the path must not be copied into the volume.
+                        volume_options: Some(MountVolumeOptions {
+                            no_copy: Some(true),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             ..Default::default()
         };
         // A command is the whole main process (an image entrypoint must not wrap it); no
@@ -817,6 +840,7 @@ impl SandboxBackend for DockerBackend {
         // Published ports mean an engine in a VM, which may forward to our loopback.
         caps.host_loopback_isolated = !self.published;
         caps.disk_quota = self.quota;
+        caps.quota_counts_image = self.quota_counts_image;
         // The sandbox networks have inter-container traffic off.
         caps.isolated_sandboxes = true;
         caps
@@ -1131,6 +1155,53 @@ impl SandboxBackend for DockerBackend {
             .await
             .map_err(|e| self.map_err(&format!("container {name}"), e))?;
         self.inspect(name).await
+    }
+
+    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        let what = format!("volume {name}");
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(name.to_string()),
+                labels: Some(labels.clone().into_iter().collect()),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+            .map_err(|e| self.map_err(&what, e))
+    }
+
+    async fn list_volumes(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )]);
+        let found = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| self.map_err("volumes", e))?;
+        Ok(found
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| (v.name, v.labels.into_iter().collect()))
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        let what = format!("volume {name}");
+        self.docker
+            .remove_volume(name, None::<RemoveVolumeOptions>)
+            .await
+            .map_err(|e| self.map_err(&what, e))
     }
 
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {

@@ -43,6 +43,7 @@ fn spec(tag: &str, command: &[&str], internet: bool) -> ContainerSpec {
         user: None,
         agent_port: None,
         profile: Default::default(),
+        volumes: Vec::new(),
     }
 }
 

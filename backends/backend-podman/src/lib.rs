@@ -352,12 +352,22 @@ impl PodmanBackend {
             network_backend: text(&["networkBackend"]),
             cgroup_version: text(&["cgroupVersion"]),
             quota: wire::storage_has_quota(&info),
-            quota_counts_image: matches!(
-                info.get("store")
-                    .and_then(|s| s.get("graphDriverName"))
-                    .and_then(Value::as_str),
-                Some("btrfs" | "zfs")
-            ),
+            quota_counts_image: match info
+                .get("store")
+                .and_then(|s| s.get("graphDriverName"))
+                .and_then(Value::as_str)
+            {
+                Some("zfs") => true,
+                Some("btrfs") => {
+                    sandbox_core::backend::quota::btrfs_quota_counts_image(std::path::Path::new(
+                        info.get("store")
+                            .and_then(|s| s.get("graphRoot"))
+                            .and_then(Value::as_str)
+                            .unwrap_or(""),
+                    ))
+                }
+                _ => false,
+            },
             version: build::major_minor(
                 info.get("version")
                     .and_then(|v| v.get("Version"))
@@ -573,6 +583,7 @@ impl SandboxBackend for PodmanBackend {
         // sandbox traffic to this host's loopback.
         caps.host_loopback_isolated = self.local() && !self.host.rootless;
         caps.disk_quota = self.host.quota;
+        caps.quota_counts_image = self.host.quota_counts_image;
         // Podman 4.3 cannot turn off traffic between containers of one network.
         caps.isolated_sandboxes = false;
         caps
@@ -722,6 +733,70 @@ impl SandboxBackend for PodmanBackend {
             .await
             .map(drop)
             .map_err(|e| self.conn_err(e, &format!("image {image}")))
+    }
+
+    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        let what = format!("volume {name}");
+        let body = serde_json::json!({ "Name": name, "Labels": labels });
+        match self
+            .raw
+            .post_string(
+                format!("{API}/volumes/create"),
+                Payload::Json(body.to_string()),
+                Headers::none(),
+            )
+            .await
+            .map_err(|e| self.conn_err(e, &what))
+        {
+            // Docker keeps an existing volume; so does this backend.
+            Ok(_) | Err(Error::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_volumes(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let filters = serde_json::json!({ "label": wanted }).to_string();
+        let query = containers_api::url::encoded_pairs([("filters", filters)]);
+        let answer: Value = self
+            .raw
+            .get_json(format!("{API}/volumes/json?{query}"))
+            .await
+            .map_err(|e| self.conn_err(e, "volumes"))?;
+        let entries = answer.as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(entries
+            .iter()
+            .filter_map(|v| {
+                let name = v.get("Name")?.as_str()?.to_string();
+                let labels = v
+                    .get("Labels")
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((name, labels))
+            })
+            // libpod ORs label filters; every pair must match.
+            .filter(|(_, found): &(String, BTreeMap<String, String>)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| found.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        self.raw
+            .delete(format!("{API}/volumes/{}", path_segment(name)))
+            .await
+            .map(drop)
+            .map_err(|e| self.conn_err(e, &format!("volume {name}")))
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerInfo> {

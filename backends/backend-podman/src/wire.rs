@@ -113,6 +113,15 @@ pub fn create_body(
     if let Some(user) = &spec.user {
         body["user"] = json!(user);
     }
+    if !spec.volumes.is_empty() {
+        // Named volumes, read-write; `nocopy`: the image's files at the path stay out.
+        body["volumes"] = Value::Array(
+            spec.volumes
+                .iter()
+                .map(|v| json!({ "Name": v.volume, "Dest": v.path, "Options": ["nocopy"] }))
+                .collect(),
+        );
+    }
     if let Some(mb) = spec.limits.disk_mb {
         body["storage_opts"] = json!({ "size": format!("{mb}m") });
     }
@@ -337,6 +346,7 @@ mod tests {
             user: Some("user".into()),
             agent_port: Some(49983),
             profile: Default::default(),
+            volumes: Vec::new(),
         }
     }
 

@@ -799,6 +799,7 @@ impl Config {
         Ok(format!(
             "export E2B_API_URL={base}/e2b\n\
              export E2B_SANDBOX_URL={base}/e2b/envd\n\
+             export E2B_VOLUME_API_URL={base}\n\
              export E2B_DOMAIN={domain}\n\
              export E2B_API_KEY={key}\n",
             domain = self.e2b_domain(),

@@ -152,6 +152,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         tracing::info!(pending, "deleting killed sandboxes' containers");
         manager.finish_deletions(Duration::from_secs(15)).await;
     }
+    // Volume keepers hold no state; the next start would remove them anyway.
+    manager.stop_keepers().await;
     tracing::info!("shut down; sandboxes keep running and are re-adopted on the next start");
     Ok(())
 }

@@ -22,6 +22,9 @@ pub use error::{Code, EnvdError, Reason};
 pub const ENVD_VERSION: &str = "0.6.4";
 /// Port the agent listens on inside every sandbox (envd's).
 pub const AGENT_PORT: u16 = 49983;
+/// Where a volume's keeper container mounts the volume whose content its agent serves
+/// under `/volume/{path|dir|file}`.
+pub const VOLUME_ROOT: &str = "/colima-e2b-volume";
 /// Header carrying the per-sandbox access token on every request but `/health`.
 pub const TOKEN_HEADER: &str = "x-access-token";
 /// Container environment variable that hands the agent its per-sandbox secret; the agent

@@ -836,7 +836,7 @@ pub async fn upload(
     }
 }
 
-async fn upload_inner(
+pub(crate) async fn upload_inner(
     user: &User,
     query_path: Option<String>,
     headers: &HeaderMap,

@@ -41,6 +41,7 @@ pub mod supervisor;
 pub mod sys;
 pub mod tree;
 pub mod users;
+pub mod volume;
 pub mod watch;
 
 pub use envd_proto::ENVD_VERSION;

@@ -207,6 +207,10 @@ pub async fn handle(
     if rpc {
         return Ok(crate::rpc::rpc_dispatch(agent, req, &path).await);
     }
+    if let Some(op) = path.strip_prefix("/volume/") {
+        let op = op.to_string();
+        return Ok(crate::volume::handle(agent, req, &op).await);
+    }
     let method = req.method().clone();
     Ok(match (method, path.as_str()) {
         (Method::GET, "/files") | (Method::POST, "/files") => rest_files(agent, req, signed).await,

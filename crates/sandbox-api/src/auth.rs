@@ -210,6 +210,8 @@ enum Way {
     Sandbox { id: String, port: u16, e2b: bool },
     /// A signed `/files` URL.
     Signed,
+    /// Volume `id`'s content (`/volumecontent/{id}/…`): its bearer token.
+    Volume { id: String },
     /// A native route about one sandbox; `drives` when it acts on it.
     Native { id: String, drives: bool },
     /// Anything else on the server (native lists and creates, docs, health, metrics).
@@ -238,6 +240,10 @@ fn way(req: &Request, host: Option<&str>) -> Way {
     }
     if path == crate::e2b::API_BASE || path.starts_with(&format!("{}/", crate::e2b::API_BASE)) {
         return Way::Control;
+    }
+    if let Some(rest) = path.strip_prefix(&format!("{}/", crate::e2b::volumes::CONTENT_BASE)) {
+        let id = rest.split('/').next().unwrap_or_default().to_string();
+        return Way::Volume { id };
     }
     if path == "/files" || path.starts_with(&format!("{}/", crate::e2b::templates::UPLOAD_BASE)) {
         return Way::Signed;
@@ -527,6 +533,9 @@ async fn decide(
         && peer.is_some_and(|ip| ip.is_loopback())
         && host.map(host_name).is_some_and(|h| is_loopback_name(&h));
     let key = presented_key(req.headers());
+    if let Way::Volume { id } = way {
+        return volume_caller(perimeter, manager, id, key, limited_as);
+    }
     let token = req
         .headers()
         .get(TOKEN_HEADER)
@@ -562,7 +571,7 @@ async fn decide(
     };
     match way {
         Way::Control => Err(unauthenticated(NO_KEY)),
-        Way::Signed => Ok(Caller::Signed),
+        Way::Signed | Way::Volume { .. } => Ok(Caller::Signed),
         Way::Server if local => Ok(Caller::Local),
         Way::Server => Err(unauthenticated(NO_KEY)),
         Way::Sandbox { id, port, .. } => {
@@ -603,6 +612,38 @@ async fn decide(
             Ok(Caller::Local)
         }
     }
+}
+
+/// A caller of volume `id`'s content: its bearer token (or an API key, which owns
+/// everything). An unknown volume passes: its handler answers 404.
+fn volume_caller(
+    perimeter: &Perimeter,
+    manager: &SandboxManager,
+    id: &str,
+    bearer: Option<&str>,
+    limited_as: Option<IpAddr>,
+) -> Result<Caller, Refusal> {
+    if let Some(wait) = perimeter.blocked_for(limited_as) {
+        return Err(Refusal::limited(wait));
+    }
+    let Some(bearer) = bearer else {
+        return Err(unauthenticated(
+            "the volume content API needs the volume's token (Authorization: Bearer)",
+        ));
+    };
+    if let Some(name) = perimeter.key_name(bearer) {
+        return Ok(Caller::Key(name));
+    }
+    if manager.volume(id).is_err() {
+        return Ok(Caller::Signed);
+    }
+    if manager.volume_token_matches(id, bearer) {
+        return Ok(Caller::Signed);
+    }
+    Err(match perimeter.failed(limited_as) {
+        Some(wait) => Refusal::limited(wait),
+        None => unauthenticated("the volume token is not valid"),
+    })
 }
 
 /// A caller presenting sandbox `id`'s access token, if it is the right one.

@@ -21,6 +21,7 @@ pub mod sandboxes;
 pub mod snapshots;
 pub mod templates;
 pub mod text;
+pub mod volumes;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::endpoint::make_sync;
@@ -96,6 +97,7 @@ type Apis = (
     templates::TemplateApi,
     logs::LogApi,
     snapshots::SnapshotApi,
+    volumes::VolumeApi,
 );
 
 fn service() -> OpenApiService<Apis, ()> {
@@ -109,6 +111,7 @@ fn service() -> OpenApiService<Apis, ()> {
             templates::TemplateApi,
             logs::LogApi,
             snapshots::SnapshotApi,
+            volumes::VolumeApi,
         ),
         "colima-e2b",
         VERSION,
@@ -174,6 +177,15 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             poem::put(e2b::templates::upload),
         )
         .at(
+            format!("{}/:id/:op", e2b::volumes::CONTENT_BASE),
+            poem::get(e2b::volumes::content)
+                .put(e2b::volumes::content)
+                .post(e2b::volumes::content)
+                .patch(e2b::volumes::content)
+                .delete(e2b::volumes::content)
+                .around(e2b::control::require_enabled),
+        )
+        .at(
             "/files",
             poem::endpoint::make(|req| async move {
                 Ok::<_, poem::Error>(e2b::proxy::signed_files(req).await)
@@ -221,6 +233,14 @@ fn e2b_routes() -> impl Endpoint<Output = Response> {
         .at("/sandboxes/:id/snapshots", post(e2b::snapshots::create))
         .at("/sandboxes/:id/fork", post(e2b::snapshots::fork))
         .at("/snapshots", get(e2b::snapshots::list))
+        .at(
+            "/volumes",
+            post(e2b::volumes::create).get(e2b::volumes::list),
+        )
+        .at(
+            "/volumes/:id",
+            get(e2b::volumes::get).delete(e2b::volumes::delete),
+        )
         .at("/sandboxes/:id/metrics", get(control::metrics))
         .at("/sandboxes/metrics", get(control::metrics_batch))
         .at("/sandboxes/:id/logs", get(control::logs_v1))
@@ -287,6 +307,7 @@ async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result
         );
     }
     if path.starts_with(e2b::ENVD_BASE)
+        || path.starts_with(&format!("{}/", e2b::volumes::CONTENT_BASE))
         || path == "/files"
         || path.starts_with(&format!("{}/", e2b::templates::UPLOAD_BASE))
         || native_build

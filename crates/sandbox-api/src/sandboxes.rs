@@ -45,6 +45,28 @@ pub struct CreateSandboxRequest {
     pub network: Option<NetworkRules>,
     /// What the deadline does (kill, or pause) and whether requests wake it when paused.
     pub lifecycle: Option<LifecycleRequest>,
+    /// Volumes to mount (see `POST /volumes`), by name, each at an absolute path.
+    #[oai(default)]
+    pub volume_mounts: Vec<VolumeMountRequest>,
+}
+
+/// A volume mounted into a sandbox.
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct VolumeMountRequest {
+    /// The volume's name.
+    pub name: String,
+    /// Absolute path inside the sandbox (not a system directory).
+    pub path: String,
+}
+
+impl poem_openapi::types::Example for VolumeMountRequest {
+    fn example() -> Self {
+        VolumeMountRequest {
+            name: "datasets".into(),
+            path: "/mnt/datasets".into(),
+        }
+    }
 }
 
 /// What happens at a sandbox's deadline (E2B's `autoPause`, `autoPauseMemory`,
@@ -146,6 +168,7 @@ impl poem_openapi::types::Example for CreateSandboxRequest {
             disk_mb: None,
             network: None,
             lifecycle: None,
+            volume_mounts: Vec::new(),
         }
     }
 }
@@ -175,6 +198,8 @@ pub struct Sandbox {
     pub disk_mb: Option<u64>,
     /// Whether the sandbox may reach the internet.
     pub internet: bool,
+    /// The volumes mounted into it.
+    pub volume_mounts: Vec<VolumeMountRequest>,
 }
 
 impl poem_openapi::types::Example for Sandbox {
@@ -192,6 +217,7 @@ impl poem_openapi::types::Example for Sandbox {
             memory_mb: 512,
             disk_mb: Some(2048),
             internet: true,
+            volume_mounts: Vec::new(),
         }
     }
 }
@@ -209,6 +235,14 @@ impl From<SandboxInfo> for Sandbox {
             memory_mb: s.limits.memory_mb,
             disk_mb: s.limits.disk_mb,
             internet: s.internet,
+            volume_mounts: s
+                .volume_mounts
+                .into_iter()
+                .map(|m| VolumeMountRequest {
+                    name: m.name,
+                    path: m.path,
+                })
+                .collect(),
         }
     }
 }
@@ -296,6 +330,14 @@ impl SandboxApi {
                 .map(|l| l.lifecycle())
                 .transpose()?
                 .unwrap_or_default(),
+            volume_mounts: body
+                .volume_mounts
+                .into_iter()
+                .map(|m| sandbox_core::VolumeMount {
+                    name: m.name,
+                    path: m.path,
+                })
+                .collect(),
             ..SandboxSpec::default()
         };
         let info = state.manager.create(spec).await?;

@@ -37,6 +37,19 @@ pub const POOL: &str = "dev.colima-e2b.pool";
 /// On snapshot images: the sandbox they were captured from.
 pub const SNAPSHOT_OF: &str = "dev.colima-e2b.snapshot-of";
 
+/// The volumes a sandbox mounts (JSON `[{name, path}]`).
+pub const VOLUMES: &str = "dev.colima-e2b.volumes";
+/// On an engine volume: the id of the volume it holds.
+pub const VOLUME_ID: &str = "dev.colima-e2b.volume-id";
+/// On an engine volume: the volume's name.
+pub const VOLUME_NAME: &str = "dev.colima-e2b.volume-name";
+/// On an engine volume: the bearer token of its content API.
+pub const VOLUME_TOKEN: &str = "dev.colima-e2b.volume-token";
+/// On a volume's content container: the id of the volume it serves.
+pub const VOLUME_KEEPER: &str = "dev.colima-e2b.volume-keeper";
+/// On snapshot images: bytes of the image at the start of their chain of snapshots (a
+/// template's), so what the captures added is counted against a quota.
+pub const ORIGIN_BYTES: &str = "dev.colima-e2b.origin-bytes";
 /// On derived images: sha256 of the agent binary they carry.
 pub const AGENT_SHA256: &str = "dev.colima-e2b.agent-sha256";
 /// On derived images: the template image they were derived from.
@@ -102,6 +115,12 @@ pub fn for_sandbox(owner: &str, info: &SandboxInfo) -> BTreeMap<String, String> 
         LIMITS.into(),
         serde_json::to_string(&info.limits).unwrap_or_else(|_| "{}".into()),
     );
+    if !info.volume_mounts.is_empty() {
+        labels.insert(
+            VOLUMES.into(),
+            serde_json::to_string(&info.volume_mounts).unwrap_or_else(|_| "[]".into()),
+        );
+    }
     // Always set: an image committed from a pool member (a snapshot) carries its
     // labels, and a container's own labels are what must count.
     labels.insert(POOL.into(), "false".into());
@@ -136,6 +155,11 @@ pub fn to_info(container: &ContainerInfo) -> Result<SandboxInfo, String> {
         limits: container.limits.unwrap_or(requested),
         internet: container.labels.get(INTERNET).map(String::as_str) != Some("false"),
         secure: container.labels.get(SECURE).map(String::as_str) == Some("true"),
+        volume_mounts: container
+            .labels
+            .get(VOLUMES)
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -160,6 +184,10 @@ mod tests {
             limits: Limits::default(),
             internet: false,
             secure: true,
+            volume_mounts: vec![crate::types::VolumeMount {
+                name: "data".into(),
+                path: "/mnt/data".into(),
+            }],
         };
         let container = ContainerInfo {
             id: "c".into(),

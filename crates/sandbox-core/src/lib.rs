@@ -34,7 +34,7 @@ pub use agent::{AgentBinary, AgentClient, ProcessOutput, ProcessStream};
 pub use backend::memory::InMemoryBackend;
 pub use backend::{
     AgentAddress, Capabilities, ContainerInfo, ContainerSpec, DeriveImage, DynBackend, EngineInfo,
-    ImageFile, ImageInfo, ImageLink, SandboxBackend, SandboxProfile,
+    ImageFile, ImageInfo, ImageLink, SandboxBackend, SandboxProfile, VolumeBind,
 };
 pub use error::{BoxError, Error, Result};
 pub use manager::{
@@ -43,4 +43,5 @@ pub use manager::{
 pub use template::Template;
 pub use types::{
     Lifecycle, Limits, NetworkConfig, OnTimeout, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+    VolumeMount,
 };

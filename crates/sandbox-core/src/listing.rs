@@ -153,6 +153,7 @@ mod tests {
             limits: Limits::default(),
             internet: true,
             secure: false,
+            volume_mounts: Vec::new(),
         }
     }
 

@@ -211,6 +211,17 @@ pub struct SandboxSpec {
     pub network: Option<NetworkConfig>,
     /// What its deadline does and whether traffic wakes it when paused.
     pub lifecycle: Lifecycle,
+    /// Volumes to mount (E2B's `volumeMounts`), by volume name.
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// A volume mounted into a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The volume's name.
+    pub name: String,
+    /// Absolute path inside the sandbox.
+    pub path: String,
 }
 
 /// What a sandbox's deadline does (E2B's `autoPause`, `autoPauseMemory`) and whether
@@ -313,6 +324,7 @@ impl Default for SandboxSpec {
             secure: false,
             network: None,
             lifecycle: Lifecycle::default(),
+            volume_mounts: Vec::new(),
         }
     }
 }
@@ -353,6 +365,8 @@ pub struct SandboxInfo {
     pub internet: bool,
     /// Whether its agent's clients must bring the access token (see [`SandboxSpec::secure`]).
     pub secure: bool,
+    /// The volumes mounted into it.
+    pub volume_mounts: Vec<VolumeMount>,
 }
 
 /// Validates a user name a client asks to act as (letters, digits, `_`, `-`, `.`).

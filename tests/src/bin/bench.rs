@@ -62,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             user: None,
             agent_port: None,
             profile: Default::default(),
+            volumes: Vec::new(),
         };
         let t = Instant::now();
         backend.create(&spec).await?;

@@ -196,6 +196,7 @@ fn listed_json(state: &AppState, info: &SandboxInfo) -> Value {
         "metadata": info.metadata,
         "state": info.state.as_str(),
         "envdVersion": ENVD_VERSION,
+        "volumeMounts": info.volume_mounts,
     })
 }
 
@@ -253,6 +254,8 @@ struct NewSandbox {
     auto_pause_memory: Option<bool>,
     #[serde(default)]
     auto_resume: Option<AutoResume>,
+    #[serde(default)]
+    volume_mounts: Option<Vec<sandbox_core::VolumeMount>>,
 }
 
 /// E2B's `autoResume` create field.
@@ -320,6 +323,7 @@ async fn create_with(state: &AppState, body: Body, v2: bool) -> Answer {
         internet,
         secure: v2 || req.secure.unwrap_or(false),
         network,
+        volume_mounts: req.volume_mounts.unwrap_or_default(),
         ..SandboxSpec::new(template, timeout)
     };
     let info = state.manager.create(spec).await.map_err(|e| match e {

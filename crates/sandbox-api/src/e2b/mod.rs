@@ -6,6 +6,8 @@
 //! - Data plane under `/e2b/envd` (the SDK's `E2B_SANDBOX_URL`): every request is
 //!   proxied, streaming both ways, to the agent of the sandbox its `E2b-Sandbox-Id`
 //!   header names.
+//! - Volume content under `/volumecontent` (the SDK's `E2B_VOLUME_API_URL` is the
+//!   server's root), with each volume's bearer token.
 //! - Host names `<port>-<sandbox id>.<domain>` (what the SDK's `get_host(port)` returns)
 //!   reach that port inside the sandbox, HTTP and WebSocket alike.
 
@@ -14,6 +16,7 @@ pub mod network;
 pub mod proxy;
 pub mod snapshots;
 pub mod templates;
+pub mod volumes;
 
 use std::sync::Arc;
 

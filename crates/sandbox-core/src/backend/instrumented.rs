@@ -1,5 +1,6 @@
 //! A backend wrapper that records every engine call's latency and errors as metrics.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Instant;
 
@@ -87,6 +88,24 @@ impl SandboxBackend for Instrumented {
     async fn inspect(&self, name: &str) -> Result<ContainerInfo> {
         self.timed("inspect", self.0.inspect(name)).await
     }
+    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        self.timed("create_volume", self.0.create_volume(name, labels))
+            .await
+    }
+
+    async fn list_volumes(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        self.timed("list_volumes", self.0.list_volumes(labels))
+            .await
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        self.timed("remove_volume", self.0.remove_volume(name))
+            .await
+    }
+
     async fn disk_usage(&self, name: &str) -> Result<Option<u64>> {
         self.timed("disk_usage", self.0.disk_usage(name)).await
     }

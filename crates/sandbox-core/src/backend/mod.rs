@@ -6,6 +6,7 @@ pub mod build;
 pub mod image;
 pub mod instrumented;
 pub mod memory;
+pub mod quota;
 
 pub use build::{
     build_failure, context_chunks, is_build_context_problem, BuildEvent, BuildOutput, BuildRequest,
@@ -54,6 +55,9 @@ pub struct Capabilities {
     pub host_loopback_isolated: bool,
     /// [`crate::Limits::disk_mb`] is enforced (the engine's storage has quotas).
     pub disk_quota: bool,
+    /// The quota counts the image too (the whole root filesystem), not only what the
+    /// container writes.
+    pub quota_counts_image: bool,
     /// Sandboxes cannot reach each other over the network.
     pub isolated_sandboxes: bool,
 }
@@ -148,6 +152,17 @@ pub struct ContainerSpec {
     pub agent_port: Option<u16>,
     /// The baseline profile to apply.
     pub profile: SandboxProfile,
+    /// Engine volumes mounted read-write into the container (the only mounts it gets).
+    pub volumes: Vec<VolumeBind>,
+}
+
+/// One engine volume mounted into a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeBind {
+    /// The engine's volume name.
+    pub volume: String,
+    /// Absolute path inside the container.
+    pub path: String,
 }
 
 /// What the engine reports about one container.
@@ -335,6 +350,36 @@ pub trait SandboxBackend: Display + Debug + Send + Sync + 'static {
         Err(crate::Error::Unsupported {
             backend: self.name(),
             operation: "remove_image",
+        })
+    }
+
+    /// Creates engine volume `name` with `labels` (a volume that exists already is kept
+    /// as it is).
+    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        let _ = (name, labels);
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "volumes",
+        })
+    }
+
+    /// The engine volumes carrying every label pair in `labels`: (name, labels).
+    /// Default: none.
+    async fn list_volumes(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        let _ = labels;
+        Ok(Vec::new())
+    }
+
+    /// Removes engine volume `name` and frees its disk. A volume a container still
+    /// mounts is a [`crate::Error::Conflict`]; a missing one is [`crate::Error::NotFound`].
+    async fn remove_volume(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(crate::Error::Unsupported {
+            backend: self.name(),
+            operation: "volumes",
         })
     }
 

@@ -10,7 +10,7 @@ use envd_proto::AGENT_PORT;
 use super::{Cleanup, Fixture};
 use crate::agent::command::ShellCommand;
 use crate::agent::{generate_secret, AgentBinary, AgentClient, AGENT_PATH, SECRET_ENV, SUDO_PATH};
-use crate::backend::{ContainerSpec, SandboxBackend};
+use crate::backend::{ContainerSpec, SandboxBackend, VolumeBind};
 use crate::error::Error;
 use crate::types::Limits;
 
@@ -25,10 +25,22 @@ async fn agent_container<'a>(
     check: &str,
     limits: Option<Limits>,
 ) -> Option<(ContainerSpec, AgentClient, Cleanup<'a>)> {
+    agent_container_with(backend, fixture, check, limits, Vec::new()).await
+}
+
+/// [`agent_container`] with engine volumes mounted.
+async fn agent_container_with<'a>(
+    backend: &'a dyn SandboxBackend,
+    fixture: &Fixture,
+    check: &str,
+    limits: Option<Limits>,
+    volumes: Vec<VolumeBind>,
+) -> Option<(ContainerSpec, AgentClient, Cleanup<'a>)> {
     let mut spec = fixture.spec(check);
     if let Some(limits) = limits {
         spec.limits = limits;
     }
+    spec.volumes = volumes;
     if !backend.capabilities().processes {
         let cleanup = Cleanup::new(backend, vec![spec.name.clone()]);
         backend.create(&spec).await.expect("create");
@@ -352,4 +364,83 @@ pub async fn the_disk_quota_stops_writes_inside(backend: &dyn SandboxBackend, fi
         "usage {used} is not between 8 MiB and the quota {quota}"
     );
     cleanup.run().await;
+}
+
+/// An engine volume mounted by two containers is shared; its files outlive them; it
+/// cannot be removed while mounted, and once removed it is gone. (The in-memory
+/// backend models no volumes and says so.)
+pub async fn a_volume_is_shared_by_containers_and_outlives_them(
+    backend: &dyn SandboxBackend,
+    fixture: &Fixture,
+) {
+    let name = format!("colima-e2b-conformance-vol-{}", fixture.run_id);
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert(super::SUITE_LABEL.to_string(), "true".to_string());
+    labels.insert(super::CHECK_LABEL.to_string(), fixture.run_id.clone());
+    match backend.create_volume(&name, &labels).await {
+        Err(Error::Unsupported { .. }) if backend.name() == "memory" => return,
+        other => other.expect("create the volume"),
+    }
+    let bind = |path: &str| {
+        vec![VolumeBind {
+            volume: name.clone(),
+            path: path.to_string(),
+        }]
+    };
+    let listed = backend
+        .list_volumes(&[
+            (super::SUITE_LABEL, "true"),
+            (super::CHECK_LABEL, &fixture.run_id),
+        ])
+        .await
+        .expect("list volumes");
+    assert_eq!(
+        listed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        vec![name.as_str()],
+        "a listing by both labels"
+    );
+    assert!(
+        backend
+            .list_volumes(&[(super::SUITE_LABEL, "true"), (super::CHECK_LABEL, "other")])
+            .await
+            .expect("list volumes")
+            .is_empty(),
+        "every label pair must match"
+    );
+    let Some((a, ca, cleanup_a)) =
+        agent_container_with(backend, fixture, "vol-a", None, bind("/mnt/a")).await
+    else {
+        backend
+            .remove_volume(&name)
+            .await
+            .expect("remove the volume");
+        return;
+    };
+    let (b, cb, cleanup_b) = agent_container_with(backend, fixture, "vol-b", None, bind("/mnt/b"))
+        .await
+        .expect("a second agent container");
+    sh(&ca, "root", "echo shared > /mnt/a/f").await;
+    assert_eq!(sh(&cb, "root", "cat /mnt/b/f").await, "shared\n");
+    assert!(matches!(
+        backend.remove_volume(&name).await,
+        Err(Error::Conflict(_))
+    ));
+    for (spec, cleanup) in [(a, cleanup_a), (b, cleanup_b)] {
+        backend.remove(&spec.name).await.expect("remove");
+        cleanup.run().await;
+    }
+    let (c, cc, cleanup_c) = agent_container_with(backend, fixture, "vol-c", None, bind("/data"))
+        .await
+        .expect("a third agent container");
+    assert_eq!(sh(&cc, "root", "cat /data/f").await, "shared\n");
+    backend.remove(&c.name).await.expect("remove");
+    cleanup_c.run().await;
+    backend
+        .remove_volume(&name)
+        .await
+        .expect("remove the volume");
+    assert!(matches!(
+        backend.remove_volume(&name).await,
+        Err(Error::NotFound { .. })
+    ));
 }

@@ -96,6 +96,7 @@ impl Fixture {
             user: None,
             agent_port: None,
             profile: SandboxProfile::default(),
+            volumes: Vec::new(),
         }
     }
 }
@@ -166,6 +167,7 @@ macro_rules! conformance_tests {
             inside: the_baseline_profile_applies_inside,
             inside: limits_apply_inside,
             inside: the_disk_quota_stops_writes_inside,
+            inside: a_volume_is_shared_by_containers_and_outlives_them,
         );
     };
     (@checks $backend:expr, $fixture:expr; $($module:ident: $check:ident),+ $(,)?) => {

@@ -56,6 +56,8 @@ pub(super) struct Resolved {
     pub(super) timeout: Duration,
     pub(super) limits: Limits,
     pub(super) user: String,
+    /// The engine volumes of `volume_mounts`.
+    pub(super) volumes: Vec<crate::backend::VolumeBind>,
 }
 
 impl SandboxManager {
@@ -92,12 +94,14 @@ impl SandboxManager {
         self.check_host_limits(&limits)?;
         let user = spec.user.clone().unwrap_or_else(|| template.user.clone());
         validate_user(&user)?;
+        let volumes = self.volume_binds(&spec.volume_mounts)?;
         Ok(Resolved {
             template_name,
             template,
             timeout,
             limits,
             user,
+            volumes,
         })
     }
 
@@ -373,9 +377,15 @@ impl SandboxManager {
             limits: r.limits,
             internet: spec.internet,
             secure: spec.secure,
+            volume_mounts: spec.volume_mounts.clone(),
         };
         let name = labels::container_name(&info.id);
         let mut container = self.container_spec(spec, &info, secret.as_deref());
+        container.volumes = r.volumes.clone();
+        let carried = self.carried_quota(r, run.carried)?;
+        if let (Some(disk), Some(carried)) = (container.limits.disk_mb, carried) {
+            container.limits.disk_mb = Some(disk - carried);
+        }
         if pool_member {
             container
                 .labels
@@ -402,6 +412,10 @@ impl SandboxManager {
         info.state = created.state;
         if let Some(applied) = created.limits {
             info.limits = applied;
+        }
+        if carried.is_some() {
+            // The quota asked for covers the snapshot's files and the new writes.
+            info.limits.disk_mb = r.limits.disk_mb;
         }
         let Some(secret) = secret else {
             return Ok((info, None));
@@ -438,6 +452,29 @@ impl SandboxManager {
                 })
             }
         }
+    }
+
+    /// MiB a sandbox's quota gives to the files its snapshot image carries, where the
+    /// engine's quota counts only writes (the image's own bytes are outside it): those
+    /// files count against the quota as if the sandbox had written them. `None`: no
+    /// quota, nothing carried, or an engine whose quota counts the image already.
+    fn carried_quota(&self, r: &Resolved, carried_bytes: u64) -> Result<Option<u64>> {
+        let Some(disk) = r.limits.disk_mb else {
+            return Ok(None);
+        };
+        if carried_bytes == 0 || self.inner.backend.capabilities().quota_counts_image {
+            return Ok(None);
+        }
+        let carried = carried_bytes.div_ceil(1 << 20);
+        if disk < carried + DISK_HEADROOM_MB {
+            return Err(Error::InvalidArgument(format!(
+                "disk_mb {disk} is too small for snapshot {:?}: its files take {carried} MiB \
+                 of the quota; ask for at least {}",
+                r.template_name,
+                carried + DISK_HEADROOM_MB
+            )));
+        }
+        Ok(Some(carried))
     }
 
     /// The container of a new sandbox: the image, the agent as its main process with
@@ -481,11 +518,12 @@ impl SandboxManager {
                 config.agent_port
             },
             profile: config.profile.clone(),
+            volumes: Vec::new(),
         }
     }
 
     /// Waits for a new sandbox's agent to answer `/health`.
-    async fn wait_agent(&self, name: &str, secret: String) -> Result<AgentClient> {
+    pub(super) async fn wait_agent(&self, name: &str, secret: String) -> Result<AgentClient> {
         let addr = self
             .inner
             .backend

@@ -14,6 +14,21 @@ pub(super) struct RunImage {
     pub name: String,
     /// Its size, bytes, when the engine said.
     pub size: Option<u64>,
+    /// Bytes snapshots added to it over the template image their chain started from.
+    pub carried: u64,
+}
+
+/// What snapshots added to `image` over their chain's first image (0 for an image
+/// that is no snapshot).
+pub(super) fn carried_bytes(image: &crate::backend::ImageInfo) -> u64 {
+    let origin = image
+        .labels
+        .get(labels::ORIGIN_BYTES)
+        .and_then(|v| v.parse::<u64>().ok());
+    match (origin, image.size) {
+        (Some(origin), Some(size)) => size.saturating_sub(origin),
+        _ => 0,
+    }
 }
 
 impl SandboxManager {
@@ -40,16 +55,22 @@ impl SandboxManager {
             Some(agent) if agent.carried_by(&info) => Ok(RunImage {
                 name: base.to_string(),
                 size: info.size,
+                carried: carried_bytes(&info),
             }),
             Some(agent) => {
                 let name = self.derived_image(base, info.id.as_deref(), agent).await?;
                 // The derived image is the base plus the agent.
                 let size = info.size.map(|s| s + agent.contents().len() as u64);
-                Ok(RunImage { name, size })
+                Ok(RunImage {
+                    name,
+                    size,
+                    carried: carried_bytes(&info),
+                })
             }
             None => Ok(RunImage {
                 name: base.to_string(),
                 size: info.size,
+                carried: carried_bytes(&info),
             }),
         }
     }

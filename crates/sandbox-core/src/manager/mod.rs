@@ -41,6 +41,7 @@ mod snapshots;
 mod templates;
 #[cfg(test)]
 mod tests;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -66,6 +67,7 @@ pub use recovery::RecoveryReport;
 pub use sandbox_logs::{Direction, LogConfig, LogEntry, LogLevel, LogQuery};
 pub use snapshots::MAX_FORKS;
 pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
+pub use volumes::{VolumeAccess, VolumeRecord, KEEPER_IDLE, MAX_MOUNTS};
 
 use deadlines::DeadlineStore;
 use recovery::CreateJournal;
@@ -251,6 +253,8 @@ struct Inner {
     forks_under_way: std::sync::atomic::AtomicUsize,
     /// One sweep of forks' captures at a time.
     sweep_lock: tokio::sync::Mutex<()>,
+    /// Volumes and their content keepers.
+    volumes: volumes::Volumes,
 }
 
 /// Owns every sandbox of this server: creates them through the backend, enforces their
@@ -332,6 +336,7 @@ impl SandboxManager {
                 turns: Mutex::new(HashMap::new()),
                 forks_under_way: Default::default(),
                 sweep_lock: tokio::sync::Mutex::new(()),
+                volumes: Default::default(),
             }),
         }
     }
@@ -360,6 +365,7 @@ impl SandboxManager {
         self.install_firewall().await?;
         self.start_egress_proxy().await;
         self.note_foreign_egress().await;
+        self.load_volumes().await;
         let report = self.recover().await?;
         let interrupted = std::mem::take(&mut *lock(&self.inner.interrupted_builds));
         for image in interrupted {

@@ -258,6 +258,9 @@ impl SandboxManager {
         if !spec.internet {
             return Ok(Some("internet_off"));
         }
+        if !spec.volume_mounts.is_empty() {
+            return Ok(Some("volumes"));
+        }
         let default = self.resolve_member(&r.template_name)?;
         if default.limits != r.limits || default.template != r.template {
             return Ok(Some("limits"));
@@ -330,6 +333,7 @@ impl SandboxManager {
             limits: member.info.limits,
             internet: member.info.internet,
             secure: spec.secure,
+            volume_mounts: spec.volume_mounts.clone(),
         };
         // The limit, the journal and the record: a failure here touched nothing in the
         // member, so it goes back to the pool.

@@ -110,6 +110,11 @@ impl SandboxManager {
         }
         let mut members = Vec::new();
         for container in containers {
+            if container.labels.contains_key(labels::VOLUME_KEEPER) {
+                // A volume's keeper holds no state; the next content request starts one.
+                self.remove_quietly(&container.name).await;
+                continue;
+            }
             let pooled = container.labels.get(labels::POOL).map(String::as_str) == Some("true");
             let mut info = match labels::to_info(&container) {
                 Ok(info) => info,

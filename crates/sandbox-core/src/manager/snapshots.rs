@@ -75,10 +75,21 @@ impl SandboxManager {
             self.inner
                 .templates
                 .request_snapshot(name, id.as_str(), ephemeral)?;
-        let image_labels = BTreeMap::from([
+        let mut image_labels = BTreeMap::from([
             (labels::SNAPSHOT_OF.to_string(), id.to_string()),
             (labels::POOL.to_string(), "false".to_string()),
         ]);
+        // The chain's first image: what the source runs, unless that is a snapshot too.
+        if let Ok(Some(source)) = self.inner.backend.image_info(&info.image).await {
+            let origin = source
+                .labels
+                .get(labels::ORIGIN_BYTES)
+                .cloned()
+                .or_else(|| source.size.map(|s| s.to_string()));
+            if let Some(origin) = origin {
+                image_labels.insert(labels::ORIGIN_BYTES.to_string(), origin);
+            }
+        }
         let running = state.state == SandboxState::Running;
         if let Err(e) = self
             .inner
@@ -187,6 +198,8 @@ impl SandboxManager {
             secure: info.secure,
             network: self.network(id).map(|n| n.config),
             lifecycle: self.lifecycle(id),
+            // Volumes are shared, not copied: the forks mount the source's.
+            volume_mounts: info.volume_mounts.clone(),
         };
         let creates = (0..count).map(|_| self.create(spec.clone()));
         let results = futures_util::future::join_all(creates).await;

@@ -424,6 +424,7 @@ fn foreign_container(owner: &str, state: SandboxState, expires_in: i64) -> Conta
         limits: Default::default(),
         internet: true,
         secure: false,
+        volume_mounts: Vec::new(),
     };
     ContainerInfo {
         id: info.id.to_string(),
