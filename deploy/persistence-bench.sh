@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Pause, resume, snapshot and fork times of a sandbox holding 100 MB of files, through
-# colima-e2b's native API, next to the engine's own calls on a plain container of the
-# same image holding the same files, in one run. Prints medians and the ratio to the
-# engine floor.
+# Pause, resume, snapshot and fork times of a sandbox holding 100 MB of files, and
+# volume times (create, a create that mounts one, the content API's first request and a
+# 100 MB read, delete), through colima-e2b's native and volume content APIs, next to the
+# engine's own calls on plain containers of the same image holding the same files, in
+# one run. Prints medians and the ratio to the engine floor.
 #
 #   deploy/persistence-bench.sh [N] [docker] [podman]     (N iterations, default 3)
 #
@@ -10,6 +11,9 @@
 # (+ waiting until it stopped); its resume = `start`; a snapshot = `commit`; a fork of
 # 3 = one `commit` + 3 x (`run -d` of the commit). colima-e2b's resume from the
 # filesystem also waits for the agent, and a fork's sandboxes answer a command.
+# Volumes: `volume create`; `run -d -v` + `exec true`; the content API's first request
+# (a keeper container starts) = `run -d -v` + `exec stat`; a 100 MB read = `exec cat`;
+# delete = `volume rm`.
 #
 # Needs the engines running (deploy/engines.sh), the base image (deploy/images.sh), the
 # static agent and a colima-e2b build (COLIMA_E2B_BIN, default target/release/colima-e2b).
@@ -30,6 +34,8 @@ cleanup() {
     $cli rm -f "$floor" >/dev/null 2>&1 || true
     $cli ps -aq --filter "label=colima-e2b-pbench=$$" | xargs -r $cli rm -f >/dev/null 2>&1 || true
     $cli images -q "colima-e2b-pbench/floor" | xargs -r $cli rmi -f >/dev/null 2>&1 || true
+    $cli volume ls -q --filter "label=colima-e2b-pbench=$$" | xargs -r $cli volume rm -f >/dev/null 2>&1 || true
+    $cli volume ls -q --filter "label=dev.colima-e2b.owner=pbench-$$" | xargs -r $cli volume rm -f >/dev/null 2>&1 || true
   done
   rm -rf "$work"
 }
@@ -43,6 +49,7 @@ engine_cli() {
 }
 json() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
 fill='head -c 104857600 /dev/urandom > /home/user/fill.bin && sync'
+fillv='head -c 104857600 /dev/urandom > /mnt/v/fill.bin && sync'
 
 printf '%-8s %-22s %10s %10s %7s\n' engine operation colima-e2b engine ratio
 for engine in "${engines[@]}"; do
@@ -93,8 +100,32 @@ for engine in "${engines[@]}"; do
     for c in "${cs[@]}"; do $cli exec "$c" true; done
     times[raw_fork3]+="$(since "$t") "
     $cli rm -f "${cs[@]}" >/dev/null
+
+    name="pbench-$$-$i"
+    t=$(now); vol=$(post /volumes "{\"name\": \"$name\"}"); times[ours_vol_create]+="$(since "$t") "
+    vid=$(json 'v["volume_id"]' <<<"$vol"); tok=$(json 'v["token"]' <<<"$vol")
+    t=$(now); m=$(post /sandboxes/ "{\"template\": \"base\", \"volume_mounts\": [{\"name\": \"$name\", \"path\": \"/mnt/v\"}]}" | json 'v["sandbox_id"]')
+    post "/sandboxes/$m/commands/run" '{"cmd": "true"}' >/dev/null; times[ours_create_mounted]+="$(since "$t") "
+    post "/sandboxes/$m/commands/run" "{\"cmd\": \"$fillv\", \"timeout\": 120}" >/dev/null
+    content() { curl -fsS -H "Authorization: Bearer $tok" "$api/volumecontent/$vid/$1"; }
+    t=$(now); content "path?path=fill.bin" >/dev/null; times[ours_content_first]+="$(since "$t") "
+    t=$(now); content "file?path=fill.bin" >/dev/null; times[ours_content_read]+="$(since "$t") "
+    curl -fsS -X DELETE "$api/sandboxes/$m" >/dev/null
+    t=$(now); curl -fsS -X DELETE "$api/volumes/$vid" >/dev/null; times[ours_vol_delete]+="$(since "$t") "
+
+    rv="colima-e2b-pbench-vol-$$-$i"
+    t=$(now); $cli volume create --label "colima-e2b-pbench=$$" "$rv" >/dev/null; times[raw_vol_create]+="$(since "$t") "
+    t=$(now); c=$($cli run -d --label "colima-e2b-pbench=$$" -v "$rv:/mnt/v" --entrypoint sleep colima-e2b/base:latest infinity)
+    $cli exec "$c" true; times[raw_create_mounted]+="$(since "$t") "
+    $cli exec "$c" sh -c "$fillv"
+    t=$(now); k=$($cli run -d --label "colima-e2b-pbench=$$" -v "$rv:/v" --entrypoint sleep colima-e2b/base:latest infinity)
+    $cli exec "$k" stat /v/fill.bin >/dev/null; times[raw_content_first]+="$(since "$t") "
+    t=$(now); $cli exec "$k" cat /v/fill.bin >/dev/null; times[raw_content_read]+="$(since "$t") "
+    $cli rm -f "$c" "$k" >/dev/null
+    t=$(now); $cli volume rm "$rv" >/dev/null; times[raw_vol_delete]+="$(since "$t") "
   done
-  for op in pause_mem resume_mem pause_fs resume_fs snapshot from_snapshot fork3; do
+  for op in pause_mem resume_mem pause_fs resume_fs snapshot from_snapshot fork3 \
+    vol_create create_mounted content_first content_read vol_delete; do
     ours=$(tr ' ' '\n' <<<"${times[ours_$op]}" | grep . | median)
     raw=$(tr ' ' '\n' <<<"${times[raw_$op]}" | grep . | median)
     printf '%-8s %-22s %8.2f s %8.2f s %6.2fx\n' "$engine" "$op" "$ours" "$raw" "$(awk -v a="$ours" -v b="$raw" 'BEGIN { print a / b }')"

@@ -220,6 +220,20 @@ async fn lifecycle_pagination_pause_and_tokens() {
         );
         ids.push(v["sandboxID"].as_str().expect("id").to_string());
     }
+    // What the metrics' diskUsed must count (where the quota counts only writes, a new
+    // sandbox has used nothing yet).
+    let wrote: Value = server
+        .http
+        .post(server.url(&format!("/sandboxes/{}/commands/run", ids[1])))
+        .header("X-API-KEY", KEY)
+        .json(&json!({"cmd": "head -c 8388608 /dev/urandom > /home/user/eight-mib && sync"}))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(wrote["exit_code"], 0, "{wrote}");
 
     let filter = format!("metadata=tag%3D{tag}");
     let (s, h, page1) = call(
@@ -345,14 +359,24 @@ async fn lifecycle_pagination_pause_and_tokens() {
     ] {
         assert!(detail.get(field).is_some(), "{field} missing: {detail}");
     }
-    let (s, _, m) = call(
-        &server,
-        reqwest::Method::GET,
-        &format!("/sandboxes/{id}/metrics"),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
+    // The disk figure is read from the engine in the background and kept for 30 s: the
+    // 8 MiB written at the start show within that (a bound on waiting, not a timing claim).
+    let mut m = Value::Null;
+    for _ in 0..90 {
+        let (s, _, got) = call(
+            &server,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{id}/metrics"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{got}");
+        m = got;
+        if m[0]["diskUsed"].as_u64().is_some_and(|u| u >= 8 << 20) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     let sample = &m[0];
     let memory_mb = detail["memoryMB"].as_u64().expect("memoryMB");
     assert_eq!(
@@ -367,7 +391,10 @@ async fn lifecycle_pagination_pause_and_tokens() {
         sample["diskUsed"].as_u64().expect("diskUsed"),
         sample["diskTotal"].as_u64().expect("diskTotal"),
     );
-    assert!(disk_used > 0 && disk_used <= disk_total, "{m}");
+    assert!(
+        disk_used >= 8 << 20 && disk_used <= disk_total,
+        "diskUsed counts the 8 MiB written: {m}"
+    );
     let (s, _, _) = call(
         &server,
         post,

@@ -451,6 +451,10 @@ impl SandboxManager {
             };
             if retire {
                 let _op = self.volumes().ops.lock().await;
+                if lock(&self.volumes().keepers).contains_key(&id) {
+                    // A request started a new keeper (same name) meanwhile: it stays.
+                    return;
+                }
                 self.remove_quietly(&keeper_name(&id)).await;
                 tracing::debug!(volume = %id, "idle volume keeper removed");
                 return;
