@@ -92,6 +92,22 @@ async fn a_volume_is_shared_outlives_its_sandboxes_and_a_server_sigkill() {
     assert_eq!((status, text.as_str()), (200, "from-a\n"));
     let (status, _) = read(&server, &id, "a.txt", "not-the-token").await;
     assert_eq!(status, 401);
+    // Neither the volume's name nor a percent-encoded form of it opens it without the
+    // token.
+    for alias in ["shared", "%73hared", &id.replacen('_', "%5F", 1)] {
+        let (status, _) = read(&server, alias, "a.txt", "not-the-token").await;
+        assert!(matches!(status, 401 | 404), "{alias}: {status}");
+        let (status, _) = reqwest::Client::new()
+            .get(server.url(&format!("/volumecontent/{alias}/file?path=a.txt")))
+            .send()
+            .await
+            .map(|r| (r.status().as_u16(), ()))
+            .expect("request");
+        assert!(
+            matches!(status, 401 | 404),
+            "{alias} without a token: {status}"
+        );
+    }
     let (status, stat) = content(
         &server,
         reqwest::Method::PUT,
