@@ -256,15 +256,21 @@ async fn sandboxes_created_secure_are_driven_only_with_a_key_or_their_token() {
         .to_string();
     let run_path = server.url(&format!("/sandboxes/{id}/commands/run"));
     let body = json!({"cmd": "id -un"});
-    // Loopback, but no credential: refused on every plane.
-    let resp = server
-        .http
-        .post(&run_path)
-        .json(&body)
-        .send()
-        .await
-        .expect("run");
-    assert_eq!(resp.status().as_u16(), 401);
+    // Loopback, but no credential: refused on every plane, the id spelled any way.
+    let encoded = format!("%{:02X}{}", id.as_bytes()[0], &id[1..]);
+    for path in [
+        run_path.clone(),
+        server.url(&format!("/sandboxes/{encoded}/commands/run")),
+    ] {
+        let resp = server
+            .http
+            .post(&path)
+            .json(&body)
+            .send()
+            .await
+            .expect("run");
+        assert_eq!(resp.status().as_u16(), 401, "{path}");
+    }
     let resp = server
         .http
         .post(server.url("/e2b/envd/process.Process/List"))

@@ -218,6 +218,13 @@ enum Way {
     Server,
 }
 
+/// A path segment percent-decoded, as the router hands it to handlers.
+fn decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 fn way(req: &Request, host: Option<&str>) -> Way {
     if let Some(target) = host.and_then(target_from_host) {
         return Way::Sandbox {
@@ -242,7 +249,7 @@ fn way(req: &Request, host: Option<&str>) -> Way {
         return Way::Control;
     }
     if let Some(rest) = path.strip_prefix(&format!("{}/", crate::e2b::volumes::CONTENT_BASE)) {
-        let id = rest.split('/').next().unwrap_or_default().to_string();
+        let id = decoded(rest.split('/').next().unwrap_or_default());
         return Way::Volume { id };
     }
     if path == "/files" || path.starts_with(&format!("{}/", crate::e2b::templates::UPLOAD_BASE)) {
@@ -253,7 +260,8 @@ fn way(req: &Request, host: Option<&str>) -> Way {
         if let Some(id) = parts.next().filter(|s| !s.is_empty()) {
             let deeper = parts.next().is_some();
             return Way::Native {
-                id: id.to_string(),
+                // As the handlers see it: they take the decoded segment.
+                id: decoded(id),
                 drives: deeper || req.method() != Method::GET,
             };
         }
