@@ -622,8 +622,9 @@ async fn decide(
     }
 }
 
-/// A caller of volume `id`'s content: its bearer token (or an API key, which owns
-/// everything). An unknown volume passes: its handler answers 404.
+/// A caller of volume `id`'s content (the decoded path segment, an id, never a name):
+/// its bearer token (or an API key, which owns everything). A volume with no such id
+/// passes: its handler, looking it up by the same id, answers 404.
 fn volume_caller(
     perimeter: &Perimeter,
     manager: &SandboxManager,
@@ -642,7 +643,7 @@ fn volume_caller(
     if let Some(name) = perimeter.key_name(bearer) {
         return Ok(Caller::Key(name));
     }
-    if manager.volume(id).is_err() {
+    if manager.volume_by_id(id).is_err() {
         return Ok(Caller::Signed);
     }
     if manager.volume_token_matches(id, bearer) {

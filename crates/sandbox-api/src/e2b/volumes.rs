@@ -119,35 +119,8 @@ async fn content_with(state: &AppState, id: &str, op: &str, req: &Request, body:
             "the E2B compatibility layer is not enabled",
         ));
     };
-    // The volume by its exact id, and its own token checked here again: the perimeter
-    // matched the raw path, this is the decoded one, and names do not count here.
-    let record = state
-        .manager
-        .volume(id)
-        .ok()
-        .filter(|v| v.id == id)
-        .ok_or_else(|| reject(StatusCode::NOT_FOUND, format!("volume {id} not found")))?;
-    let trusted = matches!(
-        req.extensions().get::<crate::auth::Caller>(),
-        Some(crate::auth::Caller::Key(_) | crate::auth::Caller::Open)
-    );
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or_default();
-    if !trusted && !state.manager.volume_token_matches(&record.id, bearer) {
-        return Err(reject(
-            StatusCode::UNAUTHORIZED,
-            "the volume token is not valid",
-        ));
-    }
-    let access = state.manager.volume_access(&record.id).await?;
+    // By id only, as the perimeter checked its token ([`crate::auth`]).
+    let access = state.manager.volume_access(id).await?;
     let query = req
         .uri()
         .query()

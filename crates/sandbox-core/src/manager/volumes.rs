@@ -242,6 +242,14 @@ impl SandboxManager {
             .ok_or_else(|| Error::not_found(format!("volume {id}")))
     }
 
+    /// Volume `id`, by its id only (what the content API and its token go by).
+    pub fn volume_by_id(&self, id: &str) -> Result<VolumeRecord> {
+        lock(&self.volumes().records)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("volume {id}")))
+    }
+
     /// Whether `token` is volume `id`'s content token (constant time).
     pub fn volume_token_matches(&self, id: &str, token: &str) -> bool {
         lock(&self.volumes().records)
@@ -350,7 +358,7 @@ impl SandboxManager {
 
     /// Where volume `id`'s content is served: its keeper, started when none runs.
     pub async fn volume_access(&self, id: &str) -> Result<VolumeAccess> {
-        let record = self.volume(id)?;
+        let record = self.volume_by_id(id)?;
         if let Some(k) = lock(&self.volumes().keepers).get_mut(&record.id) {
             k.last_used = Instant::now();
             return Ok(k.access.clone());
@@ -361,7 +369,7 @@ impl SandboxManager {
             return Ok(k.access.clone());
         }
         // Deleted while this waited.
-        let record = self.volume(&record.id)?;
+        let record = self.volume_by_id(&record.id)?;
         let access = self.start_keeper(&record).await?;
         lock(&self.volumes().keepers).insert(
             record.id.clone(),
