@@ -25,21 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-engine=${1:-docker}
-case "$engine" in
-  docker | podman) ;;
-  *)
-    echo "usage: $0 [docker|podman]" >&2
-    exit 2
-    ;;
-esac
-# The engine's CLI on its standard socket: podman's local CLI may use another storage
-# than the service (deploy/engines.sh starts it on a storage of its own).
-engine_cli() {
-  if [ "$engine" = podman ]; then podman --remote --url unix:///run/podman/podman.sock "$@"; else docker "$@"; fi
-}
-
-step() { printf '\n==> %s\n' "$*" >&2; }
+# shellcheck source=deploy/lib/suite.sh
+. deploy/lib/suite.sh
+suite_engine "${1:-docker}"
 cache=${E2B_TESTS_CACHE:-/var/cache/colima-e2b}
 mkdir -p "$cache"
 
@@ -50,24 +38,10 @@ if [ -z "$versions" ]; then
 fi
 [ -n "${versions// /}" ] || { echo "no tests/e2b/requirements-<version>.txt" >&2; exit 2; }
 
-sock=/var/run/docker.sock
-[ "$engine" = podman ] && sock=/run/podman/podman.sock
-if ! curl -fsS --max-time 5 --unix-socket "$sock" http://localhost/_ping >/dev/null 2>&1; then
-  echo "$engine does not answer on $sock: run deploy/engines.sh $engine first" >&2
-  exit 1
-fi
+suite_require_engine
 
 # ----------------------------------------------------------------------------- build
-if [ "${E2B_TESTS_NO_BUILD:-0}" = 1 ]; then
-  export COLIMA_E2B_AGENT_BINARY=${COLIMA_E2B_AGENT_BINARY:-${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-gnu/agent/sandbox-agent}
-else
-  step "static agent and server"
-  COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
-  export COLIMA_E2B_AGENT_BINARY
-  cargo build -p colima-e2b --quiet
-fi
-bin=${COLIMA_E2B_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/colima-e2b}
-bin=$(realpath "$bin")
+suite_build "${E2B_TESTS_NO_BUILD:-0}"
 
 # ----------------------------------------------------------------------------- Python venvs
 python=${PYTHON:-python3}
@@ -126,7 +100,7 @@ fi
 owner="e2b-sdk-$$-$(date +%s)"
 state=$(mktemp -d "${TMPDIR:-/tmp}/colima-e2b-e2b-tests.XXXXXX")
 log="$state.log"
-port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 server=
 results=()
 failed=0
@@ -147,27 +121,7 @@ server_env() {
 cleanup() {
   local rc=$?
   set +e
-  if [ -n "$server" ]; then
-    kill "$server" 2>/dev/null
-    for _ in $(seq 1 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$server" 2>/dev/null
-    wait "$server" 2>/dev/null
-  fi
-  ids=$(engine_cli ps -aq --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
-  if [ -n "$ids" ]; then
-    echo "removing $(echo "$ids" | wc -w) leftover container(s) of $owner" >&2
-    # shellcheck disable=SC2086
-    engine_cli rm -f $ids >/dev/null 2>&1
-  fi
-  vols=$(engine_cli volume ls -q --filter "label=dev.colima-e2b.owner=$owner" 2>/dev/null)
-  if [ -n "$vols" ]; then
-    echo "removing $(echo "$vols" | wc -w) leftover volume(s) of $owner" >&2
-    # shellcheck disable=SC2086
-    engine_cli volume rm -f $vols >/dev/null 2>&1
-  fi
-  # Its sandboxes' egress rules: a server keeps them through a stop and drops them at
-  # its next start, which this owner never has (sandbox_core::network::egress_table).
-  nft delete table inet "colima_e2b_egress_$(printf %s "$owner" | sha256sum | cut -c1-10)" 2>/dev/null || true
+  suite_stop_and_clean
   if [ "$failed" -ne 0 ] || [ "$rc" -ne 0 ]; then
     echo "--- server log (last 200 lines of $log, kept) ---" >&2
     tail -n 200 "$log" >&2 2>/dev/null
@@ -196,16 +150,7 @@ trap 'exit 130' INT TERM
 step "server on 127.0.0.1:$port ($engine, owner $owner, log $log)"
 server_env "$bin" server --port "$port" --backend "$engine" </dev/null >"$log" 2>&1 &
 server=$!
-healthy=0
-for _ in $(seq 1 300); do
-  if curl -fsS --max-time 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
-    healthy=1
-    break
-  fi
-  kill -0 "$server" 2>/dev/null || break
-  sleep 0.2
-done
-if [ "$healthy" != 1 ]; then
+if ! suite_wait_healthy "http://127.0.0.1:$port"; then
   echo "the server did not become healthy (its log follows)" >&2
   results+=("FAIL server startup")
   failed=1

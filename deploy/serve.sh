@@ -2,8 +2,9 @@
 # Run the colima-e2b server: make the engine answer (installing and starting Docker or
 # Podman when absent, as root on Debian/Ubuntu; Colima users run `colima start` first),
 # build the default template images offline when they are missing (and the
-# code-interpreter-v1 template, `colima-e2b prepare`), build the static agent and the
-# server, and start it. Arguments go to `colima-e2b server`.
+# code-interpreter-v1 template, `colima-e2b prepare`), build the static agent, the
+# dashboard's xterm.js (deploy/ui-assets.sh) and the server, and start it. Arguments
+# go to `colima-e2b server`.
 #
 #   deploy/serve.sh [--port 8000] [--backend docker|podman|colima|auto] ...
 set -euo pipefail
@@ -28,6 +29,7 @@ if [ "$backend" != colima ]; then
 fi
 COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
 export COLIMA_E2B_AGENT_BINARY
+bash deploy/ui-assets.sh
 printf '[serve] building the server (release)\n' >&2
 cargo build --release -p colima-e2b --quiet
 if [ "$backend" != colima ]; then

@@ -3,9 +3,10 @@
 # installs and starts Docker Engine and Podman, builds the template images offline
 # (code-interpreter-v1 too, with wheels downloaded on the host) and the static agent,
 # then runs formatting and lint checks, every unit test, both backends' conformance
-# suites, the agent's suite, the server suites and the official
-# E2B SDK suites on Docker and on Podman. Engines it had to start are stopped again at
-# the end (KEEP_ENGINES=1 keeps them).
+# suites, the agent's suite, the server suites, the "Run as a service" checks (a real
+# Prometheus, the systemd unit, the server's image, the dashboard in Chromium) and the
+# official E2B SDK suites on Docker (every pinned version) and on Podman (the newest).
+# Engines it had to start are stopped again at the end (KEEP_ENGINES=1 keeps them).
 #
 #   deploy/test.sh
 set -euo pipefail
@@ -48,7 +49,8 @@ if ! command -v dnsmasq >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null 2>&1 ||
     { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null; }
 fi
-step "static agent"
+step "static agent, the dashboard's xterm.js"
+bash deploy/ui-assets.sh
 COLIMA_E2B_AGENT_BINARY=$(bash deploy/build-agent.sh)
 export COLIMA_E2B_AGENT_BINARY
 step "the code-interpreter-v1 template (offline build with the server's builder)"
@@ -63,6 +65,10 @@ cargo test --workspace --no-fail-fast
 # Docker only: on Podman with CNI an offline sandbox is a declared 501 (Unsupported).
 step "schemathesis against the served OpenAPI document (Docker)"
 bash deploy/schemathesis.sh docker
+step "Run as a service (Docker): Prometheus, the unit, compose, the image, the dashboard"
+bash deploy/prometheus-check.sh docker
+bash deploy/service-check.sh docker
+bash deploy/ui-tests.sh docker
 step "the official E2B SDKs (Python, two pinned versions; JS) on Docker"
 bash deploy/e2b-tests.sh docker
 step "the agent's suite inside sandbox containers (Docker, Podman)"
@@ -70,6 +76,10 @@ bash deploy/agent-suite-in-container.sh docker
 bash deploy/agent-suite-in-container.sh podman
 step "server suites on Podman"
 COLIMA_E2B_TEST_BACKEND=podman cargo test -p tests --no-fail-fast
-step "the official E2B SDKs on Podman"
-bash deploy/e2b-tests.sh podman
+# The older pinned SDK differs from the newest on the wire, not per engine: Docker runs
+# every pinned version, Podman the newest (and the JS SDK).
+step "the official E2B SDKs (newest Python, JS) on Podman"
+newest=$(find tests/e2b -maxdepth 1 -name 'requirements-*.txt' -printf '%f\n' |
+  sed -e 's/^requirements-//' -e 's/\.txt$//' | sort -rV | head -1)
+E2B_SDK_VERSIONS=$newest bash deploy/e2b-tests.sh podman
 step "all suites passed"

@@ -143,16 +143,16 @@ async fn the_readme_curl_examples_run_verbatim() {
     assert_eq!(status, 404, "the README's DELETE removed it");
 }
 
-/// The bash blocks of the README's "Building templates" section.
-fn readme_template_blocks() -> Vec<String> {
+/// The bash blocks of the README's subsection `### heading`.
+fn readme_subsection_blocks(heading: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let section = readme
-        .split("\n### Building templates\n")
+        .split(&format!("\n### {heading}\n"))
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
         .and_then(|s| s.split("\n### ").next())
-        .expect("the README's Building templates section");
+        .unwrap_or_else(|| panic!("the README's {heading} section"));
     section
         .split("```bash\n")
         .skip(1)
@@ -161,32 +161,22 @@ fn readme_template_blocks() -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_readme_template_examples_run_verbatim() {
-    let options = ServerOptions::new();
-    let _cleanup = OwnerCleanup(options.clone());
-    let server = Server::start(options.clone()).await;
-    let blocks = readme_template_blocks();
-    assert_eq!(blocks.len(), 2, "the CLI, then the API: {blocks:#?}");
-    let port = server
-        .url
-        .rsplit(':')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let dir = options.state_dir.join("readme-templates");
-    std::fs::create_dir_all(&dir).expect("work dir");
+/// Runs `script` with bash in `dir`, `colima-e2b` on PATH finding the server `options`
+/// describes on `port` by the settings it runs with; its stdout and stderr (it must
+/// succeed).
+fn run_with_cli(
+    script: &str,
+    dir: &std::path::Path,
+    port: &str,
+    options: &ServerOptions,
+) -> (String, String) {
     let bin_dir = tests::server_binary()
         .parent()
         .expect("binary dir")
         .to_path_buf();
-    let script = blocks
-        .join("\n")
-        .replace("localhost:8000", &format!("localhost:{port}"));
-    // `colima-e2b` on PATH finds this server by the same settings it runs with.
     let out = std::process::Command::new("bash")
         .args(["-c", &format!("set -e\n{script}")])
-        .current_dir(&dir)
+        .current_dir(dir)
         .env(
             "PATH",
             format!(
@@ -195,15 +185,33 @@ async fn the_readme_template_examples_run_verbatim() {
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
-        .env("COLIMA_E2B_PORT", &port)
+        .env("COLIMA_E2B_PORT", port)
         .env("COLIMA_E2B_OWNER", &options.owner)
         .env("COLIMA_E2B_STATE_DIR", &options.state_dir)
         .env_remove("COLIMA_E2B_CONFIG")
+        .stdin(std::process::Stdio::null())
         .output()
         .expect("bash");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{script}\n{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+#[tokio::test]
+async fn the_readme_template_examples_run_verbatim() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options.clone()).await;
+    let blocks = readme_subsection_blocks("Building templates");
+    assert_eq!(blocks.len(), 2, "the CLI, then the API: {blocks:#?}");
+    let port = server.port().to_string();
+    let dir = options.state_dir.join("readme-templates");
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let script = blocks
+        .join("\n")
+        .replace("localhost:8000", &format!("localhost:{port}"));
+    let (stdout, stderr) = run_with_cli(&script, &dir, &port, &options);
     assert!(stderr.contains("built template my-app"), "{stderr}");
     let listed = stdout
         .lines()
@@ -232,4 +240,35 @@ async fn the_readme_template_examples_run_verbatim() {
     assert_eq!(status, 200);
     let (status, body) = tests::json_of(server.delete("/templates/my-app").await).await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_readme_cli_examples_run_verbatim() {
+    let options = ServerOptions::new();
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options.clone()).await;
+    let blocks = readme_subsection_blocks("From the terminal");
+    assert_eq!(blocks.len(), 1, "{blocks:#?}");
+    let port = server.port().to_string();
+    let (stdout, stderr) = run_with_cli(&blocks[0], &options.state_dir, &port, &options);
+    for want in [
+        "SANDBOX ",
+        "hello from user in /home/user\n",
+        "\n42\n",
+        "exit code 3\n",
+        "sandbox created",
+        "1 sandbox(es)\n",
+        "NAME ",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "{want:?} missing from\n{stdout}\n{stderr}"
+        );
+    }
+    let (_, listed) = tests::json_of(server.get("/sandboxes").await).await;
+    assert_eq!(
+        listed,
+        serde_json::json!([]),
+        "the example's kill removed it"
+    );
 }

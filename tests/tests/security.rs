@@ -663,3 +663,110 @@ async fn doctor_explains_the_deployment_and_fails_when_the_engine_is_away() {
     assert!(said.contains("[FAIL] engine:"), "{said}");
     assert!(said.contains("fix: "), "{said}");
 }
+
+/// A WebSocket upgrade of `path` with these extra headers; the answer's status and its
+/// chosen subprotocol.
+async fn upgrade(
+    server: &Server,
+    path: &str,
+    headers: &[(&'static str, String)],
+) -> (u16, Option<String>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}{path}", server.url.replacen("http", "ws", 1));
+    let mut req = url.as_str().into_client_request().expect("request");
+    for (k, v) in headers {
+        req.headers_mut()
+            .insert(*k, v.parse().expect("header value"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((_ws, resp)) => (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        ),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (resp.status().as_u16(), None),
+        Err(e) => panic!("upgrade {path}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_is_public_but_what_it_shows_and_its_terminal_need_the_key() {
+    use base64::Engine;
+    let options = ServerOptions::new().env("COLIMA_E2B_AUTH__MODE", "required");
+    let _cleanup = OwnerCleanup(options.clone());
+    let server = Server::start(options).await;
+    let key = server.api_key();
+    // The page and its files: anyone, with a policy that keeps them to their own origin.
+    for file in ["/ui", "/ui/app.js", "/ui/xterm.js"] {
+        let resp = server.get(file).await;
+        assert_eq!(resp.status().as_u16(), 200, "{file}");
+        let csp = resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
+    }
+    for file in [
+        "/ui/package.json",
+        "/ui/..%2F..%2FCargo.toml",
+        "/ui/node_modules",
+    ] {
+        let (status, body) = json_of(server.get(file).await).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (404, Some("not_found")),
+            "{file}: {body}"
+        );
+    }
+    assert_eq!(
+        server.post("/ui", json!({})).await.status().as_u16(),
+        401,
+        "only reading is public"
+    );
+    let (status, _) = json_of(server.get("/sandboxes").await).await;
+    assert_eq!(status, 401, "the data is not");
+
+    let id = {
+        let resp = server
+            .http
+            .post(server.url("/sandboxes"))
+            .bearer_auth(&key)
+            .json(&json!({"template": "base"}))
+            .send()
+            .await
+            .expect("create");
+        let (status, body) = json_of(resp).await;
+        assert_eq!(status, 200, "{body}");
+        body["sandbox_id"].as_str().expect("id").to_string()
+    };
+    let path = format!("/sandboxes/{id}/terminal");
+    let offer = |k: &str| {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k);
+        (
+            "sec-websocket-protocol",
+            format!("colima-e2b, bearer.{b64}"),
+        )
+    };
+    assert_eq!(upgrade(&server, &path, &[]).await.0, 401, "no key");
+    assert_eq!(
+        upgrade(&server, &path, &[offer("e2b_wrong")]).await.0,
+        401,
+        "a wrong key"
+    );
+    assert_eq!(
+        upgrade(&server, &path, &[offer(&key)]).await,
+        (101, Some("colima-e2b".to_string())),
+        "the key as a subprotocol, and the server names the one it speaks"
+    );
+    let foreign = ("origin", "https://attacker.example".to_string());
+    assert_eq!(
+        upgrade(&server, &path, &[offer(&key), foreign]).await.0,
+        403,
+        "another site's page, even with the key"
+    );
+}

@@ -1,72 +1,161 @@
-//! `colima-e2b sandbox ...`: a running server driven from the command line, through its
-//! native API with the key `colima-e2b env` prints.
+//! How the command-line tools talk to a running server: its native API, with the key
+//! `colima-e2b env` prints, and failures that carry the exit code scripts see.
 
 use serde_json::Value;
 
 use crate::config::Config;
 
-/// What to do.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum SandboxCommand {
-    /// List the server's sandboxes.
-    List,
-    /// Kill a sandbox and remove it.
-    Kill {
-        /// Sandbox id.
-        id: String,
-    },
-    /// End every process in a sandbox but its agent (the sandbox keeps running).
-    KillProcesses {
-        /// Sandbox id.
-        id: String,
-    },
+/// Exit code when the server answered with an error (the message says which).
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code when no server answers at the configured address.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// A command that failed, with the exit code it ends the process with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Exit code.
+    pub exit: u8,
+    /// What to print.
+    pub message: String,
 }
 
-/// Runs `command` against the server `config` describes; prints its answer.
-pub async fn run(config: &Config, command: SandboxCommand) -> Result<(), String> {
-    let base = config.client_base_url();
-    let key = config.e2b_api_key()?;
-    let http = reqwest::Client::new();
-    let request = match &command {
-        SandboxCommand::List => http.get(format!("{base}/sandboxes/")),
-        SandboxCommand::Kill { id } => http.delete(format!("{base}/sandboxes/{id}")),
-        SandboxCommand::KillProcesses { id } => {
-            http.delete(format!("{base}/sandboxes/{id}/commands/"))
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            exit: EXIT_REFUSED,
+            message,
         }
-    };
-    let resp = request
-        .bearer_auth(key)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the server at {base}: {e} (is it running?)"))?;
+    }
+}
+
+/// A running server's native API.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// `http://host:port`.
+    pub base: String,
+    /// The API key.
+    pub key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// The API of the server `config` describes.
+    pub fn new(config: &Config) -> Result<Self, Failure> {
+        Ok(Self {
+            base: config.client_base_url(),
+            key: config.e2b_api_key()?,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// A request to `path` (absolute, e.g. `/sandboxes`), with the key.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
+
+    /// Sends `req` and reads its JSON answer; an error status is a [`Failure`] with the
+    /// server's `code` and `message`.
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        answer(resp).await
+    }
+
+    /// The failure of a request that reached no server.
+    pub fn unreachable(&self, e: impl std::fmt::Display) -> Failure {
+        Failure {
+            exit: EXIT_UNREACHABLE,
+            message: format!(
+                "cannot reach the server at {}: {e} (is it running?)",
+                self.base
+            ),
+        }
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Result<Value, Failure> {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+}
+
+/// The JSON of an answer, or the failure its error status and body describe.
+pub async fn answer(resp: reqwest::Response) -> Result<Value, Failure> {
     let status = resp.status();
-    let body: Value = resp
-        .json()
+    let text = resp
+        .text()
         .await
         .map_err(|e| format!("unreadable answer ({status}): {e}"))?;
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if !status.is_success() {
+        let code = body["code"]
+            .as_str()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
         return Err(format!(
-            "{status}: {}",
+            "{status}{code}: {}",
             body["message"].as_str().unwrap_or("no message")
-        ));
+        )
+        .into());
     }
-    match command {
-        SandboxCommand::List => {
-            for s in body.as_array().map(Vec::as_slice).unwrap_or_default() {
-                println!(
-                    "{}  {:8} {:10} ends {}",
-                    s["sandbox_id"].as_str().unwrap_or(""),
-                    s["state"].as_str().unwrap_or(""),
-                    s["template_id"].as_str().unwrap_or(""),
-                    s["end_at"].as_str().unwrap_or("")
-                );
+    Ok(body)
+}
+
+/// `s` as one URL path segment.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Prints `rows` under `header` in columns as wide as their widest cell (the last column
+/// is not padded).
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:w$}  "));
             }
         }
-        SandboxCommand::Kill { id } => println!("killed {id}"),
-        SandboxCommand::KillProcesses { id } => println!(
-            "killed {} processes in {id}",
-            body["killed"].as_u64().unwrap_or(0)
-        ),
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
     }
-    Ok(())
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
+        assert_eq!(encode("ok-1.2_~"), "ok-1.2_~");
+    }
 }

@@ -8,5 +8,7 @@ pub mod engine;
 pub mod listener;
 pub mod prepare;
 pub mod running;
+pub mod sandbox_cli;
 pub mod server;
 pub mod template_cli;
+pub mod terminal_mode;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use colima_e2b::client::Failure;
 use colima_e2b::config::{self, BackendKind, CliOverrides};
 
 /// Self-hosted E2B-compatible code sandboxes on Docker, Colima and Podman.
@@ -72,12 +73,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Drive a running server's sandboxes: `list`, `kill ID`, `kill-processes ID`.
+    /// Drive a running server's sandboxes: `ls`, `create`, `exec`, `shell`, `logs`,
+    /// `kill`, `kill-processes` (exit codes: 0 done, 1 refused, 2 usage, 3 no server).
     Sandbox {
         #[command(flatten)]
         config: ConfigArgs,
         #[command(subcommand)]
-        command: colima_e2b::client::SandboxCommand,
+        command: colima_e2b::sandbox_cli::SandboxCommand,
+    },
+    /// Print a shell completion script: `colima-e2b completions bash > /etc/bash_completion.d/colima-e2b`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Build templates on a running server from a Dockerfile (`build NAME [-f FILE]
     /// [CONTEXT]`, with its live log), list them (`ls`) and remove them (`rm NAME`).
@@ -97,6 +104,17 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The exit of a client command: its code, or its failure's after the message.
+fn exit_with(outcome: Result<u8, Failure>) -> ExitCode {
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("colima-e2b: error: {}", f.message);
+            ExitCode::from(f.exit)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -139,23 +157,37 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("cannot start the runtime: {e}"))?
                 .block_on(colima_e2b::prepare::run(&config, force))
         }),
-        Command::Sandbox { config, command } => config.load().and_then(|mut config| {
-            colima_e2b::running::adopt(&mut config);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the runtime: {e}"))?
-                .block_on(colima_e2b::client::run(&config, command))
-        }),
-        Command::Template { config, command } => config.load().and_then(|mut config| {
-            colima_e2b::running::adopt(&mut config);
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the runtime: {e}"))?
-                .block_on(colima_e2b::template_cli::run(&config, command))
-        }),
+        Command::Sandbox { config, command } => {
+            let outcome = config.load().map_err(Failure::from).and_then(|mut config| {
+                colima_e2b::running::adopt(&mut config);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the runtime: {e}"))?;
+                let outcome = rt.block_on(colima_e2b::sandbox_cli::run(&config, command));
+                // `shell` leaves a read of stdin that cannot be cancelled: do not wait for it.
+                rt.shutdown_background();
+                outcome
+            });
+            return exit_with(outcome);
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "colima-e2b", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Template { config, command } => {
+            let outcome = config.load().map_err(Failure::from).and_then(|mut config| {
+                colima_e2b::running::adopt(&mut config);
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the runtime: {e}"))?
+                    .block_on(colima_e2b::template_cli::run(&config, command))
+            });
+            return exit_with(outcome);
+        }
         Command::Server(args) => args.load().and_then(|config| {
             init_logging(&config.log_level);
             tokio::runtime::Builder::new_multi_thread()

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use futures_util::StreamExt;
 use serde_json::Value;
 
+use crate::client::{answer, encode, print_json, print_table, Api, Failure};
 use crate::config::Config;
 
 /// What to do.
@@ -39,7 +40,12 @@ pub enum TemplateCommand {
         no_cache: bool,
     },
     /// List templates.
-    Ls,
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a built template, its builds and images.
     Rm {
         /// Template name or id.
@@ -125,82 +131,45 @@ fn pack(
     Ok((file, inside))
 }
 
-async fn answer(resp: reqwest::Response) -> Result<Value, String> {
-    let status = resp.status();
-    let text = resp
-        .text()
-        .await
-        .map_err(|e| format!("unreadable answer ({status}): {e}"))?;
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            body["message"].as_str().unwrap_or("no message")
-        ));
-    }
-    Ok(body)
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// Runs `command` against the server `config` describes.
-pub async fn run(config: &Config, command: TemplateCommand) -> Result<(), String> {
-    let base = config.client_base_url();
-    let key = config.e2b_api_key()?;
-    let http = reqwest::Client::new();
-    let unreachable =
-        |e: reqwest::Error| format!("cannot reach the server at {base}: {e} (is it running?)");
+/// Runs `command` against the server `config` describes; `Ok` is the exit code.
+pub async fn run(config: &Config, command: TemplateCommand) -> Result<u8, Failure> {
+    let api = Api::new(config)?;
     match command {
-        TemplateCommand::Ls => {
-            let body = answer(
-                http.get(format!("{base}/templates"))
-                    .bearer_auth(&key)
-                    .send()
-                    .await
-                    .map_err(unreachable)?,
-            )
-            .await?;
-            println!(
-                "{:24} {:7} {:9} {:20} IMAGE",
-                "NAME", "SOURCE", "STATUS", "TAGS"
-            );
-            for t in body.as_array().map(Vec::as_slice).unwrap_or_default() {
-                let tags: Vec<&str> = t["tags"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_str).collect())
-                    .unwrap_or_default();
-                println!(
-                    "{:24} {:7} {:9} {:20} {}",
-                    t["name"].as_str().unwrap_or(""),
-                    t["source"].as_str().unwrap_or(""),
-                    t["status"].as_str().unwrap_or(""),
-                    tags.join(","),
-                    t["image"].as_str().unwrap_or("")
-                );
+        TemplateCommand::Ls { json } => {
+            let body = api.get("/templates").await?;
+            if json {
+                print_json(&body);
+                return Ok(0);
             }
-            Ok(())
+            let rows: Vec<Vec<String>> = body
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|t| {
+                    let text = |k: &str| t[k].as_str().unwrap_or("").to_string();
+                    let tags: Vec<&str> = t["tags"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    vec![
+                        text("name"),
+                        text("source"),
+                        text("status"),
+                        tags.join(","),
+                        text("image"),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "SOURCE", "STATUS", "TAGS", "IMAGE"], &rows);
+            Ok(0)
         }
         TemplateCommand::Rm { name } => {
-            answer(
-                http.delete(format!("{base}/templates/{}", encode(&name)))
-                    .bearer_auth(&key)
-                    .send()
-                    .await
-                    .map_err(unreachable)?,
-            )
-            .await?;
+            let path = format!("/templates/{}", encode(&name));
+            api.send(api.request(reqwest::Method::DELETE, &path))
+                .await?;
             println!("removed {name}");
-            Ok(())
+            Ok(0)
         }
         TemplateCommand::Build {
             name,
@@ -243,41 +212,33 @@ pub async fn run(config: &Config, command: TemplateCommand) -> Result<(), String
                 .await
                 .map_err(|e| format!("build context: {e}"))?;
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(upload));
-            let started = answer(
-                http.post(format!("{base}/templates/{}/builds", encode(&name)))
-                    .query(&query)
-                    .bearer_auth(&key)
-                    .header("content-type", "application/gzip")
-                    .header("content-length", size)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(unreachable)?,
-            )
-            .await?;
+            let path = format!("/templates/{}/builds", encode(&name));
+            let started = api
+                .send(
+                    api.request(reqwest::Method::POST, &path)
+                        .query(&query)
+                        .header("content-type", "application/gzip")
+                        .header("content-length", size)
+                        .body(body),
+                )
+                .await?;
             let build_id = started["build_id"].as_str().unwrap_or_default().to_string();
             eprintln!("build {build_id} of template {name} started");
-            follow(&http, &base, &key, &name, &build_id).await
+            follow(&api, &name, &build_id).await?;
+            Ok(0)
         }
     }
 }
 
 /// Prints the build's log as it happens, with `[step/total]` progress, then its outcome.
-async fn follow(
-    http: &reqwest::Client,
-    base: &str,
-    key: &str,
-    name: &str,
-    build_id: &str,
-) -> Result<(), String> {
-    let url = format!("{base}/templates/{}/builds/{build_id}", encode(name));
-    let resp = http
-        .get(format!("{url}/logs"))
+async fn follow(api: &Api, name: &str, build_id: &str) -> Result<(), Failure> {
+    let path = format!("/templates/{}/builds/{build_id}", encode(name));
+    let resp = api
+        .request(reqwest::Method::GET, &format!("{path}/logs"))
         .query(&[("follow", "true")])
-        .bearer_auth(key)
         .send()
         .await
-        .map_err(|e| format!("following the build: {e}"))?;
+        .map_err(|e| api.unreachable(e))?;
     if !resp.status().is_success() {
         return answer(resp).await.map(drop);
     }
@@ -314,14 +275,7 @@ async fn follow(
             let _ = writeln!(out, "{shown}");
         }
     }
-    let build = answer(
-        http.get(&url)
-            .bearer_auth(key)
-            .send()
-            .await
-            .map_err(|e| format!("build status: {e}"))?,
-    )
-    .await?;
+    let build = api.get(&path).await?;
     match build["status"].as_str() {
         Some("ready") => {
             eprintln!(
@@ -334,7 +288,8 @@ async fn follow(
         Some(status) => Err(format!(
             "the build {status}: {}",
             build["error"].as_str().unwrap_or("no reason given")
-        )),
-        None => Err("the build's status is unknown".into()),
+        )
+        .into()),
+        None => Err("the build's status is unknown".to_string().into()),
     }
 }

@@ -14,6 +14,7 @@
 //!   per peer (429 with `Retry-After`), and a limited peer gets 429 for every credential,
 //!   right or wrong, until the limit lifts, so guessing learns nothing.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -97,6 +98,9 @@ pub enum Caller {
     Signed,
     /// The perimeter is off.
     Open,
+    /// Anyone: the dashboard's static files, which hold no data (the page asks for the
+    /// key and sends it with every call it makes).
+    Anyone,
 }
 
 impl Caller {
@@ -105,7 +109,7 @@ impl Caller {
         match self {
             Caller::Key(_) | Caller::Open => sandbox_core::Vouch::Owner,
             Caller::Local => sandbox_core::Vouch::Local,
-            Caller::Token(_) | Caller::Signed => sandbox_core::Vouch::Nobody,
+            Caller::Token(_) | Caller::Signed | Caller::Anyone => sandbox_core::Vouch::Nobody,
         }
     }
 }
@@ -214,6 +218,8 @@ enum Way {
     Volume { id: String },
     /// A native route about one sandbox; `drives` when it acts on it.
     Native { id: String, drives: bool },
+    /// The dashboard's static files (`/ui`, read only).
+    Page,
     /// Anything else on the server (native lists and creates, docs, health, metrics).
     Server,
 }
@@ -255,6 +261,10 @@ fn way(req: &Request, host: Option<&str>) -> Way {
     if path == "/files" || path.starts_with(&format!("{}/", crate::e2b::templates::UPLOAD_BASE)) {
         return Way::Signed;
     }
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if read && (path == crate::ui::BASE || path.starts_with(&format!("{}/", crate::ui::BASE))) {
+        return Way::Page;
+    }
     let mut parts = path.trim_matches('/').split('/');
     if parts.next() == Some("sandboxes") {
         if let Some(id) = parts.next().filter(|s| !s.is_empty()) {
@@ -269,8 +279,16 @@ fn way(req: &Request, host: Option<&str>) -> Way {
     Way::Server
 }
 
-/// The credential a request presents: `Authorization: Bearer`, else `X-API-KEY`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+/// The WebSocket subprotocol prefix a browser offers its key under (a browser cannot set
+/// headers on an upgrade): `bearer.<base64url of the key>`, beside [`WS_PROTOCOL`].
+pub const WS_KEY_PREFIX: &str = "bearer.";
+
+/// The subprotocol the server picks when a client offers its key as one.
+pub const WS_PROTOCOL: &str = "colima-e2b";
+
+/// The credential a request presents: `Authorization: Bearer`, else `X-API-KEY`, else
+/// (on a WebSocket upgrade) a `bearer.` subprotocol.
+fn presented_key(headers: &HeaderMap) -> Option<Cow<'_, str>> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -279,7 +297,30 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    bearer.or_else(|| headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()))
+    if let Some(k) = bearer.or_else(|| headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok())) {
+        return Some(Cow::Borrowed(k));
+    }
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    use base64::Engine;
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix(WS_KEY_PREFIX))
+        .find_map(|b64| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(b64)
+                .ok()
+        })
+        // A key that is not text is as wrong as any other: it is checked, and counted.
+        .map(|bytes| Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// The host name of a Host value (`name[:port]`, `[v6][:port]`), lowercased.
@@ -540,7 +581,8 @@ async fn decide(
         && settings.trust_loopback
         && peer.is_some_and(|ip| ip.is_loopback())
         && host.map(host_name).is_some_and(|h| is_loopback_name(&h));
-    let key = presented_key(req.headers());
+    let presented = presented_key(req.headers());
+    let key = presented.as_deref();
     if let Way::Volume { id } = way {
         return volume_caller(perimeter, manager, id, key, limited_as);
     }
@@ -580,6 +622,7 @@ async fn decide(
     match way {
         Way::Control => Err(unauthenticated(NO_KEY)),
         Way::Signed | Way::Volume { .. } => Ok(Caller::Signed),
+        Way::Page => Ok(Caller::Anyone),
         Way::Server if local => Ok(Caller::Local),
         Way::Server => Err(unauthenticated(NO_KEY)),
         Way::Sandbox { id, port, .. } => {
@@ -678,6 +721,56 @@ async fn token_caller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_browser_offers_its_key_as_a_subprotocol_on_upgrades_only() {
+        use base64::Engine;
+        let offered = format!(
+            "{WS_PROTOCOL}, {WS_KEY_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("e2b_k/e+y")
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            offered.parse().expect("value"),
+        );
+        assert_eq!(presented_key(&h), None, "not an upgrade");
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(presented_key(&h).as_deref(), Some("e2b_k/e+y"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer other"),
+        );
+        assert_eq!(
+            presented_key(&h).as_deref(),
+            Some("other"),
+            "the header wins"
+        );
+        let mut bare = HeaderMap::new();
+        bare.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        bare.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(WS_PROTOCOL),
+        );
+        assert_eq!(presented_key(&bare), None);
+    }
+
+    #[test]
+    fn only_reading_the_dashboards_files_is_public() {
+        let way_of = |method: Method, path: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(path.parse().expect("uri"))
+                .finish();
+            way(&req, Some("127.0.0.1:8000"))
+        };
+        for page in ["/ui", "/ui/app.js", "/ui/xterm.css"] {
+            assert!(matches!(way_of(Method::GET, page), Way::Page), "{page}");
+        }
+        assert!(matches!(way_of(Method::POST, "/ui"), Way::Server));
+        assert!(matches!(way_of(Method::GET, "/uix"), Way::Server));
+        assert!(matches!(way_of(Method::GET, "/sandboxes"), Way::Server));
+    }
 
     #[test]
     fn host_names_lose_ports_and_brackets() {

@@ -160,7 +160,9 @@ impl HealthApi {
         checks.extend(manager.diagnose(state.health.allow_unlimited_disk).await);
         let failing = checks.iter().any(|c| c.status == Status::Fail);
         let checks: Vec<HealthCheck> = checks.into_iter().map(HealthCheck::from).collect();
-        match manager.engine_info().await {
+        let engine = manager.engine_info().await;
+        crate::metrics::record_engine_up(manager.backend().name(), engine.is_ok());
+        match engine {
             Ok(info) => HealthResponse::Ok(Json(Health {
                 status: if failing { "degraded" } else { "ok" }.into(),
                 version: crate::VERSION.into(),

@@ -20,11 +20,12 @@ pub mod metrics;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod templates;
+pub mod terminal;
 pub mod text;
+pub mod ui;
 pub mod volumes;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use poem::endpoint::make_sync;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -167,6 +168,12 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             "/sandboxes/:sandbox_id/code/stream",
             poem::get(code::stream),
         )
+        .at(
+            "/sandboxes/:sandbox_id/terminal",
+            poem::get(terminal::terminal),
+        )
+        .at(ui::BASE, poem::get(ui::index))
+        .at(format!("{}/:file", ui::BASE), poem::get(ui::file))
         .nest("/docs", docs)
         .nest("/redoc", redoc)
         .at("/openapi.json", json)
@@ -193,10 +200,17 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         )
         .at(
             "/metrics",
-            make_sync(move |_| {
-                Response::builder()
-                    .content_type("text/plain; version=0.0.4")
-                    .body(metrics.render())
+            poem::endpoint::make(move |req: poem::Request| {
+                let metrics = metrics.clone();
+                async move {
+                    // An idle server calls its engine for nothing: each scrape asks.
+                    if let Some(state) = req.data::<AppState>() {
+                        metrics::probe_engine(state).await;
+                    }
+                    Response::builder()
+                        .content_type("text/plain; version=0.0.4")
+                        .body(metrics.render())
+                }
             }),
         )
         .around(limit_body)

@@ -1,7 +1,7 @@
 //! Prometheus metrics: the recorder, the `/metrics` endpoint and HTTP request metrics.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::{Endpoint, IntoResponse, Request, Response};
@@ -11,6 +11,9 @@ use poem_openapi::OperationId;
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// How long a scrape waits for the engine's answer before it counts the engine as down.
+const ENGINE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -75,6 +78,20 @@ pub async fn track<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Resp
         "request"
     );
     result
+}
+
+/// Sets `colima_e2b_engine_up{backend}`: 1 when the engine answered its latest check,
+/// else 0. Each `/metrics` scrape and each `/health` checks, so a scrape of an idle
+/// server still sees an engine that went away.
+pub fn record_engine_up(backend: &'static str, up: bool) {
+    metrics::gauge!("colima_e2b_engine_up", "backend" => backend).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Asks the engine whether it answers (bounded, so a hung engine cannot stall the scrape).
+pub async fn probe_engine(state: &crate::AppState) {
+    let manager = &state.manager;
+    let answered = tokio::time::timeout(ENGINE_PROBE_TIMEOUT, manager.engine_info()).await;
+    record_engine_up(manager.backend().name(), matches!(answered, Ok(Ok(_))));
 }
 
 /// The sandbox a request is about: the data plane's header, a sandbox host name, or

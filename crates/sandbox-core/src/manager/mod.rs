@@ -39,6 +39,7 @@ mod recovery;
 pub mod sandbox_logs;
 mod snapshots;
 mod templates;
+mod terminal;
 #[cfg(test)]
 mod tests;
 mod volumes;
@@ -67,6 +68,7 @@ pub use recovery::RecoveryReport;
 pub use sandbox_logs::{Direction, LogConfig, LogEntry, LogLevel, LogQuery};
 pub use snapshots::MAX_FORKS;
 pub use templates::{DockerfileBuild, E2B_BASE_IMAGE};
+pub use terminal::{Terminal, TerminalControl, TerminalRequest, MAX_TERMINAL_SIZE};
 pub use volumes::{VolumeAccess, VolumeRecord, KEEPER_IDLE, MAX_MOUNTS};
 
 use deadlines::DeadlineStore;
