@@ -76,6 +76,10 @@ bash deploy/agent-suite-in-container.sh docker
 bash deploy/agent-suite-in-container.sh podman
 step "server suites on Podman"
 COLIMA_E2B_TEST_BACKEND=podman cargo test -p tests --no-fail-fast
+step "Run as a service (Podman): Prometheus, the unit, the image, the dashboard"
+bash deploy/prometheus-check.sh podman
+bash deploy/service-check.sh podman
+bash deploy/ui-tests.sh podman
 # The older pinned SDK differs from the newest on the wire, not per engine: Docker runs
 # every pinned version, Podman the newest (and the JS SDK).
 step "the official E2B SDKs (newest Python, JS) on Podman"
