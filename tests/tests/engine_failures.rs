@@ -83,9 +83,20 @@ async fn engine_that_goes_away_turns_health_and_creates_into_503() {
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;
     assert_eq!(server.get("/health").await.status(), 200);
+    // Each scrape asks the engine, so an idle server's Prometheus sees it go.
+    assert_eq!(server.metric("colima_e2b_engine_up", &[]).await, 1.0);
 
     proxy.stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = server.get("/metrics").await.text().await.expect("metrics");
+    let up: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("colima_e2b_engine_up{"))
+        .collect();
+    assert!(
+        up.len() == 1 && up[0].ends_with(" 0"),
+        "a scrape after the engine went away: {up:?}"
+    );
     let resp = server.get("/health").await;
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.expect("json");
