@@ -128,7 +128,10 @@ async fn a_fork_bomb_is_stopped_and_starting_at_the_process_limit_says_so() {
     let _cleanup = OwnerCleanup(options.clone());
     let server = Server::start(options).await;
     let id = create(&server, json!({"timeout": 300})).await;
-    let bomb = background(&server, &id, "b() { b | b & }; b").await;
+    // A bomb that holds what it takes: every process forks for ever, so a pid that
+    // frees up is taken again at once. (`b | b &` processes exit after forking, so their
+    // number swings below the limit and a start can slip through between them.)
+    let bomb = background(&server, &id, "b() { while :; do b & done; }; b").await;
     // Starting anything once the bomb holds every pid says which limit it met.
     let mut refused = None;
     for _ in 0..100 {
