@@ -45,9 +45,7 @@ started_at=$(date +%s)
 # ----------------------------------------------------------------------------- promtool
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   step "installing Debian's prometheus package"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null ||
-    { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  apt_install prometheus
 fi
 step "promtool: rules, rule unit tests, config"
 promtool check rules deploy/prometheus/alerts.yml

@@ -59,8 +59,7 @@ fi
 if [ ! -s "$rootfs" ]; then
   if ! command -v mmdebstrap >/dev/null; then
     log "installing mmdebstrap with apt-get"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+    apt_install mmdebstrap
   fi
   mkdir -p "$cache"
   rm -f "$cache"/server-rootfs-*.tar

@@ -22,10 +22,6 @@ root=$PWD
 suite_engine "${1:-docker}"
 suite_require_engine
 started_at=$(date +%s)
-apt_install() { # package...
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
-    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-}
 command -v systemd-analyze >/dev/null 2>&1 || { step "installing Debian's systemd (systemd-analyze)"; apt_install systemd; }
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 ||
   { step "installing Debian's docker-compose"; apt_install docker-compose; }

@@ -23,9 +23,7 @@ started_at=$(date +%s)
 
 if ! command -v chromium >/dev/null 2>&1; then
   step "installing Debian's chromium"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends chromium >/dev/null ||
-    { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+  apt_install chromium
 fi
 want=$(cat tests/ui/package.json tests/ui/package-lock.json | sha256sum | cut -d' ' -f1)
 if [ "$(cat tests/ui/node_modules/.colima-e2b-stamp 2>/dev/null)" != "$want" ]; then

@@ -1,11 +1,19 @@
 # shellcheck shell=bash
 # What the deploy/ suites that start a server of their own share (e2b-tests.sh,
-# prometheus-check.sh, ui-tests.sh): the engine argument and its CLI, the builds, a free
-# port, waiting for health, and stopping the server and removing everything its owner
-# left on the engine. Sourced, after `cd` to the repository root; uses and sets the
-# globals `engine`, `root`, `bin`, `owner`, `server`, `work` and `started_at`.
+# prometheus-check.sh, service-check.sh, ui-tests.sh, server-image.sh): the engine
+# argument and its CLI, Debian packages, the builds, a free port, waiting for health,
+# and stopping the server and removing everything its owner left on the engine.
+# Sourced, after `cd` to the repository root; uses and sets the globals `engine`,
+# `root`, `bin`, `owner`, `server`, `work` and `started_at`.
 
 step() { printf '\n==> %s\n' "$*" >&2; }
+
+# apt_install PACKAGE...: Debian packages, without recommends; the package lists are
+# refreshed only when the install fails without it.
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+}
 
 # suite_engine [docker|podman]: sets `engine` (default docker); exits 2 on anything else.
 suite_engine() {

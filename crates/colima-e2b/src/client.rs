@@ -88,17 +88,20 @@ pub async fn answer(resp: reqwest::Response) -> Result<Value, Failure> {
         .map_err(|e| format!("unreadable answer ({status}): {e}"))?;
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if !status.is_success() {
-        let code = body["code"]
-            .as_str()
-            .map(|c| format!(" ({c})"))
-            .unwrap_or_default();
-        return Err(format!(
-            "{status}{code}: {}",
-            body["message"].as_str().unwrap_or("no message")
-        )
-        .into());
+        return Err(refused(status, &body, "no message"));
     }
     Ok(body)
+}
+
+/// The failure of an answer with error `status` and the API's `{code, message}` body
+/// (`fallback` when it has no message).
+pub fn refused(status: impl std::fmt::Display, body: &Value, fallback: &str) -> Failure {
+    let code = body["code"]
+        .as_str()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let message = body["message"].as_str().unwrap_or(fallback);
+    format!("{status}{code}: {message}").into()
 }
 
 /// `s` as one URL path segment.

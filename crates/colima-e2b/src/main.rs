@@ -106,8 +106,26 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-/// The exit of a client command: its code, or its failure's after the message.
-fn exit_with(outcome: Result<u8, Failure>) -> ExitCode {
+/// Runs a command against a running server (the one recorded on the configured port, see
+/// `running::adopt`) and exits with its code, or its failure's after the message.
+fn run_client<F, Fut>(args: &ConfigArgs, command: F) -> ExitCode
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<u8, Failure>>,
+{
+    let outcome = args.load().map_err(Failure::from).and_then(|mut config| {
+        colima_e2b::running::adopt(&mut config);
+        // One worker: `template build` packs its context with block_in_place.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        let outcome = rt.block_on(command(config));
+        // `shell` leaves a read of stdin that cannot be cancelled: do not wait for it.
+        rt.shutdown_background();
+        outcome
+    });
     match outcome {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
@@ -158,18 +176,9 @@ fn main() -> ExitCode {
                 .block_on(colima_e2b::prepare::run(&config, force))
         }),
         Command::Sandbox { config, command } => {
-            let outcome = config.load().map_err(Failure::from).and_then(|mut config| {
-                colima_e2b::running::adopt(&mut config);
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start the runtime: {e}"))?;
-                let outcome = rt.block_on(colima_e2b::sandbox_cli::run(&config, command));
-                // `shell` leaves a read of stdin that cannot be cancelled: do not wait for it.
-                rt.shutdown_background();
-                outcome
+            return run_client(&config, |c| async move {
+                colima_e2b::sandbox_cli::run(&c, command).await
             });
-            return exit_with(outcome);
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -177,16 +186,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Template { config, command } => {
-            let outcome = config.load().map_err(Failure::from).and_then(|mut config| {
-                colima_e2b::running::adopt(&mut config);
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start the runtime: {e}"))?
-                    .block_on(colima_e2b::template_cli::run(&config, command))
+            return run_client(&config, |c| async move {
+                colima_e2b::template_cli::run(&c, command).await
             });
-            return exit_with(outcome);
         }
         Command::Server(args) => args.load().and_then(|config| {
             init_logging(&config.log_level);

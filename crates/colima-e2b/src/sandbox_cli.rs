@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{encode, print_json, print_table, Api, Failure};
+use crate::client::{encode, print_json, print_table, refused, Api, Failure};
 use crate::config::Config;
 use crate::terminal_mode::RawMode;
 
@@ -155,6 +155,11 @@ fn span(rfc3339: &str, now: OffsetDateTime, future: bool) -> String {
         3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d", s / 86_400),
     }
+}
+
+/// A remote command's exit code as this process's: 255 for one a signal ended (-1).
+fn exit_status(code: i64) -> u8 {
+    u8::try_from(code).unwrap_or(255)
 }
 
 /// Runs `command` against the server `config` describes; `Ok` is the exit code.
@@ -327,7 +332,7 @@ async fn exec(api: &Api, id: &str, body: Value, timeout: Option<Duration>) -> Re
             }
             Some("exit") => {
                 let code = event["code"].as_i64().unwrap_or(-1);
-                return Ok(u8::try_from(code).unwrap_or(255));
+                return Ok(exit_status(code));
             }
             Some("error") => {
                 return Err(event["message"]
@@ -360,23 +365,16 @@ async fn connect(api: &Api, path: &str) -> Result<Socket, Failure> {
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let status = resp.status();
             let body: Value = resp
                 .body()
                 .as_deref()
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default();
-            let code = body["code"]
-                .as_str()
-                .map(|c| format!(" ({c})"))
-                .unwrap_or_default();
-            Err(format!(
-                "{status}{code}: {}",
-                body["message"]
-                    .as_str()
-                    .unwrap_or("the server refused the connection")
-            )
-            .into())
+            Err(refused(
+                resp.status(),
+                &body,
+                "the server refused the connection",
+            ))
         }
         Err(tokio_tungstenite::tungstenite::Error::Io(e)) => Err(api.unreachable(e)),
         Err(e) => Err(format!("cannot open {url}: {e}").into()),
@@ -443,7 +441,7 @@ async fn shell(api: &Api, id: &str, user: Option<String>) -> Result<u8, Failure>
                     match event["type"].as_str() {
                         Some("exit") => {
                             let code = event["exit_code"].as_i64().unwrap_or(-1);
-                            return Ok(u8::try_from(code).unwrap_or(255));
+                            return Ok(exit_status(code));
                         }
                         Some("error") => {
                             return Err(event["message"].as_str().unwrap_or("the terminal failed").to_string().into())

@@ -102,7 +102,8 @@ impl ShellCommand {
     }
 }
 
-async fn first_pid(stream: &mut ProcessStream) -> Result<u32> {
+/// Reads `stream` up to the agent's report that the process started; its pid.
+pub(crate) async fn first_pid(stream: &mut ProcessStream) -> Result<u32> {
     while let Some(event) = stream.next().await {
         if let ProcessEvent::Start { pid } = event? {
             return Ok(pid);

@@ -2,12 +2,11 @@
 //! client (the CLI's `sandbox shell`, the dashboard's terminal), killed when it leaves.
 
 use envd_proto::messages::{
-    ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, Pty, PtySize, Signal, StartRequest,
-    UpdateRequest,
+    ProcessConfig, ProcessInput, ProcessSelector, Pty, PtySize, StartRequest, UpdateRequest,
 };
 
 use super::SandboxManager;
-use crate::agent::errors::unavailable;
+use crate::agent::command::{first_pid, kill};
 use crate::agent::{AgentClient, ProcessStream};
 use crate::error::{Error, Result};
 use crate::types::{validate_user, SandboxId};
@@ -76,9 +75,7 @@ impl Drop for TerminalControl {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (agent, pid) = (self.agent.clone(), self.pid);
             rt.spawn(async move {
-                let _ = agent
-                    .send_signal(ProcessSelector::by_pid(pid), Signal::Kill)
-                    .await;
+                let _ = kill(&agent, pid).await;
             });
         }
     }
@@ -111,11 +108,7 @@ impl TerminalControl {
     /// Kills the shell and everything it started (its process group).
     pub async fn close(mut self) -> Result<()> {
         self.closed = true;
-        match self
-            .agent
-            .send_signal(ProcessSelector::by_pid(self.pid), Signal::Kill)
-            .await
-        {
+        match kill(&self.agent, self.pid).await {
             // Already gone: the shell exited by itself.
             Err(Error::NotFound { .. }) => Ok(()),
             other => other,
@@ -144,18 +137,7 @@ impl SandboxManager {
             ..Default::default()
         };
         let mut output = agent.start(&start, None).await?;
-        let pid = loop {
-            match output.next().await {
-                Some(Ok(ProcessEvent::Start { pid })) => break pid,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(unavailable(
-                        "the agent ended the terminal before it started",
-                    ))
-                }
-            }
-        };
+        let pid = first_pid(&mut output).await?;
         metrics::counter!("colima_e2b_terminals_opened_total").increment(1);
         Ok(Terminal {
             control: TerminalControl {
